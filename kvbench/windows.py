@@ -1,0 +1,50 @@
+"""WikiText-2 evaluation windows and the teacher-forced pass shared by perplexity and kl."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from kvbench import data
+from kvbench.method import KVMethod
+from kvbench.model import LoadedModel, cache_dir
+from kvbench.session import KVSession
+
+#: States the protocol in every result of these tasks.
+PROTOCOL = (
+    "WikiText-2 raw test (CRLF normalised), tokenised without special tokens, non-overlapping "
+    "windows of seq_len; every query attends to the compressed K/V of all earlier tokens and "
+    "its own (keys and values compressed before attention, as in the RotateKV and KVQuant papers); "
+    "tokens a method keeps in full precision (recent window, sinks) are exact as the method defines"
+)
+
+
+def wikitext_windows(lm: LoadedModel, seq_len: int, max_windows: int | None) -> tuple[torch.Tensor, str]:
+    """[N, seq_len] token windows and the data source; token ids are cached per tokenizer."""
+    text, source = data.wikitext2_test()
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    vocab = hashlib.sha256(str(sorted(lm.tokenizer.get_vocab().items())[:2000]).encode()).hexdigest()[:12]
+    path = cache_dir() / "tokens" / f"wikitext2-{digest}-{vocab}.pt"
+    if path.is_file():
+        ids = torch.load(path, weights_only=True)
+    else:
+        ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ids, path)
+    n = ids.numel() // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seq_len].view(n, seq_len), source
+
+
+def window_logits(lm: LoadedModel, method: KVMethod, window: torch.Tensor) -> torch.Tensor:
+    """Logits [T, V] of one window [T] with a fresh cache of `method`."""
+    session = KVSession(method, lm.geometry)
+    return lm.forward(session, window[None], torch.arange(window.numel())[None])[0]
+
+
+def reference_logprobs_path(lm: LoadedModel, seq_len: int, index: int, window: torch.Tensor) -> Path:
+    key = hashlib.sha256(f"{lm.source}|{lm.dtype}|{lm.device.type}|{window.tolist()}".encode()).hexdigest()[:16]
+    return cache_dir() / "reference" / f"{Path(lm.source).name}-{seq_len}-{index}-{key}.pt"

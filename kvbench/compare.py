@@ -368,6 +368,8 @@ class CompareResult:
     changes: list[MetricChange] = field(default_factory=list)
     cells: list[CellIssue] = field(default_factory=list)
     compared_cells: int = 0
+    # Per cell: protocol, parameter and device differences, quoted next to its regressions.
+    context: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def regressions(self) -> list[MetricChange | CellIssue]:
@@ -499,6 +501,8 @@ def compare(
             notes.append(f"device {bdev} -> {cdev}: speed and memory not gated")
         for note in notes:
             result.cells.append(CellIssue(cell, INFO_V, note))
+        if notes:
+            result.context[cell] = notes
 
         bm, cm = b["metrics"], c["metrics"]
         for metric in list(bm) + [m for m in cm if m not in bm]:
@@ -595,6 +599,8 @@ def render(result: CompareResult, show_all: bool = False, strict: bool = False, 
     for item in regressions:
         if isinstance(item, MetricChange):
             note = f", {item.note}" if item.note else ""
+            if item.cell in result.context:  # e.g. "method_params: clip_ratio 1.0 -> 0.3"
+                note += f" [{'; '.join(result.context[item.cell])}]"
             print(
                 f"REGRESSION {item.metric} in {item.cell}: {item.size()}; "
                 f"tolerance {item.tolerance}{note}",

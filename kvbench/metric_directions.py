@@ -84,8 +84,10 @@ METRICS: dict[str, MetricRule] = {
     # Language-modelling quality.
     "ppl": MetricRule(LOWER, rel_tol=0.01),
     "nll": MetricRule(LOWER, abs_tol=0.01),  # nll = log(ppl): 0.01 nats ~ 1% ppl
-    "kl_mean": MetricRule(LOWER, abs_tol=1e-4, rel_tol=0.10),
-    "kl_p99": MetricRule(LOWER, abs_tol=1e-3, rel_tol=0.10),
+    # KL is measured against the uncompressed model, so fp16's is ~0 and a delta against it reads
+    # better in absolute terms (delta_style) than as +300000%.
+    "kl_mean": MetricRule(LOWER, abs_tol=1e-4, rel_tol=0.10, delta_style="abs"),
+    "kl_p99": MetricRule(LOWER, abs_tol=1e-3, rel_tol=0.10, delta_style="abs"),
     "top1_agreement": _score(0.005),
     # Task scores in [0, 1].
     "accuracy": _score(),
@@ -100,6 +102,8 @@ METRICS: dict[str, MetricRule] = {
     # Configuration-derived.
     "avg_bits": MetricRule(LOWER, abs_tol=0.01, informational=True),
     "tokens": MetricRule(NEUTRAL, kind=COUNT),
+    "windows": MetricRule(NEUTRAL, kind=COUNT),
+    "samples": MetricRule(NEUTRAL, kind=COUNT),
     # Memory.
     "peak_allocated_bytes": MetricRule(LOWER, rel_tol=0.05, kind=MEMORY),
     "peak_reserved_bytes": MetricRule(LOWER, rel_tol=0.05, kind=MEMORY),
@@ -140,7 +144,7 @@ SUFFIX_RULES: list[tuple[str, MetricRule]] = [
 ]
 # Prefix rules, after suffixes: "kl_*" divergences are lower-is-better.
 PREFIX_RULES: list[tuple[str, MetricRule]] = [
-    ("kl_", MetricRule(LOWER, abs_tol=1e-3, rel_tol=0.10)),
+    ("kl_", MetricRule(LOWER, abs_tol=1e-3, rel_tol=0.10, delta_style="abs")),
     ("num_", MetricRule(NEUTRAL, kind=COUNT)),
 ]
 

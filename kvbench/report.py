@@ -164,7 +164,10 @@ def value_cell(metric: str, value: float | None, ref: float | None, is_ref: bool
         cell.delta = ("-" if delta < 0 else "+") + fmt_value(metric, abs(delta))
     else:
         pct = delta / abs(ref) * 100
-        cell.delta = f"{pct:+.0f}%" if abs(pct) >= 100 else f"{pct:+.1f}%"
+        if value / ref >= 10:  # +1242% reads worse than x13.4
+            cell.delta = f"×{value / ref:.1f}"
+        else:
+            cell.delta = f"{pct:+.0f}%" if abs(pct) >= 100 else f"{pct:+.1f}%"
     cell.tone = _tone(rule, ref, value)
     return cell
 
@@ -194,6 +197,7 @@ class Section:
     task: str
     model: str
     protocol: str
+    description: str = ""
     tables: list[Table] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # failed / skipped cells
@@ -240,11 +244,15 @@ def build_sections(rows: list[dict]) -> list[Section]:
 def _section(task: str, model: str, group: list[dict]) -> Section:
     ok = [r for r in group if r["status"] == "ok"]
     section = Section(task, model, _protocol(group))
+    # The runner also records the task's protocol in words; say it once per section.
+    section.description = next((str(r["protocol"]) for r in group if r.get("protocol")), "")
     ref = next((r for r in ok if is_fp16(r)), None)
-    simulated = any(r.get("mode") == "simulated" for r in ok)
+    simulated = any(r.get("mode") == "simulated" and not is_fp16(r) for r in ok)
 
     def label(r: dict) -> str:
-        return r["method"] + (" †" if simulated and r.get("mode") == "simulated" else "")
+        # fp16 compresses nothing, so "simulated" says nothing about it.
+        marked = r.get("mode") == "simulated" and not is_fp16(r)
+        return r["method"] + (" †" if marked else "")
 
     names = _ordered([m for r in ok for m in r["metrics"]])
     plain = [m for m in names if not split_axes(m)[0]]
@@ -278,10 +286,11 @@ def _section(task: str, model: str, group: list[dict]) -> Section:
         section.notes.append("no fp16 row for this model and task: no deltas shown.")
     if simulated:
         section.notes.append(f"† {SIMULATED_NOTE}.")
-    for r in ok:
-        for note in r.get("notes") or []:
-            if not str(note).startswith("simulated"):
-                section.notes.append(f"{r['method']}: {note}")
+    # A note every row shares (the data file, the reference) is said once, others per method.
+    notes = {r["method"]: [str(n) for n in r.get("notes") or [] if not str(n).startswith("simulated")] for r in ok}
+    shared = [n for n in _ordered([n for ns in notes.values() for n in ns]) if all(n in ns for ns in notes.values())]
+    section.notes += shared
+    section.notes += [f"{m}: {n}" for m, ns in notes.items() for n in ns if n not in shared]
     for r in group:
         if r["status"] != "ok":
             section.problems.append(f"{r['method']}: {r['status']}: {r.get('error') or 'no error message'}")
@@ -367,18 +376,17 @@ def method_colors(rows: list[dict]) -> dict[str, str]:
     return {m: _PALETTE[i % len(_PALETTE)] for i, m in enumerate(method_order(rows))}
 
 
-def _plain_log_axis(axis: Any, decades: bool = False) -> None:
-    """Log scale with plain numbers (1024, 300) instead of 2^10 or 3x10^2.
+def _plain_log_axis(axis: Any, decades: bool = False, span: float = 1.0) -> None:
+    """Log scale with plain numbers (1024, 300, 0.05) instead of 2^10 or 3x10^2.
 
-    `decades` puts ticks at 1, 2 and 5 of each decade, for axes whose ticks are not set by hand.
+    `decades` places the ticks (at 1, 2 and 5 of each decade when the data spans less than
+    three decades, else at powers of ten) for axes whose ticks are not set by hand.
     """
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fmt = ScalarFormatter()
-    fmt.set_scientific(False)
     if decades:
-        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(fmt)
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if span < 1e3 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(NullFormatter())
 
 
@@ -432,7 +440,7 @@ def plot_quality(rows: list[dict], model: str, out: Path) -> Plot | None:
         values = [p[2] for p in pts]
         if min(values) > 0 and max(values) / min(values) > 10:
             ax.set_yscale("log")  # 2-bit ppl can be orders of magnitude above fp16
-            _plain_log_axis(ax.yaxis, decades=True)
+            _plain_log_axis(ax.yaxis, decades=True, span=max(values) / min(values))
         ax.margins(x=0.1, y=0.08)  # room for the labels of the extreme points
         ax.set_xlabel("average bits per KV element")
         ax.set_ylabel(f"{metric} ({rule_for(metric).direction} is better)")
@@ -633,6 +641,8 @@ def render_markdown(rows: list[dict], run_dir: Path, sections: list[Section], pl
     for s in sections:
         title = s.task if len({x.model for x in sections}) == 1 else f"{s.task} — {s.model}"
         out += [f"## {title}", "", f"Protocol: {s.protocol}", ""]
+        if s.description:
+            out += [f"_{s.description}_", ""]
         for t in s.tables:
             if t.title:
                 out += [f"**{t.title}**", ""]
@@ -727,6 +737,8 @@ def render_html(rows: list[dict], run_dir: Path, sections: list[Section], plots:
     for (anchor, title), s in zip(links, sections):
         parts.append(f'<section id="{anchor}"><h2>{e(title)}</h2>')
         parts.append(f'<p class="protocol">Protocol: {e(s.protocol)}</p>')
+        if s.description:
+            parts.append(f'<p class="protocol description">{e(s.description)}</p>')
         # Tables side by side where they fit: a sweep yields several narrow pivot tables.
         parts.append('<div class="tables">' + "".join(f"<div>{_html_table(t)}</div>" for t in s.tables) + "</div>")
         parts += [f'<p class="note">{e(n)}</p>' for n in s.notes]

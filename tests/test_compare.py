@@ -90,6 +90,16 @@ def test_directions_table_and_suffix_rules():
     assert rule_for("something_else").direction == "info"
 
 
+def test_docs_list_every_metric_with_its_tolerance():
+    from kvbench.metric_directions import METRICS
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "regression-gate.md").read_text()
+    for name, rule in METRICS.items():
+        line = next((l for l in docs.splitlines() if l.startswith(f"| `{name}` |")), None)
+        assert line is not None, f"docs/regression-gate.md lacks {name}"
+        assert f"| {rule.describe_tolerance()} |" in line, (name, line)
+
+
 # --- the gate -----------------------------------------------------------------------------------
 
 
@@ -247,3 +257,39 @@ def test_missing_and_bad_input_is_exit_2(tmp_path, capsys):
     assert main([str(run), str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "results.jsonl:2: not valid JSON" in err
+
+
+# --- end to end (slow: loads SmolLM2-135M twice) -------------------------------------------------
+
+E2E_CONFIG = """\
+seed: 0
+device: cpu
+dtype: float32
+models:
+  - {name: smollm2-135m, path: smollm2}
+methods:
+  - {name: fp16}
+  - {name: kivi, label: kivi-2, params: {bits: 2, residual: 16, clip_ratio: CLIP}}
+tasks:
+  - {name: perplexity, params: {seq_len: 128, max_windows: 1}}
+  - {name: kl, params: {seq_len: 128, max_windows: 1}}
+"""
+
+
+@pytest.mark.slow
+def test_e2e_degraded_clip_ratio_fails_the_gate(tmp_path, capsys):
+    """A real run against itself passes; the same method with a wrong clip ratio fails."""
+    cli = pytest.importorskip("kvbench.cli")
+    runs = {}
+    for name, clip in (("baseline", "1.0"), ("degraded", "0.3")):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(E2E_CONFIG.replace("CLIP", clip))
+        runs[name] = tmp_path / name
+        if cli.main(["run", str(config), "--output", str(runs[name])]) != 0:
+            pytest.skip(f"kvbench run could not run here: {capsys.readouterr().err.strip()[-300:]}")
+    capsys.readouterr()
+    assert main([str(runs["baseline"]), str(runs["baseline"])]) == 0
+    assert main([str(runs["baseline"]), str(runs["degraded"])]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION kl_mean in smollm2-135m|kivi-2|kl" in out
+    assert "clip_ratio 1.0 -> 0.3" in out

@@ -28,6 +28,7 @@ from kvbench import params as P
 from kvbench import registry
 from kvbench.errors import ConfigError, UserError, did_you_mean
 from kvbench.method import KVMethod
+from kvbench.model import resolve_source
 from kvbench.task import Task
 
 TOP_LEVEL_KEYS = ("output", "seed", "device", "dtype", "data_dir", "models", "methods", "tasks")
@@ -167,6 +168,10 @@ def parse_config(raw: Any, path: str = "<config>", output_override: str | None =
         _check_keys(entry, MODEL_KEYS, where)
         path_value = _expect(entry.get("path"), str, f"{where}.path", "a model path, hub id or alias")
         name = _expect(entry.get("name", path_value), str, f"{where}.name", "a string")
+        try:
+            resolve_source(path_value)  # cheap: finds the files, loads nothing
+        except UserError as e:
+            raise ConfigError(f"{where}.path: {e}") from None
         models.append(ModelSpec(name=name, path=path_value))
     if not models:
         raise ConfigError("models: the list is empty; give at least one")

@@ -25,6 +25,7 @@ from kvbench.simulated import attention, causal_mask
 class KIVI(KVMethod):
     name = "kivi"
     description = "Per-channel keys and per-token values in groups, with a full-precision recent window."
+    modes = ("simulated", "packed")
 
     bits: int = dataclasses.field(default=2, metadata={"choices": (2, 3, 4, 8), "help": "bits per code"})
     group_size: int = dataclasses.field(
@@ -47,6 +48,10 @@ class KIVI(KVMethod):
         return QuantSpec(self.bits, self.group_size, self.clip_ratio, integer_zero=False)
 
     def new_cache(self, layer_idx: int, geometry: KVGeometry) -> LayerCache:
+        if self.mode == "packed":
+            from kvbench.packed_cache import KIVIPackedCache
+
+            return KIVIPackedCache(self.spec(), self.residual, geometry.num_kv_heads, geometry.head_dim)
         return KIVICache(self.spec(), self.residual)
 
     def quantized_tokens(self, context_len: int) -> int:

@@ -23,6 +23,7 @@ from kvbench.simulated import SimulatedCache
 class QuaRot(KVMethod):
     name = "quarot"
     description = "Hadamard per head on keys (after RoPE) and values, then per-token RTN."
+    modes = ("simulated", "packed")
 
     bits: int = dataclasses.field(default=4, metadata={"choices": (2, 3, 4, 8), "help": "bits per code"})
     group_size: int = dataclasses.field(default=64, metadata={"help": "channels of one head sharing a scale"})
@@ -39,6 +40,11 @@ class QuaRot(KVMethod):
         check(is_supported_size(geometry.head_dim), "mode", f"no Hadamard of size head_dim {geometry.head_dim}")
 
     def new_cache(self, layer_idx: int, geometry: KVGeometry) -> LayerCache:
+        if self.mode == "packed":
+            from kvbench.packed_cache import QuaRotPackedCache
+
+            spec = QuantSpec(self.bits, self.group_size, self.clip_ratio)
+            return QuaRotPackedCache(spec, geometry.num_kv_heads, geometry.head_dim)
         return QuaRotCache(QuantSpec(self.bits, self.group_size, self.clip_ratio))
 
     def avg_bits(self, geometry: KVGeometry, context_len: int) -> float:

@@ -43,6 +43,7 @@ _F = dataclasses.field
 class RotateKV(KVMethod):
     name = "rotatekv"
     description = "Pre-RoPE grouped-head Hadamard + channel reordering + sink-aware 2-bit KV."
+    modes = ("simulated", "packed")
 
     bits: int = _F(default=2, metadata={"choices": (2, 3, 4, 8), "help": "bits per code"})
     group_size: int | None = _F(default=None, metadata={"help": "channels sharing a scale (null: head_dim)"})
@@ -118,6 +119,10 @@ class RotateKV(KVMethod):
         return self._perms[layer_idx].to(device)
 
     def new_cache(self, layer_idx: int, geometry: KVGeometry) -> LayerCache:
+        if self.mode == "packed":
+            from kvbench.packed_cache import RotateKVPackedCache
+
+            return RotateKVPackedCache(self, layer_idx, geometry)
         return RotateKVCache(self, layer_idx, geometry)
 
     # -- calibration ------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from kvbench.simulated import SimulatedCache
 class RTN(KVMethod):
     name = "rtn"
     description = "Per-token asymmetric round-to-nearest; keys before or after RoPE."
+    modes = ("simulated", "packed")
 
     bits: int = dataclasses.field(default=4, metadata={"choices": (2, 3, 4, 8), "help": "bits per code"})
     group_size: int = dataclasses.field(default=64, metadata={"help": "channels of one head sharing a scale"})
@@ -43,6 +44,10 @@ class RTN(KVMethod):
         return QuantSpec(self.bits, self.group_size, self.clip_ratio)
 
     def new_cache(self, layer_idx: int, geometry: KVGeometry) -> LayerCache:
+        if self.mode == "packed":
+            from kvbench.packed_cache import RTNPackedCache
+
+            return RTNPackedCache(self.spec, self.keys == "pre_rope", geometry.num_kv_heads, geometry.head_dim)
         return RTNCache(self.spec, pre_rope=self.keys == "pre_rope")
 
     def avg_bits(self, geometry: KVGeometry, context_len: int) -> float:

@@ -1,0 +1,236 @@
+"""Correctness checks of the decode kernels against kvbench.kernels.reference, shared by
+tests/test_kernels.py (CPU, TRITON_INTERPRET=1, small shapes) and benchmarks/kernels_gpu.py (GPU).
+
+Inputs: random codes (every code value occurs), fp16 scales spanning 0.01..0.5 with a few rows
+x50 (outliers), random zeros, fp16 queries with outlier channels; lengths that are not multiples
+of the block or group sizes, batch > 1 with different lengths per row, GQA (2 query heads per KV
+head) and MHA.
+
+Error bound (stated): the kernels compute dot products in fp16 with fp32 accumulation, so
+max |kernel - reference| <= 2e-3 * max |reference| on the merged attention output, and
+|lse - lse_ref| <= 1e-3 * max(1, max |lse_ref|), the reference computed in float32 from the same
+packed data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvbench.kernels import decode_attention as da
+from kvbench.kernels import reference as ref
+from kvbench.packing import pack
+
+REL_BOUND = 2e-3
+
+
+def _store(gen, batch, streams, cap, n, bits, group, device, float_zero=False):
+    codes = torch.randint(0, 1 << bits, (batch, streams, cap, n), generator=gen, dtype=torch.uint8)
+    # Dequantized values of order 1, outlier tokens x8 (scores of order 10, as in real models).
+    scale = (torch.rand(batch, streams, cap, n // group, generator=gen) * 0.5 + 0.05) * 4 / (1 << bits)
+    scale[:, :, ::7] *= 8.0
+    if float_zero:
+        zero = -scale * (1 << bits) / 2 + torch.randn(batch, streams, cap, n // group, generator=gen) * 0.1
+    else:
+        zero = torch.randint(0, 1 << bits, (batch, streams, cap, n // group), generator=gen).float()
+    return pack(codes, bits).to(device), scale.half().to(device), zero.half().to(device)
+
+
+def _query(gen, b, hq, d, device):
+    q = torch.randn(b, hq, d, generator=gen)
+    q[..., 5] *= 8.0
+    return (q * 0.3).half().to(device)
+
+
+def _compare(name, out, lse, r_out, r_lse, results):
+    a = ref.merge_partials([(out, lse)])
+    r = ref.merge_partials([(r_out, r_lse)])
+    err = float((a - r).abs().max())
+    bound = REL_BOUND * float(r.abs().max())
+    lse_err = float((torch.logsumexp(lse, -1) - r_lse[..., 0]).abs().max())
+    results.append({"kernel": name, "max_abs_err": err, "bound": bound, "lse_err": lse_err,
+                    "ok": err <= bound and lse_err <= 1e-3 * max(1.0, float(r_lse.abs().max()))})
+
+
+def check_per_token(device, small=True, results=None):
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(0)
+    b, hkv, gq, d = (2, 2, 2, 64) if small else (4, 8, 4, 128)
+    cap = 83 if small else 1000
+    lengths = torch.tensor([83, 37] if small else [1000, 999, 517, 1]).to(device)
+    for bits, group, int_zero in ((2, 32, True), (4, 16, False), (8, 64, True), (2, 8, True)):
+        k = _store(gen, b, hkv, cap, d, bits, group, device, not int_zero)
+        v = _store(gen, b, hkv, cap, d, bits, group, device, not int_zero)
+        q = _query(gen, b, hkv * gq, d, device)
+        o, lse = da.decode_per_token(q, *k, *v, lengths, d**-0.5, bits=bits, group_size=group,
+                                     integer_zero=int_zero, num_splits=3 if small else None,
+                                     block_n=16 if small else 64)
+        ro, rl = ref.ref_decode_per_token(q.float(), *k, *v, lengths, d**-0.5, bits=bits, group_size=group,
+                                          integer_zero=int_zero)
+        _compare(f"per_token bits={bits} G={group} int_zero={int_zero}", o, lse, ro, rl, results)
+    return results
+
+
+def check_kivi(device, small=True, results=None):
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(1)
+    b, hkv, gq, d = (2, 2, 2, 64) if small else (4, 8, 4, 128)
+    for bits, group in ((2, 32), (4, 16), (2, 16)):
+        capg = 5 if small else 40
+        pt = group * bits // 8
+        kc = torch.randint(0, 256, (b, hkv, capg, d, pt), generator=gen, dtype=torch.uint8).to(device)
+        ks = ((torch.rand(b, hkv, capg, d, generator=gen) * 0.5 + 0.05) * 4 / (1 << bits))
+        ks[:, :, :, 3] *= 8.0  # outlier channel
+        ks = ks.half().to(device)
+        kz = (torch.randn(b, hkv, capg, d, generator=gen) * 2).half().to(device)
+        v = _store(gen, b, hkv, capg * group, d, bits, group, device, float_zero=True)
+        q = _query(gen, b, hkv * gq, d, device)
+        nq = torch.tensor([capg * group, 2 * group] + [group] * (b - 2)).to(device)
+        o, lse = da.decode_kivi(q, kc, ks, kz, *v, nq, d**-0.5, bits=bits, group_size=group,
+                                num_splits=2 if small else None, groups_per_tile=2 if small else None)
+        ro, rl = ref.ref_decode_kivi(q.float(), kc, ks, kz, *v, nq, d**-0.5, bits=bits, group_size=group)
+        _compare(f"kivi bits={bits} G={group}", o, lse, ro, rl, results)
+    return results
+
+
+def rotatekv_inputs(gen, b, hkv, gq, d, cap, bits, group, head_group, device, theta=10000.0):
+    from kvbench.rope import rope_tables
+
+    ngrp, c = hkv // head_group, hkv * d
+    kc = torch.randint(0, 256, (b, ngrp, cap, head_group * d * bits // 8), generator=gen, dtype=torch.uint8)
+    ks = (torch.rand(b, 1, cap, c // group, generator=gen) * 0.5 + 0.05) * 4 / (1 << bits)
+    ks[:, :, ::5] *= 8.0
+    kz = torch.randint(0, 1 << bits, (b, 1, cap, c // group), generator=gen).float()
+    inv = torch.randperm(c, generator=gen)
+    gid = (inv // group).to(torch.int32)
+    v = _store(gen, b, hkv, cap, d, bits, min(group, d), device)
+    pos = torch.arange(cap)[None].expand(b, cap).to(torch.int32).contiguous()
+    cos, sin = rope_tables(torch.arange(cap)[None], d, theta, dtype=torch.float16)
+    return (kc.to(device), ks.half().to(device), kz.half().to(device), gid.to(device), *v, pos.to(device),
+            cos[0].contiguous().to(device), sin[0].contiguous().to(device))
+
+
+def check_rotatekv(device, small=True, results=None):
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(2)
+    b, hkv, gq, d = (2, 4, 2, 64) if small else (4, 8, 2, 128)
+    cap = 45 if small else 700
+    lengths = torch.tensor([45, 23] if small else [700, 699, 311, 2]).to(device)
+    for head_group, pre_rope, bits, group in ((2, True, 2, 32), (2, False, 2, 64), (1, True, 4, 16), (4, True, 2, 64)):
+        if hkv % head_group:
+            continue
+        args = rotatekv_inputs(gen, b, hkv, gq, d, cap, bits, group, head_group, device)
+        kc, ks, kz, gid, vc, vs, vz, pos, cos, sin = args
+        q = _query(gen, b, hkv * gq, d, device)
+        vg = min(group, d)
+        o, lse = da.decode_rotatekv(q, kc, ks, kz, gid, vc, vs, vz, lengths, pos, cos, sin, d**-0.5, bits=bits,
+                                    group_size=vg, head_group=head_group, pre_rope=pre_rope,
+                                    num_splits=2 if small else None, block_n=16 if small else None)
+        ro, rl = ref.ref_decode_rotatekv(q.float(), kc, ks, kz, gid, vc, vs, vz, lengths, pos, cos, sin, d**-0.5,
+                                         bits=bits, group_size=vg, head_group=head_group, pre_rope=pre_rope)
+        _compare(f"rotatekv hg={head_group} pre_rope={pre_rope} bits={bits} G={group}", o, lse, ro, rl, results)
+    return results
+
+
+def check_packed_caches(device, results=None):
+    """packed_decode (kernels + fp partials + LSE merge + rotations) against the packed caches'
+    own torch read path, after a left-padded prefill and decode steps."""
+    import math
+
+    from kvbench.method import KVGeometry, NewTokens
+    from kvbench.rope import apply_rope, rope_tables
+
+    results = [] if results is None else results
+    b, h, hkv, d = 3, 8, 4, 64
+    geom = KVGeometry(num_layers=1, num_heads=h, num_kv_heads=hkv, head_dim=d, hidden_size=32, rope_theta=1e4)
+    from methods.kivi import KIVI
+    from methods.quarot import QuaRot
+    from methods.rotatekv import RotateKV
+    from methods.rtn import RTN
+
+    gen = torch.Generator().manual_seed(3)
+    rkv = RotateKV(mode="packed", head_group=2, sinks=3)
+    rkv.load_calibration_state({"perm.0": torch.randperm(hkv * d, generator=gen)})
+    cases = [("rtn-2", RTN(mode="packed", bits=2, group_size=32)), ("quarot-4", QuaRot(mode="packed", bits=4)),
+             ("kivi-2", KIVI(mode="packed", bits=2, group_size=16, residual=8)), ("rotatekv-2", rkv),
+             ("rotatekv-2-post", RotateKV(mode="packed", head_group=1, pre_rope=False, reorder=False, sinks=0))]
+    lengths = [40, 29, 7]
+    for name, method in cases:
+        cache = method.new_cache(0, geom)
+        t = max(lengths)
+        pos = torch.tensor([[-1] * (t - n) + list(range(n)) for n in lengths])
+        for step in range(3):
+            bt = pos.shape[1]
+            k_pre = torch.randn(b, hkv, bt, d, generator=gen)
+            k_pre[..., 3] *= 10
+            v = torch.randn(b, hkv, bt, d, generator=gen)
+            cos, sin = rope_tables(pos, d, 1e4)
+            li = torch.randn(b, bt, 32, generator=gen)
+            if bt > 2:
+                li[:, 2, :3] += 50
+            new = NewTokens(k_pre=k_pre.to(device), k=apply_rope(k_pre, cos, sin).to(device), v=v.to(device),
+                            cos=cos.to(device), sin=sin.to(device), positions=pos.to(device),
+                            layer_input=li.to(device), is_prefill=step == 0)
+            cache.append(new)
+            pos = torch.tensor(lengths)[:, None] + step
+        q = torch.randn(b, h, 1, d, generator=gen).to(device)
+        qpos = (torch.tensor(lengths)[:, None] + 1).to(device)
+        out = da.packed_decode(cache, q, 1 / math.sqrt(d)).float()
+        import os
+
+        os.environ["KVBENCH_PACKED_KERNELS"] = "0"
+        try:
+            r = cache.attend(q, qpos, 1 / math.sqrt(d)).float()
+        finally:
+            del os.environ["KVBENCH_PACKED_KERNELS"]
+        err = float((out - r).abs().max())
+        bound = REL_BOUND * float(r.abs().max())
+        results.append({"kernel": f"packed_decode {name}", "max_abs_err": err, "bound": bound, "ok": err <= bound})
+    return results
+
+
+def run_all(device, small=True):
+    results = []
+    check_per_token(device, small, results)
+    check_kivi(device, small, results)
+    check_rotatekv(device, small, results)
+    check_packed_caches(device, results)
+    return results
+
+
+def check_write(device, results=None):
+    """The write kernel against kvbench.quant + kvbench.packing: codes, scales and zeros equal
+    bit for bit without rotation; with rotation at most 0.5% of codes differ, by one step."""
+    from kvbench.kernels import quant_write as qw
+    from kvbench.packing import unpack
+
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(4)
+    for n, bits, group, clip, iz, rot in ((64, 2, 32, 1.0, True, False), (128, 4, 64, 0.9, False, False),
+                                          (64, 8, 16, 1.0, True, False), (64, 2, 64, 0.8, True, True),
+                                          (128, 2, 128, 1.0, True, True)):
+        x = torch.randn(37, n, generator=gen)
+        x[:, 3] *= 30.0
+        x[5] = 0.25  # a constant row: scale clamps to its minimum
+        x = x.half().to(device)
+        kw = dict(bits=bits, group_size=group, clip_ratio=clip, integer_zero=iz, rotate=rot)
+        # Write into scattered rows of a bigger buffer, as a cache append does.
+        m = 50
+        dest = torch.randperm(m, generator=gen)[:37].to(device)
+        out = (torch.zeros(m, n * bits // 8, dtype=torch.uint8, device=device),
+               torch.zeros(m, n // group, dtype=torch.float16, device=device),
+               torch.zeros(m, n // group, dtype=torch.float16, device=device))
+        codes, scale, zero = qw.quantize_pack_rows(x, dest=dest, out=out, **kw)
+        rc, rs, rz = qw.reference_quantize_pack_rows(x.float(), **kw)
+        codes, scale, zero = codes[dest], scale[dest], zero[dest]
+        name = f"write n={n} bits={bits} G={group} clip={clip} int_zero={iz} rotate={rot}"
+        if not rot:
+            ok = torch.equal(codes.cpu(), rc.cpu()) and torch.equal(scale.cpu(), rs.cpu()) and torch.equal(zero.cpu(), rz.cpu())
+            results.append({"kernel": name, "ok": bool(ok), "exact": True})
+        else:
+            a, r = unpack(codes.cpu(), bits, n).int(), unpack(rc.cpu(), bits, n).int()
+            frac = float((a != r).float().mean())
+            step = int((a - r).abs().max())
+            srel = float(((scale.float() - rs.float()).abs() / rs.float()).max())
+            results.append({"kernel": name, "ok": frac <= 5e-3 and step <= 1 and srel <= 2e-3,
+                            "codes_differing": frac, "max_step": step, "scale_rel_err": srel})
+    return results

@@ -1,0 +1,554 @@
+"""Fused decode attention over packed KV caches (Triton), split over the context.
+
+One query token per row (decode). Each kernel reads packed codes and fp16 scales/zeros, unpacks
+and dequantizes in registers, and runs an online softmax over its slice of the context
+(flash-decoding: grid = (batch x KV head [group], splits)); it writes per-split partial outputs
+and log-sum-exps, which `merge_partials` combines exactly, together with the partials of the
+full-precision tokens (sinks, KIVI's window) from `reference.fp_partial`. GQA: the query heads of
+one KV head are the rows (M) of every `tl.dot` (padded to 16), so a K/V tile is read once.
+
+Layouts are those of `kvbench.packed_cache` (plane layout of `kvbench.packing` for 2/4/8 bits):
+
+* `decode_per_token` (rtn and quarot, keys after RoPE): k/v codes [B, Hkv, cap, D*bits/8],
+  scale/zero [B, Hkv, cap, D/G]. A row's plane p (channels p*P .. p*P+P-1, P = D*bits/8) is
+  (byte >> p*bits) & mask of the row's P bytes, so the kernel loads the P bytes once and does one
+  `tl.dot` per plane against the matching slice of q: no interleave shuffles. quarot stores H.k
+  and H.v: the caller rotates q by H (q.k = (Hq).(Hk)) and the output back by H (o = H sum p Hv),
+  so no per-key transform runs in the loop.
+* `decode_kivi`: keys channel-major per group of G tokens [B, Hkv, groups, D, G*bits/8] with
+  per-(group, channel) scale and minimum, values per token. Plane p of a group's bytes holds its
+  tokens p*G/planes ..; the kernel treats the tokens of one plane of GT groups as a sub-tile.
+* `decode_rotatekv`: keys are rows of head_group*D codes in rotated (unpermuted) order, one row
+  per head group and token, with the token's C/G scales/zeros [B, 1, cap, C/G] and the map
+  channel -> quantization group (`gid`, the calibrated permutation folded in: nothing is
+  permuted at read time, each element's scale is a gathered load). H_{hg*D} = H_hg (x) H_D
+  (Sylvester). Pre-RoPE keys: per tile, one tensor-core product X @ H_D (the two halves of H_D
+  as two dots, which hands RoPE its rotate-half pairs for free), RoPE from the cache's cos/sin
+  table at each key's position, then the head mix H_hg is moved after the score: since it
+  commutes with RoPE (same rotation for every head of a token), score_h = sum_h' H_hg[h, h']
+  q_h . RoPE(H_D x_h'), computed as one dot of all the group's query heads against the
+  un-mixed rows of all its heads, then a signed sum over h' (1/8 op per key element). Post-RoPE
+  keys (`pre_rope=False`): the caller passes q @ H_D, and the key path is dequantize + dot.
+
+`triton` is imported behind a guard: this module imports without it (CPU CI); the kernels raise a
+clear RuntimeError when called without triton. Tests run them under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvbench.kernels.reference import fp_partial, merge_partials
+
+try:  # torchao-style guard
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634
+
+
+def is_available() -> bool:
+    return triton is not None
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("kvbench.kernels.decode_attention needs triton (pip install triton) and a CUDA GPU, "
+                           "or TRITON_INTERPRET=1 for CPU tensors")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _plane(raw, p: tl.constexpr, BITS: tl.constexpr):
+        """Codes of plane p from int32 bytes."""
+        return ((raw >> (p * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+
+    @triton.jit
+    def _deq_rows(raw, rows, s_ptr, z_ptr, p: tl.constexpr, BITS: tl.constexpr, P: tl.constexpr,
+                  G: tl.constexpr, NG: tl.constexpr, INT_ZERO: tl.constexpr, rmask):
+        """Dequantized plane p [N, P] of per-token rows (row-major groups of G channels)."""
+        c = _plane(raw, p, BITS)
+        if (G % P) == 0:  # the plane sits inside one group: one scale per row
+            off = rows * NG + (p * P) // G
+            s = tl.load(s_ptr + off, mask=rmask, other=0.0).to(tl.float32)[:, None]
+            z = tl.load(z_ptr + off, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        else:
+            j = tl.arange(0, P)
+            off = rows[:, None] * NG + (p * P + j[None, :]) // G
+            s = tl.load(s_ptr + off, mask=rmask[:, None], other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + off, mask=rmask[:, None], other=0.0).to(tl.float32)
+        if INT_ZERO:
+            return (c - z) * s
+        return c * s + z
+
+    @triton.jit
+    def _decode_per_token_kernel(
+        q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr, o_ptr, lse_ptr,
+        sm_scale, cap,
+        NIT: tl.constexpr, HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+        INT_ZERO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
+    ):
+        P: tl.constexpr = D * BITS // 8
+        NPL: tl.constexpr = 8 // BITS
+        NG: tl.constexpr = D // G
+        HQ: tl.constexpr = HKV * GQ
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // HKV
+        h = pid % HKV
+        length = tl.load(len_ptr + b).to(tl.int32)
+        start = split * (NIT * BN)
+        end = tl.minimum(start + NIT * BN, length)
+
+        r = tl.arange(0, BM)
+        rmask = r < GQ
+        j = tl.arange(0, P)
+        qrow = (b * HQ + h * GQ + r).to(tl.int64) * D
+        dt = q_ptr.dtype.element_ty
+        q0 = tl.load(q_ptr + qrow[:, None] + j[None, :], mask=rmask[:, None], other=0.0)
+        q1 = q0
+        q2 = q0
+        q3 = q0
+        if NPL > 1:
+            q1 = tl.load(q_ptr + qrow[:, None] + P + j[None, :], mask=rmask[:, None], other=0.0)
+        if NPL > 2:
+            q2 = tl.load(q_ptr + qrow[:, None] + 2 * P + j[None, :], mask=rmask[:, None], other=0.0)
+            q3 = tl.load(q_ptr + qrow[:, None] + 3 * P + j[None, :], mask=rmask[:, None], other=0.0)
+
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        o0 = tl.zeros([BM, P], tl.float32)
+        o1 = tl.zeros([BM, P], tl.float32)
+        o2 = tl.zeros([BM, P], tl.float32)
+        o3 = tl.zeros([BM, P], tl.float32)
+        base = (b * HKV + h).to(tl.int64) * cap
+        for it in range(NIT):
+            n0 = start + it * BN
+            if n0 < end:
+                tok = n0 + tl.arange(0, BN)
+                tmask = tok < end
+                rows = base + tok
+                kraw = tl.load(kc_ptr + rows[:, None] * P + j[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+                x = _deq_rows(kraw, rows, ks_ptr, kz_ptr, 0, BITS, P, G, NG, INT_ZERO, tmask)
+                s = tl.dot(q0, tl.trans(x.to(dt)))
+                if NPL > 1:
+                    x = _deq_rows(kraw, rows, ks_ptr, kz_ptr, 1, BITS, P, G, NG, INT_ZERO, tmask)
+                    s += tl.dot(q1, tl.trans(x.to(dt)))
+                if NPL > 2:
+                    x = _deq_rows(kraw, rows, ks_ptr, kz_ptr, 2, BITS, P, G, NG, INT_ZERO, tmask)
+                    s += tl.dot(q2, tl.trans(x.to(dt)))
+                    x = _deq_rows(kraw, rows, ks_ptr, kz_ptr, 3, BITS, P, G, NG, INT_ZERO, tmask)
+                    s += tl.dot(q3, tl.trans(x.to(dt)))
+                s = tl.where(tmask[None, :], s * sm_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                pr = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(pr, 1)
+                pd = pr.to(dt)
+                vraw = tl.load(vc_ptr + rows[:, None] * P + j[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+                o0 = o0 * alpha[:, None] + tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 0, BITS, P, G, NG, INT_ZERO, tmask).to(dt))
+                if NPL > 1:
+                    o1 = o1 * alpha[:, None] + tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 1, BITS, P, G, NG, INT_ZERO, tmask).to(dt))
+                if NPL > 2:
+                    o2 = o2 * alpha[:, None] + tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 2, BITS, P, G, NG, INT_ZERO, tmask).to(dt))
+                    o3 = o3 * alpha[:, None] + tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 3, BITS, P, G, NG, INT_ZERO, tmask).to(dt))
+                m_i = m_new
+
+        has = l_i > 0
+        inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
+        orow = ((b * HQ + h * GQ + r).to(tl.int64) * NS + split) * D
+        omask = rmask[:, None]
+        tl.store(o_ptr + orow[:, None] + j[None, :], o0 * inv[:, None], mask=omask)
+        if NPL > 1:
+            tl.store(o_ptr + orow[:, None] + P + j[None, :], o1 * inv[:, None], mask=omask)
+        if NPL > 2:
+            tl.store(o_ptr + orow[:, None] + 2 * P + j[None, :], o2 * inv[:, None], mask=omask)
+            tl.store(o_ptr + orow[:, None] + 3 * P + j[None, :], o3 * inv[:, None], mask=omask)
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(lse_ptr + (b * HQ + h * GQ + r) * NS + split, lse, mask=rmask)
+
+    @triton.jit
+    def _decode_kivi_kernel(
+        q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, nq_ptr, o_ptr, lse_ptr,
+        sm_scale, capg, capt, NIT: tl.constexpr,
+        HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+        GT: tl.constexpr, BM: tl.constexpr, NS: tl.constexpr,
+    ):
+        P: tl.constexpr = D * BITS // 8  # value bytes per token
+        NPL: tl.constexpr = 8 // BITS
+        PT: tl.constexpr = G * BITS // 8  # key bytes per (group, channel) = tokens per plane
+        NT: tl.constexpr = GT * PT
+        NG: tl.constexpr = D // G
+        HQ: tl.constexpr = HKV * GQ
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // HKV
+        h = pid % HKV
+        ngroups = tl.load(nq_ptr + b).to(tl.int32) // G
+        gstart = split * (NIT * GT)
+        gend = tl.minimum(gstart + NIT * GT, ngroups)
+
+        r = tl.arange(0, BM)
+        rmask = r < GQ
+        d = tl.arange(0, D)
+        j = tl.arange(0, P)
+        qrow = (b * HQ + h * GQ + r).to(tl.int64) * D
+        dt = q_ptr.dtype.element_ty
+        q = tl.load(q_ptr + qrow[:, None] + d[None, :], mask=rmask[:, None], other=0.0)
+        gi = tl.arange(0, GT)
+        jj = tl.arange(0, PT)
+        tt = tl.arange(0, NT)
+
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        o0 = tl.zeros([BM, P], tl.float32)
+        o1 = tl.zeros([BM, P], tl.float32)
+        o2 = tl.zeros([BM, P], tl.float32)
+        o3 = tl.zeros([BM, P], tl.float32)
+        gbase = (b * HKV + h).to(tl.int64) * capg
+        tbase = (b * HKV + h).to(tl.int64) * capt
+        for it in range(NIT):
+            g0 = gstart + it * GT
+            if g0 < gend:
+                grp = g0 + gi
+                gmask = grp < gend
+                goff = (gbase + grp) * D  # [GT]
+                kraw = tl.load(kc_ptr + ((goff[None, :, None] + d[:, None, None]) * PT + jj[None, None, :]),
+                               mask=gmask[None, :, None], other=0).to(tl.int32)  # [D, GT, PT]
+                sc = tl.load(ks_ptr + goff[None, :] + d[:, None], mask=gmask[None, :], other=0.0).to(tl.float32)
+                zc = tl.load(kz_ptr + goff[None, :] + d[:, None], mask=gmask[None, :], other=0.0).to(tl.float32)
+                tgrp = g0 + tt // PT
+                tmask = tgrp < gend
+                for pl in tl.static_range(NPL):
+                    c = _plane(kraw, pl, BITS)
+                    kt = tl.reshape(c * sc[:, :, None] + zc[:, :, None], (D, NT))
+                    s = tl.dot(q, kt.to(dt))
+                    s = tl.where(tmask[None, :], s * sm_scale, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    alpha = tl.exp2(m_i - m_new)
+                    pr = tl.exp2(s - m_new[:, None])
+                    l_i = l_i * alpha + tl.sum(pr, 1)
+                    pd = pr.to(dt)
+                    rows = tbase + tgrp * G + pl * PT + tt % PT
+                    vraw = tl.load(vc_ptr + rows[:, None] * P + j[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+                    o0 = o0 * alpha[:, None] + tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 0, BITS, P, G, NG, False, tmask).to(dt))
+                    if NPL > 1:
+                        o1 = o1 * alpha[:, None] + tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 1, BITS, P, G, NG, False, tmask).to(dt))
+                    if NPL > 2:
+                        o2 = o2 * alpha[:, None] + tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 2, BITS, P, G, NG, False, tmask).to(dt))
+                        o3 = o3 * alpha[:, None] + tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 3, BITS, P, G, NG, False, tmask).to(dt))
+                    m_i = m_new
+
+        has = l_i > 0
+        inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
+        orow = ((b * HQ + h * GQ + r).to(tl.int64) * NS + split) * D
+        omask = rmask[:, None]
+        tl.store(o_ptr + orow[:, None] + j[None, :], o0 * inv[:, None], mask=omask)
+        if NPL > 1:
+            tl.store(o_ptr + orow[:, None] + P + j[None, :], o1 * inv[:, None], mask=omask)
+        if NPL > 2:
+            tl.store(o_ptr + orow[:, None] + 2 * P + j[None, :], o2 * inv[:, None], mask=omask)
+            tl.store(o_ptr + orow[:, None] + 3 * P + j[None, :], o3 * inv[:, None], mask=omask)
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(lse_ptr + (b * HQ + h * GQ + r) * NS + split, lse, mask=rmask)
+
+    @triton.jit
+    def _parity_sign(a, bb):
+        """(-1)^popcount(a & bb) for small ints: the Sylvester H entry."""
+        x = a & bb
+        x = x ^ (x >> 4)
+        x = x ^ (x >> 2)
+        x = x ^ (x >> 1)
+        return 1.0 - 2.0 * (x & 1).to(tl.float32)
+
+    @triton.jit
+    def _decode_rotatekv_kernel(
+        q_ptr, kc_ptr, ks_ptr, kz_ptr, gid_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr, pos_ptr,
+        cos_ptr, sin_ptr, h_ptr, o_ptr, lse_ptr,
+        sm_scale, cap,
+        NIT: tl.constexpr, NGRP: tl.constexpr, HG: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+        NQ: tl.constexpr, G: tl.constexpr, PRE_ROPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        NS: tl.constexpr,
+    ):
+        P: tl.constexpr = D * BITS // 8  # value bytes per token and head
+        NPL: tl.constexpr = 8 // BITS
+        PR: tl.constexpr = HG * D * BITS // 8  # key bytes per token and head group
+        RR: tl.constexpr = HG * BN  # key rows of a tile: (head in group, token)
+        D2: tl.constexpr = D // 2
+        NGV: tl.constexpr = D // G
+        HKV: tl.constexpr = NGRP * HG
+        HQ: tl.constexpr = HKV * GQ
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // NGRP
+        grp = pid % NGRP
+        length = tl.load(len_ptr + b).to(tl.int32)
+        start = split * (NIT * BN)
+        end = tl.minimum(start + NIT * BN, length)
+
+        r = tl.arange(0, BM)
+        rmask = r < HG * GQ
+        rhead = r // GQ  # KV head of row r inside the group
+        qrow = (b * HQ + grp * HG * GQ + r).to(tl.int64) * D
+        dt = q_ptr.dtype.element_ty
+        d = tl.arange(0, D)
+        d2 = tl.arange(0, D2)
+        j = tl.arange(0, P)
+        if PRE_ROPE:
+            q_lo = tl.load(q_ptr + qrow[:, None] + d2[None, :], mask=rmask[:, None], other=0.0)
+            q_hi = tl.load(q_ptr + qrow[:, None] + D2 + d2[None, :], mask=rmask[:, None], other=0.0)
+            # H_D sign matrix halves [D, D/2] (columns 0..D/2-1 and D/2..D-1).
+            h_lo = tl.load(h_ptr + d[:, None] * D + d2[None, :])
+            h_hi = tl.load(h_ptr + d[:, None] * D + D2 + d2[None, :])
+        else:
+            q = tl.load(q_ptr + qrow[:, None] + d[None, :], mask=rmask[:, None], other=0.0)
+        hp = tl.arange(0, HG)
+        sign = _parity_sign(rhead[:, None], hp[None, :])  # [BM, HG] = H_hg[h(row), h']
+
+        xr = tl.arange(0, RR)
+        xh = xr // BN  # head in group of key row
+        xt = xr % BN  # token of key row
+        chan = xh[:, None] * D + d[None, :]  # [RR, D] channel in the group's row
+        byte = chan % PR
+        shift = (chan // PR) * BITS
+        gid = tl.load(gid_ptr + grp * HG * D + chan)  # [RR, D] quantization group of each channel
+
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        o0 = tl.zeros([BM, P], tl.float32)
+        o1 = tl.zeros([BM, P], tl.float32)
+        o2 = tl.zeros([BM, P], tl.float32)
+        o3 = tl.zeros([BM, P], tl.float32)
+        kbase = (b * NGRP + grp).to(tl.int64) * cap
+        sbase = b.to(tl.int64) * cap
+        for it in range(NIT):
+            n0 = start + it * BN
+            if n0 < end:
+                tok = n0 + tl.arange(0, BN)
+                tmask = tok < end
+                xtok = n0 + xt
+                xmask = xtok < end
+                raw = tl.load(kc_ptr + (kbase + xtok)[:, None] * PR + byte, mask=xmask[:, None], other=0).to(tl.int32)
+                c = ((raw >> shift) & ((1 << BITS) - 1)).to(tl.float32)
+                soff = (sbase + xtok)[:, None] * NQ + gid
+                sc = tl.load(ks_ptr + soff, mask=xmask[:, None], other=0.0).to(tl.float32)
+                zc = tl.load(kz_ptr + soff, mask=xmask[:, None], other=0.0).to(tl.float32)
+                x = ((c - zc) * sc).to(dt)  # [RR, D] rotated keys, un-mixed across heads
+                if PRE_ROPE:
+                    u_lo = tl.dot(x, h_lo)  # [RR, D/2]
+                    u_hi = tl.dot(x, h_hi)
+                    p_ = tl.load(pos_ptr + sbase + xtok, mask=xmask, other=0)
+                    cs = tl.load(cos_ptr + p_[:, None].to(tl.int64) * D + d2[None, :], mask=xmask[:, None], other=0.0).to(tl.float32)
+                    sn = tl.load(sin_ptr + p_[:, None].to(tl.int64) * D + d2[None, :], mask=xmask[:, None], other=0.0).to(tl.float32)
+                    r_lo = (u_lo * cs - u_hi * sn).to(dt)
+                    r_hi = (u_hi * cs + u_lo * sn).to(dt)
+                    sfull = tl.dot(q_lo, tl.trans(r_lo)) + tl.dot(q_hi, tl.trans(r_hi))  # [BM, RR]
+                else:
+                    sfull = tl.dot(q, tl.trans(x))
+                s = tl.sum(tl.reshape(sfull, (BM, HG, BN)) * sign[:, :, None], 1)  # mix heads: [BM, BN]
+                s = tl.where(tmask[None, :], s * sm_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                pr = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(pr, 1)
+                o0 = o0 * alpha[:, None]
+                o1 = o1 * alpha[:, None]
+                o2 = o2 * alpha[:, None]
+                o3 = o3 * alpha[:, None]
+                for hh in tl.static_range(HG):
+                    pd = tl.where((rhead == hh)[:, None], pr, 0.0).to(dt)
+                    rows = (b * HKV + grp * HG + hh).to(tl.int64) * cap + tok
+                    vraw = tl.load(vc_ptr + rows[:, None] * P + j[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+                    o0 += tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 0, BITS, P, G, NGV, True, tmask).to(dt))
+                    if NPL > 1:
+                        o1 += tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 1, BITS, P, G, NGV, True, tmask).to(dt))
+                    if NPL > 2:
+                        o2 += tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 2, BITS, P, G, NGV, True, tmask).to(dt))
+                        o3 += tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 3, BITS, P, G, NGV, True, tmask).to(dt))
+                m_i = m_new
+
+        has = l_i > 0
+        inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
+        orow = ((b * HQ + grp * HG * GQ + r).to(tl.int64) * NS + split) * D
+        omask = rmask[:, None]
+        tl.store(o_ptr + orow[:, None] + j[None, :], o0 * inv[:, None], mask=omask)
+        if NPL > 1:
+            tl.store(o_ptr + orow[:, None] + P + j[None, :], o1 * inv[:, None], mask=omask)
+        if NPL > 2:
+            tl.store(o_ptr + orow[:, None] + 2 * P + j[None, :], o2 * inv[:, None], mask=omask)
+            tl.store(o_ptr + orow[:, None] + 3 * P + j[None, :], o3 * inv[:, None], mask=omask)
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(lse_ptr + (b * HQ + grp * HG * GQ + r) * NS + split, lse, mask=rmask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+
+
+def default_splits(programs: int, max_len: int, block: int, device=None) -> int:
+    """Splits so that about 2 programs per SM run (flash-decoding), at least one tile each."""
+    sms = 132
+    if device is not None and torch.cuda.is_available() and torch.device(device).type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, -(-2 * sms // max(programs, 1)))
+    return max(1, min(want, -(-max_len // block), 64))
+
+
+def _out(q: torch.Tensor, ns: int):
+    b, hq, d = q.shape
+    return (torch.empty(b, hq, ns, d, dtype=torch.float32, device=q.device),
+            torch.empty(b, hq, ns, dtype=torch.float32, device=q.device))
+
+
+def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, *,
+                     bits, group_size, integer_zero=True, max_len=None, num_splits=None, block_n=64,
+                     num_warps=4, num_stages=2):
+    """Partial attention (o [B, Hq, S, D] fp32, lse [B, Hq, S]) of q [B, Hq, D] over per-token
+    packed K/V (`decode_per_token` layout in the module docstring); slots [0, lengths[b])."""
+    _require_triton()
+    b, hq, d = q.shape
+    hkv, cap = k_codes.shape[1], k_codes.shape[2]
+    gq = hq // hkv
+    max_len = cap if max_len is None else max_len
+    ns = num_splits or default_splits(b * hkv, max_len, block_n, q.device)
+    nit = _pow2(-(-max(max_len, 1) // (ns * block_n)))  # tiles per split (pow2: few recompiles)
+    ns = -(-max(max_len, 1) // (nit * block_n))
+    o, lse = _out(q, ns)
+    _decode_per_token_kernel[(b * hkv, ns)](
+        q.contiguous(), k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, o, lse,
+        scaling * LOG2E, cap,
+        NIT=nit, HKV=hkv, GQ=gq, D=d, BITS=bits, G=group_size, INT_ZERO=integer_zero,
+        BM=max(16, _pow2(gq)), BN=block_n, NS=ns, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return o, lse
+
+
+def decode_kivi(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling, *, bits, group_size,
+                max_len=None, num_splits=None, groups_per_tile=None, num_warps=4, num_stages=2):
+    """Partial attention over KIVI's quantized tokens [0, nq[b]) (nq multiple of group_size)."""
+    _require_triton()
+    b, hq, d = q.shape
+    hkv, capg = k_codes.shape[1], k_codes.shape[2]
+    capt = v_codes.shape[2]
+    gq = hq // hkv
+    g = group_size
+    pt = g * bits // 8
+    gt = groups_per_tile or max(1, 64 // pt)
+    total_groups = -(-(capt if max_len is None else max_len) // g)
+    ns = num_splits or default_splits(b * hkv, total_groups * g, gt * g, q.device)
+    nit = _pow2(-(-max(total_groups, 1) // (ns * gt)))
+    ns = -(-max(total_groups, 1) // (nit * gt))
+    o, lse = _out(q, ns)
+    _decode_kivi_kernel[(b * hkv, ns)](
+        q.contiguous(), k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, o, lse,
+        scaling * LOG2E, capg, capt,
+        NIT=nit, HKV=hkv, GQ=gq, D=d, BITS=bits, G=g, GT=gt, BM=max(16, _pow2(gq)), NS=ns,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return o, lse
+
+
+def decode_rotatekv(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths, positions, cos, sin,
+                    scaling, *, bits, group_size, head_group, pre_rope=True, max_len=None, num_splits=None,
+                    block_n=None, num_warps=4, num_stages=2):
+    """Partial attention over RotateKV's packed tokens. q [B, Hq, D] after RoPE, unrotated (for
+    pre_rope=False pass the query as is too: this function multiplies it by H_D). Returns
+    partials whose outputs are still in the value-rotated space (apply H_D to undo)."""
+    _require_triton()
+    from kvbench.hadamard import hadamard_matrix
+
+    b, hq, d = q.shape
+    ngrp, cap = k_codes.shape[1], k_codes.shape[2]
+    hkv = v_codes.shape[1]
+    gq = hq // hkv
+    hg = head_group
+    nq = k_scale.shape[-1]
+    bn = block_n or max(16, 64 // hg)
+    max_len = cap if max_len is None else max_len
+    ns = num_splits or default_splits(b * ngrp, max_len, bn, q.device)
+    nit = _pow2(-(-max(max_len, 1) // (ns * bn)))
+    ns = -(-max(max_len, 1) // (nit * bn))
+    hsign = (hadamard_matrix(d, torch.float32, q.device) * math.sqrt(d)).to(q.dtype).contiguous()
+    norm = 1.0 / math.sqrt(hg * d)
+    if not pre_rope:
+        q = (q.float() @ hsign.float()).to(q.dtype)  # H_D symmetric: (H_D q) for each head
+    o, lse = _out(q, ns)
+    _decode_rotatekv_kernel[(b * ngrp, ns)](
+        q.contiguous(), k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths, positions,
+        cos, sin, hsign, o, lse,
+        scaling * LOG2E * norm, cap,
+        NIT=nit, NGRP=ngrp, HG=hg, GQ=gq, D=d, BITS=bits, NQ=nq, G=group_size, PRE_ROPE=pre_rope,
+        BM=max(16, _pow2(hg * gq)), BN=bn, NS=ns, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return o, lse
+
+
+def rotate_partials(o: torch.Tensor) -> torch.Tensor:
+    """Undo a per-head Hadamard on partial outputs [..., D] (values stored as H v)."""
+    from kvbench.hadamard import hadamard_matrix
+
+    return o @ hadamard_matrix(o.shape[-1], torch.float32, o.device)
+
+
+# --------------------------------------------------------------------------------------------
+# Packed caches -> kernels
+
+
+def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Decode attention of q [B, Hq, 1, D] over a packed cache (kvbench.packed_cache) with the
+    fused kernels; returns [B, Hq, 1, D] in q's dtype. Host-sync free for rtn/quarot/rotatekv
+    (the split size comes from the host-side bound `cache.used`)."""
+    from kvbench import packed_cache as pc
+
+    q3 = q[:, :, 0]
+    qk = q3.half() if q3.dtype == torch.float32 else q3
+    parts = []
+    if isinstance(cache, pc.KIVIPackedCache):
+        spec = cache.spec
+        o, lse = decode_kivi(qk, cache.k_codes, cache.k_scale, cache.k_zero, cache.vstore.codes,
+                             cache.vstore.scale, cache.vstore.zero, cache.nq, scaling,
+                             bits=spec.bits, group_size=spec.group_size, max_len=cache.vstore.codes.shape[2])
+        parts.append((o, lse))
+        w = cache.W
+        slot = torch.arange(w, device=q.device)
+        valid = ((slot[None] - cache.nq[:, None]) % w) < (cache.n - cache.nq)[:, None]
+        parts.append(fp_partial(q3, cache.win_k, cache.win_v, valid, scaling))
+    else:
+        spec = cache.spec
+        ks, vs = cache.kstore, cache.vstore
+        if isinstance(cache, pc.RotateKVPackedCache):
+            gid = cache._gid_on(q.device)
+            rope = cache.rope
+            cos = rope.cos if rope is not None else ks.scale  # unused without pre-RoPE
+            sin = rope.sin if rope is not None else ks.scale
+            o, lse = decode_rotatekv(qk, ks.codes, ks.scale, ks.zero, gid, vs.codes, vs.scale, vs.zero,
+                                     cache.lengths, cache.positions, cos, sin, scaling, bits=spec.bits,
+                                     group_size=spec.group_size, head_group=cache.head_group,
+                                     pre_rope=cache.m.pre_rope, max_len=cache.used)
+            parts.append((rotate_partials(o), lse))
+        else:
+            rotated = isinstance(cache, pc.QuaRotPackedCache)
+            qq = qk
+            if rotated:
+                from kvbench.hadamard import hadamard_matrix
+
+                qq = (qk.float() @ hadamard_matrix(qk.shape[-1], torch.float32, q.device)).to(qk.dtype)
+            o, lse = decode_per_token(qq, ks.codes, ks.scale, ks.zero, vs.codes, vs.scale, vs.zero, cache.lengths,
+                                      scaling, bits=spec.bits, group_size=spec.group_size,
+                                      integer_zero=spec.integer_zero, max_len=cache.used)
+            parts.append((rotate_partials(o) if rotated else o, lse))
+        fp = cache.fp.view()
+        if fp is not None:
+            k, v, pos = fp
+            parts.append(fp_partial(q3, k, v, pos >= 0, scaling))
+    return merge_partials(parts).to(q.dtype)[:, :, None]

@@ -1,0 +1,130 @@
+"""Write path: (rotate,) quantize and pack rows in one pass (Triton), straight into a packed
+cache's slots.
+
+`quantize_pack_rows(x [R, n], ...)` computes, per row, the optional orthonormal Hadamard
+(`rotate=True`: one tl.dot with the +-1 Sylvester matrix, fp32 "ieee", times 1/sqrt(n)), the
+group-wise asymmetric round-to-nearest of `kvbench.quant.quantize` (the same fp32 arithmetic: IEEE
+division via tl.div_rn, round half to even, scale and zero rounded to fp16), and the plane packing
+of `kvbench.packing` (byte j = sum_p code[j + p*P] << p*bits), and stores codes, scale and zero at
+row `dest[r]` of the given output tensors (the flattened [B * S * cap] rows of a
+`kvbench.packed_cache.PerTokenStore`), or returns new tensors. Without rotation the codes, scales
+and zeros equal the torch quantizer's bit for bit; with rotation they can differ where fp32
+rounding of the transform differs (rare, one code step).
+
+`reference_quantize_pack_rows` is the plain-torch reference with the same contract.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvbench.packing import pack
+from kvbench.quant import QuantSpec, quantize
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+_MIN_SCALE = 2.0**-14
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: (v + M) - M rounds |v| < 2^22 half to even in fp32
+
+
+def is_available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round_even(v):
+        v = tl.minimum(tl.maximum(v, -4194304.0), 4194304.0)
+        return (v + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _quant_pack_kernel(
+        x_ptr, h_ptr, dest_ptr, codes_ptr, scale_ptr, zero_ptr, num_rows, clip, inv_sqrt_n,
+        N: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, INT_ZERO: tl.constexpr,
+        ROTATE: tl.constexpr, HAS_DEST: tl.constexpr, BR: tl.constexpr,
+    ):
+        P: tl.constexpr = N * BITS // 8
+        NPL: tl.constexpr = 8 // BITS
+        NG: tl.constexpr = N // G
+        MAXC: tl.constexpr = (1 << BITS) - 1
+        r = tl.program_id(0) * BR + tl.arange(0, BR)
+        rmask = r < num_rows
+        c = tl.arange(0, N)
+        x = tl.load(x_ptr + r[:, None].to(tl.int64) * N + c[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        if ROTATE:
+            k = tl.arange(0, N)
+            ht = tl.load(h_ptr + c[None, :] * N + k[:, None])  # ht[k, j] = H[j, k]
+            x = tl.dot(x, ht, input_precision="ieee") * inv_sqrt_n
+        g = tl.reshape(x, (BR, NG, G))
+        xmax = tl.max(g, 2) * clip
+        xmin = tl.min(g, 2) * clip
+        scale = tl.maximum(tl.div_rn(xmax - xmin, MAXC * 1.0), 2.0**-14).to(tl.float16).to(tl.float32)
+        if INT_ZERO:
+            zero = _round_even(tl.div_rn(-xmin, scale)).to(tl.float16).to(tl.float32)
+            q = _round_even(tl.div_rn(g, scale[:, :, None])) + zero[:, :, None]
+        else:
+            zero = xmin.to(tl.float16).to(tl.float32)
+            q = _round_even(tl.div_rn(g - zero[:, :, None], scale[:, :, None]))
+        q = tl.minimum(tl.maximum(q, 0.0), MAXC * 1.0).to(tl.int32)
+        planes = tl.reshape(q, (BR, NPL, P))
+        shifts = (tl.arange(0, NPL) * BITS)[None, :, None]
+        packed = tl.sum(planes << shifts, 1)  # fields are disjoint: sum == or
+        if HAS_DEST:
+            row = tl.load(dest_ptr + r, mask=rmask, other=0).to(tl.int64)
+        else:
+            row = r.to(tl.int64)
+        j = tl.arange(0, P)
+        tl.store(codes_ptr + row[:, None] * P + j[None, :], packed.to(tl.uint8), mask=rmask[:, None])
+        gi = tl.arange(0, NG)
+        tl.store(scale_ptr + row[:, None] * NG + gi[None, :], scale.to(tl.float16), mask=rmask[:, None])
+        tl.store(zero_ptr + row[:, None] * NG + gi[None, :], zero.to(tl.float16), mask=rmask[:, None])
+
+
+def quantize_pack_rows(x: torch.Tensor, *, bits: int, group_size: int, clip_ratio: float = 1.0,
+                       integer_zero: bool = True, rotate: bool = False, dest: torch.Tensor | None = None,
+                       out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, block_rows: int = 16):
+    """Quantize and pack rows x [R, n] (n a power of two, bits 2/4/8). Returns (codes, scale, zero)
+    [R or out rows, ...]; with `out` (codes [M, n*bits/8] u8, scale/zero [M, n/G] fp16, contiguous)
+    and `dest` [R] int64 row indices, writes row r to out row dest[r] and returns `out`."""
+    if triton is None:
+        raise RuntimeError("kvbench.kernels.quant_write needs triton (pip install triton) and a CUDA GPU, "
+                           "or TRITON_INTERPRET=1 for CPU tensors")
+    rows, n = x.shape
+    if bits not in (2, 4, 8) or n & (n - 1) or n % group_size:
+        raise ValueError(f"quantize_pack_rows takes bits 2/4/8, a power-of-two row and G | n; got {bits}, {n}, {group_size}")
+    if out is None:
+        out = (torch.empty(rows, n * bits // 8, dtype=torch.uint8, device=x.device),
+               torch.empty(rows, n // group_size, dtype=torch.float16, device=x.device),
+               torch.empty(rows, n // group_size, dtype=torch.float16, device=x.device))
+    h = None
+    if rotate:
+        from kvbench.hadamard import hadamard_matrix
+
+        h = (hadamard_matrix(n, torch.float32, x.device) * math.sqrt(n)).contiguous()
+    x = x.contiguous()
+    if rows:
+        _quant_pack_kernel[(triton.cdiv(rows, block_rows),)](
+            x, h if h is not None else x, dest if dest is not None else x, out[0], out[1], out[2], rows,
+            clip_ratio, 1.0 / math.sqrt(n),
+            N=n, BITS=bits, G=group_size, INT_ZERO=integer_zero, ROTATE=rotate, HAS_DEST=dest is not None,
+            BR=block_rows,
+        )  # fmt: skip
+    return out
+
+
+def reference_quantize_pack_rows(x, *, bits, group_size, clip_ratio=1.0, integer_zero=True, rotate=False, **_):
+    """Plain torch: kvbench.hadamard + kvbench.quant.quantize + kvbench.packing.pack."""
+    if rotate:
+        from kvbench.hadamard import hadamard_transform
+
+        x = hadamard_transform(x.float(), backend="torch")
+    q = quantize(x, QuantSpec(bits, group_size, clip_ratio, integer_zero))
+    return pack(q.codes, bits), q.scale, q.zero

@@ -1,0 +1,690 @@
+"""Packed-mode storage: caches that hold real bit-packed codes, fp16 scales and zero points.
+
+One module (not a package) so that it installs with the `kvbench` package as it is. The caches
+here are the `mode: packed` counterparts of the simulated caches of rtn, kivi, quarot and
+rotatekv. They store what a GPU kernel reads and dequantize it on read with exactly the
+arithmetic of `kvbench.quant.dequantize`, so attention sees bit-identical keys and values to the
+simulated mode (tests/test_packed_cache.py checks that, tensor for tensor).
+
+Layout (all tensors preallocated with a slot capacity that grows by doubling):
+
+* Rows are compacted: row b's stored tokens sit in slots 0 .. lengths[b] - 1, in the order they
+  arrived; left padding (position -1) takes no slot. `positions` [B, cap] int32 holds each
+  slot's position (-1 past the end). `lengths` [B] lives on the device (no host sync to append);
+  the host keeps `used`, an upper bound on max(lengths) (the sum of the T of every append), and
+  reads go over slots [0, used).
+* Per-token quantized tensors (`PerTokenStore`): codes [B, S, cap, n * bits / 8] uint8 in the
+  `kvbench.packing` layout (plane layout for 2/4/8 bits: code i of a row of n codes is in byte
+  i % (n*bits/8), bits (i // (n*bits/8)) * bits), scale and zero [B, S, cap, n / G] fp16. S is
+  the number of "streams": KV heads for rtn / quarot / V of every method, head groups for
+  RotateKV's keys (a row of head_group * head_dim codes in *rotated* channel order, i.e. the
+  calibrated permutation undone on the codes, see `RotateKVPackedCache`).
+* Full-precision tokens (RotateKV's attention sinks) sit in a separate fp store
+  [B, H_kv, cap_fp, D] of the model dtype, keys after RoPE, with their own lengths/positions.
+* KIVI keeps quantized key groups channel-major ([B, H, groups, D, G * bits / 8]: the G tokens
+  of one channel packed together, scale/zero per (group, channel)), values per token, and the
+  full-precision window as a ring buffer of W = residual + group_size slots indexed by
+  position % W (no shifting when the window moves).
+
+`nbytes()` counts every tensor the cache holds at its allocated capacity (codes, scales,
+zeros, positions, lengths, fp tokens, rope tables); `used_nbytes()` counts only filled slots.
+`reserve(tokens)` preallocates, so that decode does not grow the tensors (CUDA-graph friendly).
+
+Reads: `attend` dequantizes what is stored and runs `kvbench.simulated.attention` (any T, any
+device). On CUDA, with triton importable and one decode query per row, it calls the fused decode
+kernels of `kvbench.kernels.decode_attention` instead (set KVBENCH_PACKED_KERNELS=0 to keep the
+torch path); `kernel_inputs()` of each cache returns the tensors those kernels take.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kvbench.hadamard import hadamard_transform, inverse_hadamard_transform
+from kvbench.method import LayerCache, NewTokens
+from kvbench.packing import pack, unpack
+from kvbench.quant import QuantSpec, Quantized, dequantize, quantize
+from kvbench.rope import apply_rope
+from kvbench.simulated import attention, causal_mask
+
+_MIN_CAPACITY = 16
+
+
+def _capacity_for(n: int, current: int) -> int:
+    cap = max(current, _MIN_CAPACITY)
+    while cap < n:
+        cap *= 2
+    return cap
+
+
+def _grow(t: torch.Tensor, cap: int, dim: int, fill=0) -> torch.Tensor:
+    """t with dim `dim` extended to `cap` (new entries = fill)."""
+    if t.shape[dim] >= cap:
+        return t
+    shape = list(t.shape)
+    shape[dim] = cap - t.shape[dim]
+    return torch.cat([t, torch.full(shape, fill, dtype=t.dtype, device=t.device)], dim)
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def slot_destinations(mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[B, T] slot of each new token: masked tokens go to lengths[b], lengths[b] + 1, ... in
+    order; the others to the slots after those (they are scratch: never counted as stored).
+    Every destination is < lengths[b] + T. No host sync."""
+    m = mask.long()
+    c = m.cumsum(1)
+    n = c[:, -1:]
+    other = (1 - m).cumsum(1)
+    base = lengths[:, None]
+    return torch.where(mask, base + c - 1, base + n + other - 1)
+
+
+def _kernels_enabled(x: torch.Tensor) -> bool:
+    if not x.is_cuda or os.environ.get("KVBENCH_PACKED_KERNELS", "1") == "0":
+        return False
+    from kvbench.kernels import decode_attention
+
+    return decode_attention.is_available()
+
+
+# --------------------------------------------------------------------------------------------
+# Storage building blocks
+
+
+class PerTokenStore:
+    """Per-token quantized rows: codes [B, S, cap, n*bits/8] + fp16 scale/zero [B, Ss, cap, ngs].
+
+    Usually Ss = S and ngs = n / G (each stream's groups). RotateKV's keys use S head groups of
+    codes but Ss = 1 with all C / G groups of a token side by side (its groups follow the
+    permuted channel order, not the head groups).
+    """
+
+    def __init__(self, spec: QuantSpec, streams: int, row: int, scale_streams: int | None = None):
+        self.spec, self.streams, self.row = spec, streams, row
+        self.scale_streams = streams if scale_streams is None else scale_streams
+        self.ng = streams * row // spec.group_size // self.scale_streams
+        self.codes = self.scale = self.zero = None
+
+    @property
+    def row_bytes(self) -> int:
+        return self.row * self.spec.bits // 8
+
+    def ensure(self, batch: int, cap: int, device) -> None:
+        if self.codes is None:
+            self.codes = torch.zeros(batch, self.streams, cap, self.row_bytes, dtype=torch.uint8, device=device)
+            self.scale = torch.zeros(batch, self.scale_streams, cap, self.ng, dtype=torch.float16, device=device)
+            self.zero = torch.zeros_like(self.scale)
+        else:
+            self.codes = _grow(self.codes, cap, 2)
+            self.scale = _grow(self.scale, cap, 2)
+            self.zero = _grow(self.zero, cap, 2)
+
+    def write(self, q: Quantized, dest: torch.Tensor) -> None:
+        """q: codes [B, S, T, n], scale/zero [B, Ss, T, ngs]; dest [B, T] slots."""
+        b_idx = torch.arange(dest.shape[0], device=dest.device)[:, None]
+        # codes[b_idx, :, dest] is [B, T, S, bytes] (advanced indices first).
+        self.codes[b_idx, :, dest] = pack(q.codes, self.spec.bits, check=False).transpose(1, 2)
+        self.scale[b_idx, :, dest] = q.scale.transpose(1, 2)
+        self.zero[b_idx, :, dest] = q.zero.transpose(1, 2)
+
+    def read(self, slots: int) -> Quantized:
+        return Quantized(
+            codes=unpack(self.codes[:, :, :slots], self.spec.bits, self.row),
+            scale=self.scale[:, :, :slots],
+            zero=self.zero[:, :, :slots],
+        )
+
+    def nbytes(self) -> int:
+        return _nbytes(self.codes, self.scale, self.zero)
+
+    def used_nbytes(self, slots: int) -> int:
+        if self.codes is None:
+            return 0
+        per_slot = self.streams * self.row_bytes + 4 * self.scale_streams * self.ng
+        return self.codes.shape[0] * slots * per_slot
+
+
+class FullPrecisionStore:
+    """Tokens kept exactly: k (after RoPE) and v [B, H, cap, D], compacted per row."""
+
+    def __init__(self):
+        self.k = self.v = self.positions = self.lengths = None
+        self.used = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> None:
+        b, h, t, d = k.shape
+        if self.k is None:
+            cap = _capacity_for(t, 0)
+            self.k = torch.zeros(b, h, cap, d, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(b, h, cap, d, dtype=v.dtype, device=v.device)
+            self.positions = torch.full((b, cap), -1, dtype=torch.int32, device=k.device)
+            self.lengths = torch.zeros(b, dtype=torch.int64, device=k.device)
+        self.used += t
+        cap = _capacity_for(self.used, self.k.shape[2])
+        self.k, self.v = _grow(self.k, cap, 2), _grow(self.v, cap, 2)
+        self.positions = _grow(self.positions, cap, 1, -1)
+        dest = slot_destinations(mask, self.lengths)
+        b_idx = torch.arange(b, device=k.device)[:, None]
+        self.k[b_idx, :, dest] = k.transpose(1, 2)
+        self.v[b_idx, :, dest] = v.transpose(1, 2)
+        self.positions[b_idx, dest] = torch.where(mask, positions, -1).to(torch.int32)
+        self.lengths += mask.sum(1)
+
+    def view(self):
+        """(k, v, positions) over the used slots, or None when empty."""
+        if self.k is None or self.used == 0:
+            return None
+        s = self.used
+        return self.k[:, :, :s], self.v[:, :, :s], self.positions[:, :s]
+
+    def nbytes(self) -> int:
+        return _nbytes(self.k, self.v, self.positions, self.lengths)
+
+
+class RopeTable:
+    """cos/sin rows by position, as the model computed them (so RoPE on read is bit-identical).
+
+    Shared by the whole batch: [max position + 1, D] in the dtype of the model's tables.
+    """
+
+    def __init__(self):
+        self.cos = self.sin = None
+
+    def update(self, new: NewTokens) -> None:
+        pos = new.positions
+        top = int(pos.max()) + 1 if pos.numel() else 0  # one host sync per append
+        if self.cos is None:
+            d = new.cos.shape[-1]
+            cap = _capacity_for(top, 0)
+            self.cos = torch.zeros(cap, d, dtype=new.cos.dtype, device=new.cos.device)
+            self.sin = torch.zeros_like(self.cos)
+        cap = _capacity_for(top, self.cos.shape[0])
+        self.cos, self.sin = _grow(self.cos, cap, 0), _grow(self.sin, cap, 0)
+        valid = new.valid
+        idx = pos[valid]
+        self.cos[idx] = new.cos[valid]
+        self.sin[idx] = new.sin[valid]
+
+    def lookup(self, positions: torch.Tensor):
+        p = positions.clamp_min(0).long()
+        return self.cos[p], self.sin[p]
+
+    def nbytes(self) -> int:
+        return _nbytes(self.cos, self.sin)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-token methods: rtn, quarot, rotatekv
+
+
+class PackedPerTokenCache(LayerCache):
+    """Base of the per-token packed caches. Subclasses define how new tokens become codes
+    (`quantize_new`) and how stored codes become attention's keys and values (`dequantize_stored`).
+    """
+
+    def __init__(self, spec: QuantSpec, k_streams: int, k_row: int, v_streams: int, v_row: int,
+                 needs_rope_table: bool = False, capacity: int = 0, k_scale_streams: int | None = None):
+        self.spec = spec
+        self.kstore = PerTokenStore(spec, k_streams, k_row, k_scale_streams)
+        self.vstore = PerTokenStore(spec, v_streams, v_row)
+        self.fp = FullPrecisionStore()
+        self.rope = RopeTable() if needs_rope_table else None
+        self.lengths: torch.Tensor | None = None  # [B] int64, device
+        self.positions: torch.Tensor | None = None  # [B, cap] int32
+        self.used = 0  # host-side upper bound of max(lengths)
+        self.capacity = capacity
+        self.dtype: torch.dtype | None = None
+        self._chunks: list = []  # (dest, mask) of every append, for replay_chunks
+
+    # -- storage -------------------------------------------------------------------------
+
+    def reserve(self, tokens: int) -> None:
+        """Preallocate room for `tokens` slots per row (applied at, or right after, allocation)."""
+        self.capacity = max(self.capacity, tokens)
+        if self.lengths is not None:
+            self._ensure(self.lengths.shape[0], self.lengths.device)
+
+    def _ensure(self, batch: int, device) -> None:
+        cap = _capacity_for(max(self.used, self.capacity), 0 if self.positions is None else self.positions.shape[1])
+        if self.positions is None:
+            self.positions = torch.full((batch, cap), -1, dtype=torch.int32, device=device)
+            self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
+        else:
+            self.positions = _grow(self.positions, cap, 1, -1)
+        self.kstore.ensure(batch, cap, device)
+        self.vstore.ensure(batch, cap, device)
+
+    def quantize_new(self, new: NewTokens) -> tuple[Quantized, Quantized]:
+        raise NotImplementedError
+
+    def dequantize_stored(self, kq: Quantized, vq: Quantized, positions: torch.Tensor):
+        raise NotImplementedError
+
+    def exact_tokens(self, new: NewTokens) -> torch.Tensor | None:
+        return None
+
+    def append(self, new: NewTokens) -> None:
+        b, _, t, _ = new.k.shape
+        self.dtype = new.k.dtype
+        if self.rope is not None:
+            self.rope.update(new)
+        valid = new.valid
+        exact = self.exact_tokens(new)
+        to_quant = valid if exact is None else valid & ~exact
+        self.used += t
+        self._ensure(b, new.k.device)
+        dest = slot_destinations(to_quant, self.lengths)
+        kq, vq = self.quantize_new(new)
+        self.kstore.write(kq, dest)
+        self.vstore.write(vq, dest)
+        b_idx = torch.arange(b, device=dest.device)[:, None]
+        self.positions[b_idx, dest] = torch.where(to_quant, new.positions, -1).to(torch.int32)
+        self.lengths += to_quant.sum(1)
+        if self.replay_chunks:
+            self._chunks.append((dest, to_quant))
+        if exact is not None:
+            self.fp.append(new.k, new.v, new.positions, exact)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    #: Dequantize in the chunks the tokens arrived in (see `stored_kv`).
+    replay_chunks = False
+
+    def stored_kv(self):
+        """(k, v, positions) of the quantized part as attention sees it: [B, H, used, D].
+
+        Methods whose read applies a matmul (the inverse Hadamard of quarot and rotatekv) set
+        `replay_chunks`: the stored codes are then dequantized append by append, in tensors of
+        the very shapes the simulated cache transformed, because a CPU GEMM's result for a row
+        depends on how many rows it is given; so the keys and values come out bit-identical to
+        the simulated mode's. (The GPU kernels read the packed tensors directly.)
+        """
+        s = self.used
+        pos = self.positions[:, :s]
+        if not self.replay_chunks:
+            k, v = self.dequantize_stored(self.kstore.read(s), self.vstore.read(s), pos)
+            return k, v, pos
+        k = v = None
+        for dest, mask in self._chunks:
+            b_idx = torch.arange(dest.shape[0], device=dest.device)[:, None]
+            ks, vs = self.kstore, self.vstore
+            kq = Quantized(unpack(ks.codes[b_idx, :, dest].transpose(1, 2), ks.spec.bits, ks.row),
+                           ks.scale[b_idx, :, dest].transpose(1, 2), ks.zero[b_idx, :, dest].transpose(1, 2))
+            vq = Quantized(unpack(vs.codes[b_idx, :, dest].transpose(1, 2), vs.spec.bits, vs.row),
+                           vs.scale[b_idx, :, dest].transpose(1, 2), vs.zero[b_idx, :, dest].transpose(1, 2))
+            kc, vc = self.dequantize_stored(kq, vq, self.positions[b_idx, dest])
+            if k is None:
+                k = kc.new_zeros(*kc.shape[:2], s, kc.shape[-1])
+                v = vc.new_zeros(*vc.shape[:2], s, vc.shape[-1])
+            # Only the chunk's stored tokens: its scratch slots may hold later tokens by now.
+            d = torch.where(mask, dest, s)  # s: a dump column
+            kk = torch.cat([k, k[:, :, :1]], 2)
+            vv = torch.cat([v, v[:, :, :1]], 2)
+            kk[b_idx, :, d] = kc.transpose(1, 2)
+            vv[b_idx, :, d] = vc.transpose(1, 2)
+            k, v = kk[:, :, :s], vv[:, :, :s]
+        return k, v, pos
+
+    def attend(self, q: torch.Tensor, q_positions: torch.Tensor, scaling: float) -> torch.Tensor:
+        if q.shape[2] == 1 and _kernels_enabled(q) and self.kernel_supported():
+            from kvbench.kernels import decode_attention
+
+            return decode_attention.packed_decode(self, q, scaling)
+        k, v, pos = self.stored_kv()
+        fp = self.fp.view()
+        if fp is not None:
+            k = torch.cat([k, fp[0].to(k.dtype)], 2)
+            v = torch.cat([v, fp[1].to(v.dtype)], 2)
+            pos = torch.cat([pos, fp[2]], 1)
+            # Keys in position order, scratch slots dropped: the same key sequence as the
+            # simulated cache for unpadded rows, so attention takes the same (causal) path.
+            key = torch.where(pos >= 0, pos, torch.iinfo(torch.int32).max)
+            order = torch.argsort(key, dim=1, stable=True)[:, : int((pos >= 0).sum(1).max())]
+            idx = order[:, None, :, None]
+            k = k.gather(2, idx.expand(*k.shape[:2], -1, k.shape[-1]))
+            v = v.gather(2, idx.expand(*v.shape[:2], -1, v.shape[-1]))
+            pos = pos.gather(1, order)
+        return attention(q, k.to(q.dtype), v.to(q.dtype), q_positions, pos.long(), scaling)
+
+    def kernel_supported(self) -> bool:
+        return False
+
+    def nbytes(self) -> int:
+        extra = 0 if self.rope is None else self.rope.nbytes()
+        return (self.kstore.nbytes() + self.vstore.nbytes() + self.fp.nbytes()
+                + _nbytes(self.positions, self.lengths) + extra)
+
+    def used_nbytes(self) -> int:
+        """Bytes of the filled slots only (codes, scales, zeros, positions, fp tokens)."""
+        if self.positions is None:
+            return 0
+        fp = 0
+        if self.fp.k is not None:
+            b, h, _, d = self.fp.k.shape
+            fp = self.fp.used * b * (2 * h * d * self.fp.k.element_size() + 4)
+        return (self.kstore.used_nbytes(self.used) + self.vstore.used_nbytes(self.used)
+                + self.positions.shape[0] * self.used * 4 + fp)
+
+
+class RTNPackedCache(PackedPerTokenCache):
+    """rtn: per-token groups along head_dim; keys after RoPE, or before (RoPE on read)."""
+
+    def __init__(self, spec: QuantSpec, pre_rope: bool, num_kv_heads: int, head_dim: int, capacity: int = 0):
+        super().__init__(spec, num_kv_heads, head_dim, num_kv_heads, head_dim, needs_rope_table=pre_rope,
+                         capacity=capacity)
+        self.pre_rope = pre_rope
+
+    def quantize_new(self, new):
+        return quantize(new.k_pre if self.pre_rope else new.k, self.spec), quantize(new.v, self.spec)
+
+    def dequantize_stored(self, kq, vq, positions):
+        k = dequantize(kq, self.spec, dtype=self.dtype)
+        if self.pre_rope:
+            cos, sin = self.rope.lookup(positions)
+            k = apply_rope(k, cos, sin)
+        return k, dequantize(vq, self.spec, dtype=self.dtype)
+
+    def kernel_supported(self) -> bool:
+        return self.spec.bits in (2, 4, 8) and not self.pre_rope
+
+
+class QuaRotPackedCache(PackedPerTokenCache):
+    """quarot: codes of H.k (after RoPE) and H.v per head; read rotates back (the kernel rotates
+    the query by H instead, and the output back by H)."""
+
+    replay_chunks = True
+
+    def __init__(self, spec: QuantSpec, num_kv_heads: int, head_dim: int, capacity: int = 0):
+        super().__init__(spec, num_kv_heads, head_dim, num_kv_heads, head_dim, capacity=capacity)
+
+    def quantize_new(self, new):
+        return quantize(hadamard_transform(new.k), self.spec), quantize(hadamard_transform(new.v), self.spec)
+
+    def dequantize_stored(self, kq, vq, positions):
+        k = inverse_hadamard_transform(dequantize(kq, self.spec, dtype=self.dtype))
+        v = inverse_hadamard_transform(dequantize(vq, self.spec, dtype=self.dtype))
+        return k, v
+
+    def kernel_supported(self) -> bool:
+        d = self.kstore.row
+        return self.spec.bits in (2, 4, 8) and d & (d - 1) == 0
+
+
+class RotateKVPackedCache(PackedPerTokenCache):
+    """rotatekv: keys rotated by the grouped-head Hadamard (before or after RoPE) and permuted by
+    the calibrated channel order, quantized in groups of the *permuted* order, exactly as the
+    simulated cache does. The codes are stored back in rotated (unpermuted) order, one row of
+    head_group * head_dim codes per head group, so a kernel reads each head group's channels
+    contiguously; `key_group_of_channel` [C] maps each rotated channel to the quantization
+    group (index into the token's C / G scales) it was quantized in. Key scales/zeros are kept
+    per token: [B, 1, cap, C / G]. Values: per-head Hadamard, per-token groups (G must divide
+    head_dim in packed mode). Sinks: full-precision tokens in the fp store.
+    """
+
+    replay_chunks = True
+
+    def __init__(self, method, layer_idx: int, geometry, capacity: int = 0):
+        from kvbench.rotation import inverse_permutation
+
+        g = geometry
+        self.m, self.g, self.layer_idx = method, g, layer_idx
+        spec = method.spec(g)
+        self.head_group = method.resolved_head_group(g)
+        self.key_block = self.head_group * g.head_dim
+        self.num_groups = g.num_kv_heads // self.head_group
+        c = g.kv_channels
+        if g.head_dim % spec.group_size:
+            from kvbench.params import ParamError
+
+            raise ParamError("group_size", f"packed rotatekv needs group_size to divide head_dim {g.head_dim} "
+                             f"(value groups per head), got {spec.group_size}")
+        super().__init__(spec, self.num_groups, self.key_block, g.num_kv_heads, g.head_dim,
+                         needs_rope_table=method.pre_rope, capacity=capacity, k_scale_streams=1)
+        self.perm = method.permutation(layer_idx, g, "cpu")
+        self.inv = inverse_permutation(self.perm)
+        # stored channel i = rotated channel perm[i]; group of stored i is i // G.
+        self.key_group_of_channel = (self.inv // spec.group_size).to(torch.int32)  # [C]
+        self._dev: dict = {}
+
+    def _gid_on(self, device) -> torch.Tensor:
+        key = "gid:" + str(device)
+        if key not in self._dev:
+            self._dev[key] = self.key_group_of_channel.to(device)
+        return self._dev[key]
+
+    def _on(self, device):
+        key = str(device)
+        if key not in self._dev:
+            self._dev[key] = (self.perm.to(device), self.inv.to(device))
+        return self._dev[key]
+
+    def quantize_new(self, new):
+        m, g = self.m, self.g
+        from kvbench.rotation import grouped_hadamard, heads_to_tokens
+
+        perm, inv = self._on(new.k.device)
+        stored = m.rotated_keys(new, g)[..., perm]  # [B, T, C]
+        kq = quantize(stored, self.spec)
+        # Codes back to rotated order, one row per head group [B, Hg, T, n]; scales stay in
+        # stored-group order [B, 1, T, C / G].
+        b, t, c = stored.shape
+        codes = kq.codes[..., inv].reshape(b, t, self.num_groups, self.key_block).transpose(1, 2)
+        kq = Quantized(codes=codes, scale=kq.scale.unsqueeze(1), zero=kq.zero.unsqueeze(1))
+        v = grouped_hadamard(heads_to_tokens(new.v.float()), g.head_dim)  # [B, T, C]
+        b, t, _ = v.shape
+        v = v.reshape(b, t, g.num_kv_heads, g.head_dim).transpose(1, 2)  # [B, H, T, D]
+        return kq, quantize(v, self.spec)
+
+    def dequantize_rotated_keys(self, kq: Quantized) -> torch.Tensor:
+        """[B, S, C] float32 dequantized keys in rotated order (what the simulated cache gets
+        from fake_quantize(stored)[..., inv])."""
+        perm, _ = self._on(kq.codes.device)
+        b, hg, s, n = kq.codes.shape
+        codes = kq.codes.transpose(1, 2).reshape(b, s, hg * n)[..., perm]  # stored order
+        stored = dequantize(Quantized(codes, kq.scale[:, 0], kq.zero[:, 0]), self.spec, dtype=torch.float32)
+        return stored[..., self._on(kq.codes.device)[1]]
+
+    def dequantize_stored(self, kq, vq, positions):
+        from kvbench.rotation import grouped_hadamard, heads_to_tokens, tokens_to_heads
+
+        g = self.g
+        restored = self.dequantize_rotated_keys(kq)
+        k = tokens_to_heads(grouped_hadamard(restored, self.key_block, inverse=True), g.num_kv_heads)
+        if self.m.pre_rope:
+            cos, sin = self.rope.lookup(positions)
+            k = apply_rope(k, cos, sin)
+        vd = dequantize(vq, self.spec, dtype=torch.float32)  # [B, H, S, D]
+        v = tokens_to_heads(grouped_hadamard(heads_to_tokens(vd), g.head_dim, inverse=True), g.num_kv_heads)
+        return k.to(self.dtype), v.to(self.dtype)
+
+    def exact_tokens(self, new):
+        from kvbench.rotation import sink_tokens
+
+        if self.m.sinks == 0 or not new.is_prefill or new.layer_input is None:
+            return None
+        return sink_tokens(new.layer_input, new.valid, self.m.sinks)
+
+    def kernel_supported(self) -> bool:
+        d = self.g.head_dim
+        return (self.spec.bits in (2, 4, 8) and d & (d - 1) == 0 and self.head_group in (1, 2, 4, 8)
+                and d >= 16)
+
+
+# --------------------------------------------------------------------------------------------
+# KIVI
+
+
+class KIVIPackedCache(LayerCache):
+    """kivi, packed: the same boundary rule as the simulated KIVICache (see methods/kivi.py).
+
+    Per row b, tokens below nq[b] (a multiple of G) are quantized: keys channel-major per group
+    of G tokens (k_codes [B, H, cap_groups, D, G*bits/8], k_scale/k_zero [B, H, cap_groups, D]),
+    values per token (vstore). Tokens from nq[b] on are in the full-precision ring window
+    [B, H, W, D], slot = position % W, W = residual + G. Positions must be 0, 1, 2, ... for the
+    valid tokens of each row (left padding is fine), as the simulated cache assumes.
+    """
+
+    def __init__(self, spec: QuantSpec, residual: int, num_kv_heads: int, head_dim: int, capacity: int = 0):
+        self.spec, self.residual = spec, residual
+        self.G = spec.group_size
+        self.H, self.D = num_kv_heads, head_dim
+        self.W = residual + self.G
+        self.vstore = PerTokenStore(spec, num_kv_heads, head_dim)
+        self.k_codes = self.k_scale = self.k_zero = None
+        self.win_k = self.win_v = None
+        self.n: torch.Tensor | None = None  # [B] tokens stored per row (device)
+        self.nq: torch.Tensor | None = None  # [B] quantized tokens per row (device)
+        self.capacity = capacity
+        self.dtype = None
+        self._stash = None  # exact tokens of the last append, for the attend that follows
+
+    def reserve(self, tokens: int) -> None:
+        self.capacity = max(self.capacity, tokens)
+        if self.n is not None:
+            self._ensure_quant(self.capacity)
+
+    def quantized_below(self, q_positions: torch.Tensor) -> torch.Tensor:
+        g = self.G
+        return torch.div((q_positions + 1 - self.residual).clamp_min(0), g, rounding_mode="floor") * g
+
+    def _ensure_quant(self, tokens: int) -> None:
+        groups = -(-tokens // self.G)
+        cur = 0 if self.k_codes is None else self.k_codes.shape[2]
+        cap_g = _capacity_for(groups, cur) if groups > cur else cur
+        b, dev = self.n.shape[0], self.n.device
+        if self.k_codes is None:
+            pb = self.G * self.spec.bits // 8
+            self.k_codes = torch.zeros(b, self.H, cap_g, self.D, pb, dtype=torch.uint8, device=dev)
+            self.k_scale = torch.zeros(b, self.H, cap_g, self.D, dtype=torch.float16, device=dev)
+            self.k_zero = torch.zeros_like(self.k_scale)
+        else:
+            self.k_codes = _grow(self.k_codes, cap_g, 2)
+            self.k_scale = _grow(self.k_scale, cap_g, 2)
+            self.k_zero = _grow(self.k_zero, cap_g, 2)
+        self.vstore.ensure(b, cap_g * self.G, dev)
+
+    def append(self, new: NewTokens) -> None:
+        b, h, t, d = new.k.shape
+        dev = new.k.device
+        self.dtype = new.k.dtype
+        if self.n is None:
+            self.n = torch.zeros(b, dtype=torch.int64, device=dev)
+            self.nq = torch.zeros(b, dtype=torch.int64, device=dev)
+            self.win_k = torch.zeros(b, h, self.W, d, dtype=new.k.dtype, device=dev)
+            self.win_v = torch.zeros(b, h, self.W, d, dtype=new.v.dtype, device=dev)
+            self._ensure_quant(max(self.capacity, t))
+        valid = new.valid
+        n_old, nq_old = self.n.tolist(), self.nq.tolist()
+        counts = valid.sum(1).tolist()
+        n_new = [a + c for a, c in zip(n_old, counts)]
+        nq_new = [int(self.quantized_below(torch.tensor(x - 1))) if x > 0 else 0 for x in n_new]
+        self._ensure_quant(max(n_new) if n_new else 0)
+        stash = []
+        for row in range(b):
+            # Exact tokens from the old boundary on: the window, then the new valid tokens.
+            old_pos = torch.arange(nq_old[row], n_old[row], device=dev)
+            wk = self.win_k[row][:, old_pos % self.W]
+            wv = self.win_v[row][:, old_pos % self.W]
+            sel = valid[row]
+            ek = torch.cat([wk, new.k[row][:, sel]], 1)  # [H, n_new - nq_old, D]
+            ev = torch.cat([wv, new.v[row][:, sel]], 1)
+            pos = torch.arange(nq_old[row], n_new[row], device=dev)
+            stash.append((ek, ev, pos))
+            # Groups that leave the window: [nq_old, nq_new).
+            m = nq_new[row] - nq_old[row]
+            if m > 0:
+                self._write_quantized(row, nq_old[row], ek[:, :m], ev[:, :m])
+            keep = pos >= nq_new[row]
+            self.win_k[row][:, pos[keep] % self.W] = ek[:, keep]
+            self.win_v[row][:, pos[keep] % self.W] = ev[:, keep]
+        self.n = torch.tensor(n_new, dtype=torch.int64, device=dev)
+        self.nq = torch.tensor(nq_new, dtype=torch.int64, device=dev)
+        self._stash = stash
+
+    def _write_quantized(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize tokens [start, start + m) of a row (m a multiple of G) into the packed stores."""
+        h, m, d = k.shape
+        g = self.G
+        grouped = k.reshape(h, m // g, g, d).transpose(-1, -2)  # [H, n, D, G]
+        kq = quantize(grouped, self.spec)  # scale [H, n, D, 1]
+        g0 = start // g
+        self.k_codes[row, :, g0 : g0 + m // g] = pack(kq.codes, self.spec.bits, check=False)
+        self.k_scale[row, :, g0 : g0 + m // g] = kq.scale[..., 0]
+        self.k_zero[row, :, g0 : g0 + m // g] = kq.zero[..., 0]
+        vq = quantize(v, self.spec)  # [H, m, D/G]
+        self.vstore.codes[row, :, start : start + m] = pack(vq.codes, self.spec.bits, check=False)
+        self.vstore.scale[row, :, start : start + m] = vq.scale
+        self.vstore.zero[row, :, start : start + m] = vq.zero
+
+    def quantized_kv(self, slots: int):
+        """Dequantized keys and values of tokens [0, slots) of every row: [B, H, slots, D]."""
+        g = self.G
+        ng = -(-slots // g)
+        codes = unpack(self.k_codes[:, :, :ng], self.spec.bits, g)  # [B, H, ng, D, G]
+        kq = Quantized(codes, self.k_scale[:, :, :ng, :, None], self.k_zero[:, :, :ng, :, None])
+        k = dequantize(kq, self.spec, dtype=self.dtype).transpose(-1, -2)  # [B, H, ng, G, D]
+        k = k.reshape(k.shape[0], self.H, ng * g, self.D)[:, :, :slots]
+        v = dequantize(self.vstore.read(slots), self.spec, dtype=self.dtype)
+        return k, v
+
+    def attend(self, q: torch.Tensor, q_positions: torch.Tensor, scaling: float) -> torch.Tensor:
+        if q.shape[2] == 1 and _kernels_enabled(q) and self.kernel_supported():
+            from kvbench.kernels import decode_attention
+
+            return decode_attention.packed_decode(self, q, scaling)
+        b = q.shape[0]
+        dev = q.device
+        nq = self.nq.tolist()
+        sq = max(nq) if nq else 0
+        k_parts, v_parts, pos_parts, kind = [], [], [], []
+        if sq > 0:
+            kqd, vqd = self.quantized_kv(sq)
+            ar = torch.arange(sq, device=dev)
+            qpos = torch.where(ar[None] < self.nq[:, None], ar[None], -1)
+            k_parts.append(kqd)
+            v_parts.append(vqd)
+            pos_parts.append(qpos)
+            kind.append(torch.ones(sq, dtype=torch.bool, device=dev))
+        se = max(s[2].numel() for s in self._stash)
+        ek = torch.zeros(b, self.H, se, self.D, dtype=self.dtype, device=dev)
+        ev = torch.zeros_like(ek)
+        epos = torch.full((b, se), -1, dtype=torch.int64, device=dev)
+        for row, (k, v, pos) in enumerate(self._stash):
+            ek[row, :, : pos.numel()] = k
+            ev[row, :, : pos.numel()] = v
+            epos[row, : pos.numel()] = pos
+        k_parts.append(ek)
+        v_parts.append(ev)
+        pos_parts.append(epos)
+        kind.append(torch.zeros(se, dtype=torch.bool, device=dev))
+        keys = torch.cat(k_parts, 2).to(q.dtype)
+        values = torch.cat(v_parts, 2).to(q.dtype)
+        positions = torch.cat(pos_parts, 1)
+        is_quant = torch.cat(kind)[None, None, :]  # [1, 1, S]
+        allowed = causal_mask(q_positions, positions)
+        boundary = self.quantized_below(q_positions)  # [B, Tq]
+        below = positions[:, None, :] < boundary[:, :, None]
+        mask = allowed & torch.where(is_quant, below, ~below)
+        return attention(q, keys, values, q_positions, positions, scaling, allowed=mask)
+
+    def kernel_supported(self) -> bool:
+        return self.spec.bits in (2, 4, 8) and self.D & (self.D - 1) == 0
+
+    def nbytes(self) -> int:
+        return (_nbytes(self.k_codes, self.k_scale, self.k_zero, self.win_k, self.win_v, self.n, self.nq)
+                + self.vstore.nbytes())
+
+    def used_nbytes(self) -> int:
+        if self.n is None:
+            return 0
+        nq = int(self.nq.sum())
+        b = self.n.shape[0]
+        per_tok_k = self.H * self.D * (self.spec.bits / 8 + 4 / self.G)
+        per_tok_v = self.H * (self.D * self.spec.bits / 8 + 4 * self.D / self.G)
+        window = int((self.n - self.nq).sum()) * self.H * self.D * 2 * self.win_k.element_size()
+        return int(nq * (per_tok_k + per_tok_v)) + window + 16 * b

@@ -80,7 +80,8 @@ def environment(device: str) -> dict[str, Any]:
 
     env: dict[str, Any] = {
         "kvbench": kvbench.__version__,
-        "git_commit": _git("rev-parse", "HEAD"),
+        # A copy of the tree without .git (a remote GPU machine) passes the commit in the env.
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("KVBENCH_GIT_COMMIT"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -321,7 +321,7 @@ if triton is not None:
         chan = xh[:, None] * D + d[None, :]  # [RR, D] channel in the group's row
         byte = chan % PR
         shift = (chan // PR) * BITS
-        gid = tl.load(gid_ptr + grp * HG * D + chan)  # [RR, D] quantization group of each channel
+        gid_off = grp * HG * D + chan  # gid[gid_off]: quantization group of each channel (L1-resident)
 
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
@@ -340,6 +340,7 @@ if triton is not None:
                 xmask = xtok < end
                 raw = tl.load(kc_ptr + (kbase + xtok)[:, None] * PR + byte, mask=xmask[:, None], other=0).to(tl.int32)
                 c = ((raw >> shift) & ((1 << BITS) - 1)).to(tl.float32)
+                gid = tl.load(gid_ptr + gid_off)
                 soff = (sbase + xtok)[:, None] * NQ + gid
                 sc = tl.load(ks_ptr + soff, mask=xmask[:, None], other=0.0).to(tl.float32)
                 zc = tl.load(kz_ptr + soff, mask=xmask[:, None], other=0.0).to(tl.float32)

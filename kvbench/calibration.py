@@ -44,12 +44,20 @@ def calibration_windows(lm: LoadedModel, source: str, samples: int, seq_len: int
 def calibrate(lm: LoadedModel, method: KVMethod, on_window=None) -> dict:
     """Load or compute the method's calibration; returns a description for the results."""
     params = method.calibration_params()
+    text, where = calibration_text(params["source"])
     key_src = json.dumps(
-        {"model": lm.source, "dtype": str(lm.dtype), "method": method.name, "params": params}, sort_keys=True
+        {
+            "model": lm.source,
+            "dtype": str(lm.dtype),
+            "method": method.name,
+            "params": params,
+            "data": hashlib.sha256(text.encode()).hexdigest(),
+        },
+        sort_keys=True,
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     path = cache_dir() / "calibration" / f"{method.name}-{key}.pt"
-    info = {"source": params.get("source"), "cache": str(path), "key": key}
+    info = {"source": where, "samples": params["samples"], "seq_len": params["seq_len"], "cache": str(path), "key": key}
     if path.is_file():
         method.load_calibration_state(torch.load(path, weights_only=True))
         return {**info, "cached": True}

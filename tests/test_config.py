@@ -95,3 +95,19 @@ def test_list_shows_parameters(capsys):
     out = capsys.readouterr().out
     for text in ("rotatekv", "kivi", "residual", "clip_ratio", "2, 3, 4, 8"):
         assert text in out
+
+
+def test_entry_point_plugins_are_discovered(monkeypatch):
+    """A separate package adds a method through the `kvbench.methods` entry-point group."""
+    import importlib.metadata
+
+    from kvbench import registry
+
+    ep = importlib.metadata.EntryPoint(name="ep-rtn", value="kvbench.methods.rtn:RTN", group="kvbench.methods")
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda group=None: [ep] if group == "kvbench.methods" else real(group=group)
+    )
+    reg = registry.Registry("method", "kvbench.methods", "kvbench.methods", registry.methods.base)
+    assert "ep-rtn" in reg.names()
+    assert reg.get("ep-rtn").name == "rtn"

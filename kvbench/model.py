@@ -132,6 +132,11 @@ def geometry_of(config) -> KVGeometry:
 
 def resolve_source(path: str) -> tuple[str, str | None]:
     """(directory or hub id, gguf file name or None) for a model path from the config."""
+    if path.startswith("random:"):  # a named config with random weights (speed_models.py)
+        from kvbench.speed_models import config_name
+
+        config_name(path)  # UserError naming the known configs
+        return path, None
     if path in PACKAGED_ALIASES:
         package, filename = PACKAGED_ALIASES[path]
         # Locate without importing: the package's __init__ needs the `llm` CLI, which we don't.
@@ -166,6 +171,10 @@ def load_model(name: str, path: str, device: str = "cpu", dtype: str = "float32"
     """Load a model; a GGUF is dequantized once and cached as safetensors (loading it takes ~30 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if path.startswith("random:"):  # Llama-shaped random weights for speed runs (speed_models.py)
+        from kvbench.speed_models import load_random_model
+
+        return load_random_model(name, path, device, dtype)
     torch_dtype = getattr(torch, dtype)
     directory, gguf_file = resolve_source(path)
     load_from, kwargs = directory, {}

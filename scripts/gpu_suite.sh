@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The whole GPU suite in one go on a CUDA machine (docs/gpu.md). Usage:
+#   scripts/gpu_suite.sh [all|a|b|smoke]     results and logs under $OUT (default /tmp/kvbench-gpu)
+# a: set-up, correctness checks (kernels, pytest -m cuda), peak memory, decode latency, peer rows
+# b: max batch + throughput, SmolLM2 packed-vs-simulated perplexity (needs the GGUF, see below)
+# all: a then b. Every step has its own time limit so the script ends inside 10 minutes a part.
+# Optional inputs, when present in the repo root (ignored by git, carried by the device tool):
+#   .whl/*.whl          wheels to install first (gguf, for the SmolLM2 GGUF)
+#   .stage-gpudata/data WikiText-2 and pg-essays (else $KVBENCH_DATA_DIR or ../shared/data)
+#   .stage-gpu1/ .stage-gpu2/  the two halves of SmolLM2-135M-Instruct.Q4_1.gguf (split -b 49M),
+#                       joined in /tmp/m (part a copies the first half there, part b the second)
+set -u
+PART=${1:-all}
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/kvbench-gpu}
+mkdir -p "$OUT"
+LOG="$OUT/suite_$PART.log"
+exec > >(tee -a "$LOG") 2>&1
+export PYTHONUNBUFFERED=1
+[ -d .stage-gpudata/data ] && export KVBENCH_DATA_DIR="$PWD/.stage-gpudata/data"
+RUN=/tmp/kvrun
+GGUF=/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf
+SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+t0=$(date +%s)
+step() { echo; echo "=== [$(( $(date +%s) - t0 )) s] $*"; }
+
+setup() {
+  step "set-up"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/device.txt"
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+  git log -1 --format='commit %H %s' 2>/dev/null | tee -a "$OUT/device.txt"
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  fi
+  python3 -c "import kvbench.tasks.max_batch" 2>/dev/null \
+    || python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+    || export PYTHONPATH=$PWD:${PYTHONPATH:-}
+  python3 -c "import kvbench.tasks.max_batch; print('kvbench importable')"
+  mkdir -p /tmp/m
+}
+
+part_a() {
+  [ -d .stage-gpu1 ] && cp .stage-gpu1/* /tmp/m/ && echo "staged GGUF part 1"
+  if [ -f benchmarks/kernels_gpu.py ]; then
+    step "correctness + kernel timings: benchmarks/kernels_gpu.py"
+    timeout 200 python3 benchmarks/kernels_gpu.py --out "$OUT/kernels.json" 2>&1 | tail -60
+  fi
+  step "pytest -m cuda"
+  timeout 120 python3 -m pytest -q -m cuda tests -p no:cacheprovider 2>&1 | tail -15
+  step "peak memory, decode latency, peer rows (benchmarks/gpu.yaml)"
+  timeout 330 python3 -m kvbench.cli run benchmarks/gpu.yaml --output $RUN --only peak-memory decode 'peer-*'
+  cp $RUN/results.jsonl "$OUT/results_a.jsonl" 2>/dev/null
+}
+
+part_b() {
+  if [ -d .stage-gpu2 ] && [ -f /tmp/m/gguf.part.aa ]; then
+    cat /tmp/m/gguf.part.aa .stage-gpu2/gguf.part.ab > $GGUF && rm /tmp/m/gguf.part.aa
+  fi
+  step "max batch + throughput at max batch"
+  timeout 300 python3 -m kvbench.cli run benchmarks/gpu.yaml --output $RUN --only max-batch fp16 kivi-2 quarot-2 rotatekv-2
+  cp $RUN/results.jsonl "$OUT/results_b.jsonl" 2>/dev/null
+  if [ -f $GGUF ] && echo "$SHA  $GGUF" | sha256sum -c; then
+    step "SmolLM2 perplexity, packed vs simulated (prefill windows)"
+    timeout 150 python3 -m kvbench.cli run benchmarks/gpu_smollm2.yaml --output /tmp/kvsmol
+    cp /tmp/kvsmol/results.jsonl "$OUT/results_smollm2.jsonl" 2>/dev/null
+    step "SmolLM2 decode-step perplexity, packed (fused kernels) vs simulated"
+    timeout 150 python3 scripts/gpu_decode_ppl.py $GGUF --tokens 384 --windows 1 --out "$OUT/decode_ppl.json"
+  else
+    echo "SmolLM2 GGUF not staged: perplexity checks skipped"
+  fi
+}
+
+setup
+case "$PART" in
+  a) part_a ;;
+  b) part_b ;;
+  all) part_a; part_b ;;
+  smoke)
+    part_a
+    step "max batch (fp16, rotatekv-2)"
+    timeout 150 python3 -m kvbench.cli run benchmarks/gpu.yaml --output $RUN --only max-batch fp16 rotatekv-2
+    cp $RUN/results.jsonl "$OUT/results_a.jsonl" 2>/dev/null ;;
+esac
+tar czf "$OUT/logs_$PART.tgz" -C /tmp kvrun 2>/dev/null
+step "done"

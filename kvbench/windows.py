@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,7 +12,9 @@ import torch
 from kvbench import data
 from kvbench.method import KVMethod
 from kvbench.model import LoadedModel, cache_dir
+from kvbench.params import check
 from kvbench.session import KVSession
+from kvbench.task import Task
 
 #: States the protocol in every result of these tasks.
 PROTOCOL = (
@@ -48,3 +52,21 @@ def window_logits(lm: LoadedModel, method: KVMethod, window: torch.Tensor) -> to
 def reference_logprobs_path(lm: LoadedModel, seq_len: int, index: int, window: torch.Tensor) -> Path:
     key = hashlib.sha256(f"{lm.source}|{lm.dtype}|{lm.device.type}|{window.tolist()}".encode()).hexdigest()[:16]
     return cache_dir() / "reference" / f"{Path(lm.source).name}-{seq_len}-{index}-{key}.pt"
+
+
+@dataclass
+class WindowedTask(Task):
+    """Base of the tasks that read WikiText-2 windows (perplexity, kl): their shared parameters."""
+
+    seq_len: int = dataclasses.field(default=1024, metadata={"help": "tokens per window"})
+    max_windows: int | None = dataclasses.field(default=None, metadata={"help": "windows to evaluate (null: all)"})
+
+    def __post_init__(self) -> None:
+        check(self.seq_len >= 2, "seq_len", f"{self.seq_len} must be at least 2")
+        check(self.max_windows is None or self.max_windows >= 1, "max_windows", "must be at least 1 or null")
+
+    def context_len(self) -> int:
+        return self.seq_len
+
+    def protocol(self) -> str:
+        return PROTOCOL

@@ -5,31 +5,19 @@ More sensitive than perplexity: a method can keep PPL and still move many predic
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from kvbench.params import check
-from kvbench.task import Task, TaskContext, TaskResult
-from kvbench.windows import PROTOCOL, reference_logprobs_path, wikitext_windows, window_logits
+from kvbench.task import TaskContext, TaskResult
+from kvbench.windows import PROTOCOL, WindowedTask, reference_logprobs_path, wikitext_windows, window_logits
 
 
 @dataclass
-class KL(Task):
+class KL(WindowedTask):
     name = "kl"
     description = "KL(fp16 || method) of next-token distributions on WikiText-2 windows; top-1 agreement."
     version = 1
-
-    seq_len: int = dataclasses.field(default=1024, metadata={"help": "tokens per window"})
-    max_windows: int | None = dataclasses.field(default=None, metadata={"help": "windows to evaluate (null: all)"})
-
-    def __post_init__(self) -> None:
-        check(self.seq_len >= 2, "seq_len", f"{self.seq_len} must be at least 2")
-        check(self.max_windows is None or self.max_windows >= 1, "max_windows", "must be at least 1 or null")
-
-    def context_len(self) -> int:
-        return self.seq_len
 
     def protocol(self) -> str:
         return PROTOCOL + "; KL(p_uncompressed || p_method) per position, natural log"

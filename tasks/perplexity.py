@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
-from kvbench.params import check
-from kvbench.task import Task, TaskContext, TaskResult
-from kvbench.windows import PROTOCOL, wikitext_windows, window_logits
+from kvbench.task import TaskContext, TaskResult
+from kvbench.windows import WindowedTask, wikitext_windows, window_logits
 
 
 @dataclass
-class Perplexity(Task):
+class Perplexity(WindowedTask):
     name = "perplexity"
     description = "WikiText-2 test perplexity, non-overlapping windows, K/V compressed before attention."
     version = 1
-
-    seq_len: int = dataclasses.field(default=1024, metadata={"help": "tokens per window"})
-    max_windows: int | None = dataclasses.field(default=None, metadata={"help": "windows to evaluate (null: all)"})
-
-    def __post_init__(self) -> None:
-        check(self.seq_len >= 2, "seq_len", f"{self.seq_len} must be at least 2")
-        check(self.max_windows is None or self.max_windows >= 1, "max_windows", "must be at least 1 or null")
-
-    def context_len(self) -> int:
-        return self.seq_len
-
-    def protocol(self) -> str:
-        return PROTOCOL
 
     def run(self, ctx: TaskContext) -> TaskResult:
         windows, source = wikitext_windows(ctx.lm, self.seq_len, self.max_windows)

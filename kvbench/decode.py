@@ -195,20 +195,30 @@ def reserve(cache: LayerCache, batch: int, capacity: int, device, dtype) -> bool
         cache.reserve(batch, capacity, device, dtype)
         return True
     kind = _packed_kind(cache)
+    # Exactly `capacity` slots: the caches' own reserve() rounds up to a power of two, which
+    # would count up to twice the bytes the run needs.
     if kind == "per_token":
-        cache.reserve(capacity)
+        cache.capacity = capacity
         cache.dtype = dtype
-        cache._ensure(batch, device)
+        cache.positions = torch.full((batch, capacity), -1, dtype=torch.int32, device=device)
+        cache.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
+        cache.kstore.ensure(batch, capacity, device)
+        cache.vstore.ensure(batch, capacity, device)
         return True
     if kind == "kivi":
-        cache.reserve(capacity)
+        cache.capacity = capacity
         cache.dtype = dtype
         cache.n = torch.zeros(batch, dtype=torch.int64, device=device)
         cache.nq = torch.zeros(batch, dtype=torch.int64, device=device)
         shape = (batch, cache.H, cache.W, cache.D)
         cache.win_k = torch.zeros(shape, dtype=dtype, device=device)
         cache.win_v = torch.zeros(shape, dtype=dtype, device=device)
-        cache._ensure_quant(capacity)
+        groups = -(-capacity // cache.G)
+        pb = cache.G * cache.spec.bits // 8
+        cache.k_codes = torch.zeros(batch, cache.H, groups, cache.D, pb, dtype=torch.uint8, device=device)
+        cache.k_scale = torch.zeros(batch, cache.H, groups, cache.D, dtype=torch.float16, device=device)
+        cache.k_zero = torch.zeros_like(cache.k_scale)
+        cache.vstore.ensure(batch, groups * cache.G, device)
         return True
     return False
 

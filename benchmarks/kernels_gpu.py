@@ -133,34 +133,50 @@ def methods(b, h, d, L, device, smoke):
     k16 = (torch.randn(b, h, L, d, device=device, generator=gen)).half()
     v16 = torch.randn(b, h, L, d, device=device, generator=gen).half()
     out["fp16-sdpa"] = ([("sdpa", lambda: ref.sdpa_decode(q, k16, v16, scaling))], 2 * b * h * L * d * 2)
+    if not smoke:  # pin the backend: flash and cuDNN (whichever takes it), as a fair baseline
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def pinned(backend):
+            def f():
+                with sdpa_kernel([backend]):
+                    return ref.sdpa_decode(q, k16, v16, scaling)
+            return f
+
+        out["fp16-sdpa"][0].extend([("flash", pinned(SDPBackend.FLASH_ATTENTION)),
+                                    ("cudnn", pinned(SDPBackend.CUDNN_ATTENTION)),
+                                    ("efficient", pinned(SDPBackend.EFFICIENT_ATTENTION))])
 
     # rtn-2 and quarot-2: G=64, keys after RoPE
     bits, G = 2, 64
     kk = store(h, L, d, bits, G)
     vv = store(h, L, d, bits, G)
     pt_bytes = 2 * b * h * L * (d * bits // 8 + 4 * d // G)
-    cfgs = [dict(block_n=bn, num_warps=4, num_splits=ns) for bn in (64, 128) for ns in (None, 8)]
-    cfgs.append(dict(block_n=128, num_warps=8, num_splits=None))
+    cfgs = [dict(block_n=64, num_warps=4, num_splits=None), dict(block_n=128, num_warps=4, num_splits=None),
+            dict(block_n=128, num_warps=8, num_splits=None), dict(block_n=64, num_warps=4, num_splits=None, num_stages=3),
+            dict(block_n=64, num_warps=4, num_splits=8)]
     if smoke:
         cfgs = [dict(block_n=16, num_warps=4, num_splits=2)]
 
-    def rtn_fn(cfg):
+    def rtn_fn(cfg, G=G, kk=kk, vv=vv):
         def f():
             o, lse = da.decode_per_token(q, *kk, *vv, lengths, scaling, bits=bits, group_size=G, max_len=L, **cfg)
             return ref.merge_partials([(o, lse)])
         return f
 
-    def quarot_fn(cfg):
+    def quarot_fn(cfg, G=G, kk=kk, vv=vv):
         def f():
             qr = (q.float() @ H).half()
             o, lse = da.decode_per_token(qr, *kk, *vv, lengths, scaling, bits=bits, group_size=G, max_len=L, **cfg)
             return ref.merge_partials([(da.rotate_partials(o), lse)])
         return f
 
-    out["rtn-2 (G64, post-RoPE)"] = ([(str(c), rtn_fn(c)) for c in cfgs], pt_bytes)
-    out["quarot-2 (G64)"] = ([(str(c), quarot_fn(c)) for c in cfgs], pt_bytes)
+    def pt_kernel(cfg, G=G, kk=kk, vv=vv):
+        return lambda: da.decode_per_token(q, *kk, *vv, lengths, scaling, bits=bits, group_size=G, max_len=L, **cfg)
 
-    def unfused():
+    out["rtn-2 (G64, post-RoPE)"] = ([(str(c), rtn_fn(c), pt_kernel(c)) for c in cfgs], pt_bytes)
+    out["quarot-2 (G64)"] = ([(str(c), quarot_fn(c), pt_kernel(c)) for c in cfgs], pt_bytes)
+
+    def unfused(G=G, kk=kk, vv=vv):
         k = ref.unpack_per_token(*kk, bits, G).half()
         v = ref.unpack_per_token(*vv, bits, G).half()
         return ref.sdpa_decode(q, k, v, scaling)
@@ -182,12 +198,12 @@ def methods(b, h, d, L, device, smoke):
     win_k = torch.randn(b, h, W, d, device=device, generator=gen).half()
     win_v = torch.randn(b, h, W, d, device=device, generator=gen).half()
     kivi_bytes = b * h * nq_tok * (d * bits // 8 + 4 * d // G) * 2 + b * h * (L - nq_tok) * d * 2 * 2
-    kcfgs = [dict(groups_per_tile=gt, num_warps=4, num_splits=ns) for gt in (8, 16) for ns in (None, 8)]
-    kcfgs.append(dict(groups_per_tile=16, num_warps=8, num_splits=None))
+    kcfgs = [dict(groups_per_tile=8, num_warps=4, num_splits=None), dict(groups_per_tile=16, num_warps=4, num_splits=None),
+             dict(groups_per_tile=16, num_warps=8, num_splits=None), dict(groups_per_tile=8, num_warps=4, num_splits=8)]
     if smoke:
         kcfgs = [dict(groups_per_tile=2, num_warps=4, num_splits=2)]
 
-    def kivi_fn(cfg):
+    def kivi_fn(cfg, G=G, W=W):
         def f():
             o, lse = da.decode_kivi(q, kc, ks, kz, *kv_v, nq, scaling, bits=bits, group_size=G, max_len=L, **cfg)
             slot = torch.arange(W, device=device)
@@ -195,7 +211,10 @@ def methods(b, h, d, L, device, smoke):
             return ref.merge_partials([(o, lse), ref.fp_partial(q, win_k, win_v, valid, scaling)])
         return f
 
-    out["kivi-2 (G32, R128)"] = ([(str(c), kivi_fn(c)) for c in kcfgs], kivi_bytes)
+    def kivi_kernel(cfg, G=G):
+        return lambda: da.decode_kivi(q, kc, ks, kz, *kv_v, nq, scaling, bits=bits, group_size=G, max_len=L, **cfg)
+
+    out["kivi-2 (G32, R128)"] = ([(str(c), kivi_fn(c), kivi_kernel(c)) for c in kcfgs], kivi_bytes)
 
     # rotatekv-2: G = head_dim (128) over the permuted channels, clip 0.8, sinks
     G = d
@@ -221,7 +240,7 @@ def methods(b, h, d, L, device, smoke):
         if smoke:
             rcfgs = [dict(block_n=16, num_warps=4, num_splits=2)]
 
-        def rkv_fn(cfg, kc_r=kc_r, ks_r=ks_r, kz_r=kz_r, gid=gid, vv_r=vv_r, hg=hg, pre=pre):
+        def rkv_fn(cfg, kc_r=kc_r, ks_r=ks_r, kz_r=kz_r, gid=gid, vv_r=vv_r, hg=hg, pre=pre, G=G):
             def f():
                 o, lse = da.decode_rotatekv(q, kc_r, ks_r, kz_r, gid, *vv_r, lengths, pos, cos, sin, scaling, bits=bits,
                                             group_size=G, head_group=hg, pre_rope=pre, max_len=L, **cfg)
@@ -229,7 +248,11 @@ def methods(b, h, d, L, device, smoke):
             return f
 
         name = f"rotatekv-2 ({'pre' if pre else 'post'}-RoPE, {hg}-head Hadamard{', default' if hg == 4 and pre else ''})"
-        out[name] = ([(str(cfg), rkv_fn(cfg)) for cfg in rcfgs], rk_bytes)
+        def rkv_kernel(cfg, kc_r=kc_r, ks_r=ks_r, kz_r=kz_r, gid=gid, vv_r=vv_r, hg=hg, pre=pre, G=G):
+            return lambda: da.decode_rotatekv(q, kc_r, ks_r, kz_r, gid, *vv_r, lengths, pos, cos, sin, scaling,
+                                              bits=bits, group_size=G, head_group=hg, pre_rope=pre, max_len=L, **cfg)
+
+        out[name] = ([(str(cfg), rkv_fn(cfg), rkv_kernel(cfg)) for cfg in rcfgs], rk_bytes)
     return out
 
 
@@ -275,7 +298,7 @@ def main():
         for name, (variants, nbytes) in methods(b, h, d, L, device, args.smoke).items():
             row = {"bytes": nbytes, "configs": []}
             best = None
-            for cfg, fn in variants:
+            for cfg, fn, *kfn in variants:
                 try:
                     eager = bench(fn, device=device, reps=30)
                     rep, err = graphed(fn, device)
@@ -285,12 +308,20 @@ def main():
                              "graph_error": err}
                     t = g[0] if g else eager[0]
                     if best is None or t < best[0]:
-                        best = (t, entry)
+                        best = (t, entry, kfn[0] if kfn else None)
                 except Exception as e:  # noqa: BLE001
                     entry = {"config": cfg, "error": f"{type(e).__name__}: {e}"[:500]}
                 row["configs"].append(entry)
                 if time.time() - t0 > 200 and not args.smoke:
                     break  # stay inside the device call's budget
+            if best and best[2] is not None:
+                try:  # the Triton kernel alone (no query/output rotation, fp tokens or merge)
+                    rep, err = graphed(best[2], device)
+                    kt = bench(rep, device=device, reps=100) if rep else bench(best[2], device=device)
+                    row["kernel_only_median_ms"] = kt[0]
+                    row["kernel_only_GBps"] = nbytes / (kt[0] * 1e-3) / 1e9
+                except Exception as e:  # noqa: BLE001
+                    row["kernel_only_error"] = f"{type(e).__name__}: {e}"[:300]
             if best:
                 row["best"] = best[1]
                 row["median_ms"] = best[0]

@@ -92,6 +92,159 @@ if triton is not None:
         return c * s + z
 
     @triton.jit
+    def _codes16(raw, p: tl.constexpr, BITS: tl.constexpr):
+        """Plane p of int32 bytes as exact fp16 values, without an int->float instruction:
+        (code | 0x6400) read as fp16 is 1024 + code."""
+        if p == 0:
+            x = raw & ((1 << BITS) - 1)
+        else:
+            x = (raw >> (p * BITS)) & ((1 << BITS) - 1)
+        return ((x | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
+
+    @triton.jit
+    def _pv_add(pr, vraw, rows, tmask, vs_ptr, vz_ptr, o0, o1, o2, o3, BITS: tl.constexpr, P: tl.constexpr,
+                G: tl.constexpr, NG: tl.constexpr, INT_ZERO: tl.constexpr):
+        """o_p += P.V_p for per-token values with the scale moved onto the probabilities:
+        sum_n p_n s_n (c_n - z_n) = (p*s).c - sum_n (p*s)_n z_n (int zero), or
+        (p*s).c + sum_n p_n z_n (float zero). One scale load per row and group, codes stay codes."""
+        NPL: tl.constexpr = 8 // BITS
+        PPG: tl.constexpr = max(G // P, 1)
+        for p in tl.static_range(NPL):
+            if G % P != 0:  # groups narrower than a plane: dequantize per element
+                contrib = tl.dot(pr.to(tl.float16),
+                                 _deq_rows(vraw, rows, vs_ptr, vz_ptr, p, BITS, P, G, NG, INT_ZERO, tmask).to(tl.float16))
+            elif p % PPG == 0:
+                off = rows * NG + p // PPG
+                sc = tl.load(vs_ptr + off, mask=tmask, other=0.0).to(tl.float32)
+                z = tl.load(vz_ptr + off, mask=tmask, other=0.0).to(tl.float32)
+                ps = (pr * sc[None, :]).to(tl.float16)
+                if INT_ZERO:
+                    corr = -tl.sum(ps.to(tl.float32) * z[None, :], 1)
+                else:
+                    corr = tl.sum(pr * z[None, :], 1)
+            if G % P == 0:
+                contrib = tl.dot(ps, _codes16(vraw, p, BITS)) + corr[:, None]
+            if p == 0:
+                o0 += contrib
+            elif p == 1:
+                o1 += contrib
+            elif p == 2:
+                o2 += contrib
+            else:
+                o3 += contrib
+        return o0, o1, o2, o3
+
+    @triton.jit
+    def _decode_per_token_fast_kernel(
+        q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr, o_ptr, lse_ptr,
+        sm_scale, cap,
+        NIT: tl.constexpr, HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+        G: tl.constexpr, INT_ZERO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
+    ):
+        # Per-token K/V with G a multiple of the plane width P: codes go to the tensor cores as
+        # they are (fp16 1024 + c minus 1024), scales and zeros are applied to the [M, N] scores
+        # (K) and probabilities (V) once per group, not per element. Fixed trip count, masked
+        # tail (no branch in the loop: the loads pipeline).
+        P: tl.constexpr = D * BITS // 8
+        NPL: tl.constexpr = 8 // BITS
+        NG: tl.constexpr = D // G
+        PPG: tl.constexpr = G // P
+        HQ: tl.constexpr = HKV * GQ
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // HKV
+        h = pid % HKV
+        length = tl.load(len_ptr + b).to(tl.int32)
+        start = split * (NIT * BN)
+        end = tl.minimum(start + NIT * BN, length)
+
+        r = tl.arange(0, BM)
+        rmask = r < GQ
+        j = tl.arange(0, P)
+        qrow = (b * HQ + h * GQ + r).to(tl.int64) * D
+        q0 = tl.load(q_ptr + qrow[:, None] + j[None, :], mask=rmask[:, None], other=0.0).to(tl.float16)
+        q1 = q0
+        q2 = q0
+        q3 = q0
+        if NPL > 1:
+            q1 = tl.load(q_ptr + qrow[:, None] + P + j[None, :], mask=rmask[:, None], other=0.0).to(tl.float16)
+        if NPL > 2:
+            q2 = tl.load(q_ptr + qrow[:, None] + 2 * P + j[None, :], mask=rmask[:, None], other=0.0).to(tl.float16)
+            q3 = tl.load(q_ptr + qrow[:, None] + 3 * P + j[None, :], mask=rmask[:, None], other=0.0).to(tl.float16)
+        qs0 = tl.sum(q0.to(tl.float32), 1)
+        qs1 = tl.sum(q1.to(tl.float32), 1)
+        qs2 = tl.sum(q2.to(tl.float32), 1)
+        qs3 = tl.sum(q3.to(tl.float32), 1)
+
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        o0 = tl.zeros([BM, P], tl.float32)
+        o1 = tl.zeros([BM, P], tl.float32)
+        o2 = tl.zeros([BM, P], tl.float32)
+        o3 = tl.zeros([BM, P], tl.float32)
+        base = (b * HKV + h).to(tl.int64) * cap
+        for it in range(NIT):
+            tok = start + it * BN + tl.arange(0, BN)
+            tmask = tok < end
+            rows = base + tok
+            # K loaded transposed [P, BN] (the dot's B operand as is), V as [BN, P].
+            kraw = tl.load(kc_ptr + rows[None, :] * P + j[:, None], mask=tmask[None, :], other=0).to(tl.int32)
+            vraw = tl.load(vc_ptr + rows[:, None] * P + j[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+            acc = tl.zeros([BM, BN], tl.float32)
+            for p in tl.static_range(NPL):
+                if p == 0:
+                    d = tl.dot(q0, _codes16(kraw, 0, BITS))
+                    qs = qs0
+                elif p == 1:
+                    d = tl.dot(q1, _codes16(kraw, 1, BITS))
+                    qs = qs1
+                elif p == 2:
+                    d = tl.dot(q2, _codes16(kraw, 2, BITS))
+                    qs = qs2
+                else:
+                    d = tl.dot(q3, _codes16(kraw, 3, BITS))
+                    qs = qs3
+                if p % PPG == 0:
+                    dsum = d
+                    qsum = qs
+                else:
+                    dsum += d
+                    qsum += qs
+                if p % PPG == PPG - 1:
+                    off = rows * NG + p // PPG
+                    sc = tl.load(ks_ptr + off, mask=tmask, other=0.0).to(tl.float32)
+                    z = tl.load(kz_ptr + off, mask=tmask, other=0.0).to(tl.float32)
+                    if INT_ZERO:
+                        acc += (dsum - z[None, :] * qsum[:, None]) * sc[None, :]
+                    else:
+                        acc += dsum * sc[None, :] + z[None, :] * qsum[:, None]
+            s = tl.where(tmask[None, :], acc * sm_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            pr = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(pr, 1)
+            o0 = o0 * alpha[:, None]
+            o1 = o1 * alpha[:, None]
+            o2 = o2 * alpha[:, None]
+            o3 = o3 * alpha[:, None]
+            o0, o1, o2, o3 = _pv_add(pr, vraw, rows, tmask, vs_ptr, vz_ptr, o0, o1, o2, o3, BITS, P, G, NG, INT_ZERO)
+            m_i = m_new
+
+        has = l_i > 0
+        inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
+        orow = ((b * HQ + h * GQ + r).to(tl.int64) * NS + split) * D
+        omask = rmask[:, None]
+        tl.store(o_ptr + orow[:, None] + j[None, :], o0 * inv[:, None], mask=omask)
+        if NPL > 1:
+            tl.store(o_ptr + orow[:, None] + P + j[None, :], o1 * inv[:, None], mask=omask)
+        if NPL > 2:
+            tl.store(o_ptr + orow[:, None] + 2 * P + j[None, :], o2 * inv[:, None], mask=omask)
+            tl.store(o_ptr + orow[:, None] + 3 * P + j[None, :], o3 * inv[:, None], mask=omask)
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(lse_ptr + (b * HQ + h * GQ + r) * NS + split, lse, mask=rmask)
+
+    @triton.jit
     def _decode_per_token_kernel(
         q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr, o_ptr, lse_ptr,
         sm_scale, cap,
@@ -184,6 +337,10 @@ if triton is not None:
         HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
         GT: tl.constexpr, BM: tl.constexpr, NS: tl.constexpr,
     ):
+        # Keys channel-major: the bytes of GT groups are one [D, GT*PT] tile (contiguous rows of
+        # PT bytes); plane pl of it holds tokens pl*PT .. pl*PT+PT-1 of every group, processed as
+        # one sub-tile. Key scale/min per (group, channel) are gathered as [D, NT] fp16 tiles
+        # (L1 hits) and applied in fp16; values go through _pv_add (scale on the probabilities).
         P: tl.constexpr = D * BITS // 8  # value bytes per token
         NPL: tl.constexpr = 8 // BITS
         PT: tl.constexpr = G * BITS // 8  # key bytes per (group, channel) = tokens per plane
@@ -203,11 +360,10 @@ if triton is not None:
         d = tl.arange(0, D)
         j = tl.arange(0, P)
         qrow = (b * HQ + h * GQ + r).to(tl.int64) * D
-        dt = q_ptr.dtype.element_ty
-        q = tl.load(q_ptr + qrow[:, None] + d[None, :], mask=rmask[:, None], other=0.0)
-        gi = tl.arange(0, GT)
-        jj = tl.arange(0, PT)
+        q = tl.load(q_ptr + qrow[:, None] + d[None, :], mask=rmask[:, None], other=0.0).to(tl.float16)
         tt = tl.arange(0, NT)
+        tg = tt // PT
+        tj = tt % PT
 
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
@@ -218,36 +374,30 @@ if triton is not None:
         gbase = (b * HKV + h).to(tl.int64) * capg
         tbase = (b * HKV + h).to(tl.int64) * capt
         for it in range(NIT):
-            g0 = gstart + it * GT
-            if g0 < gend:
-                grp = g0 + gi
-                gmask = grp < gend
-                goff = (gbase + grp) * D  # [GT]
-                kraw = tl.load(kc_ptr + ((goff[None, :, None] + d[:, None, None]) * PT + jj[None, None, :]),
-                               mask=gmask[None, :, None], other=0).to(tl.int32)  # [D, GT, PT]
-                sc = tl.load(ks_ptr + goff[None, :] + d[:, None], mask=gmask[None, :], other=0.0).to(tl.float32)
-                zc = tl.load(kz_ptr + goff[None, :] + d[:, None], mask=gmask[None, :], other=0.0).to(tl.float32)
-                tgrp = g0 + tt // PT
-                tmask = tgrp < gend
-                for pl in tl.static_range(NPL):
-                    c = _plane(kraw, pl, BITS)
-                    kt = tl.reshape(c * sc[:, :, None] + zc[:, :, None], (D, NT))
-                    s = tl.dot(q, kt.to(dt))
-                    s = tl.where(tmask[None, :], s * sm_scale, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s, 1))
-                    alpha = tl.exp2(m_i - m_new)
-                    pr = tl.exp2(s - m_new[:, None])
-                    l_i = l_i * alpha + tl.sum(pr, 1)
-                    pd = pr.to(dt)
-                    rows = tbase + tgrp * G + pl * PT + tt % PT
-                    vraw = tl.load(vc_ptr + rows[:, None] * P + j[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-                    o0 = o0 * alpha[:, None] + tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 0, BITS, P, G, NG, False, tmask).to(dt))
-                    if NPL > 1:
-                        o1 = o1 * alpha[:, None] + tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 1, BITS, P, G, NG, False, tmask).to(dt))
-                    if NPL > 2:
-                        o2 = o2 * alpha[:, None] + tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 2, BITS, P, G, NG, False, tmask).to(dt))
-                        o3 = o3 * alpha[:, None] + tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 3, BITS, P, G, NG, False, tmask).to(dt))
-                    m_i = m_new
+            tgrp = gstart + it * GT + tg  # [NT] group of each column
+            tmask = tgrp < gend
+            goff = (gbase + tgrp) * D
+            kraw = tl.load(kc_ptr + (goff[None, :] + d[:, None]) * PT + tj[None, :], mask=tmask[None, :],
+                           other=0).to(tl.int32)  # [D, NT]
+            sc = tl.load(ks_ptr + goff[None, :] + d[:, None], mask=tmask[None, :], other=0.0).to(tl.float16)
+            zc = tl.load(kz_ptr + goff[None, :] + d[:, None], mask=tmask[None, :], other=0.0).to(tl.float16)
+            for pl in tl.static_range(NPL):
+                kt = _codes16(kraw, pl, BITS) * sc + zc
+                s = tl.dot(q, kt)
+                s = tl.where(tmask[None, :], s * sm_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_use)
+                pr = tl.exp2(s - m_use[:, None])
+                l_i = l_i * alpha + tl.sum(pr, 1)
+                o0 = o0 * alpha[:, None]
+                o1 = o1 * alpha[:, None]
+                o2 = o2 * alpha[:, None]
+                o3 = o3 * alpha[:, None]
+                rows = tbase + tgrp * G + pl * PT + tj
+                vraw = tl.load(vc_ptr + rows[:, None] * P + j[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+                o0, o1, o2, o3 = _pv_add(pr, vraw, rows, tmask, vs_ptr, vz_ptr, o0, o1, o2, o3, BITS, P, G, NG, False)
+                m_i = m_new
 
         has = l_i > 0
         inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
@@ -307,9 +457,10 @@ if triton is not None:
         if PRE_ROPE:
             q_lo = tl.load(q_ptr + qrow[:, None] + d2[None, :], mask=rmask[:, None], other=0.0)
             q_hi = tl.load(q_ptr + qrow[:, None] + D2 + d2[None, :], mask=rmask[:, None], other=0.0)
-            # H_D sign matrix halves [D, D/2] (columns 0..D/2-1 and D/2..D-1).
-            h_lo = tl.load(h_ptr + d[:, None] * D + d2[None, :])
-            h_hi = tl.load(h_ptr + d[:, None] * D + D2 + d2[None, :])
+            # Rows 0..D/2-1 and D/2..D-1 of the (symmetric) H_D sign matrix, [D/2, D]:
+            # U^T = H^T X^T, split into the two RoPE halves.
+            h_lo = tl.load(h_ptr + d2[:, None] * D + d[None, :])
+            h_hi = tl.load(h_ptr + (D2 + d2[:, None]) * D + d[None, :])
         else:
             q = tl.load(q_ptr + qrow[:, None] + d[None, :], mask=rmask[:, None], other=0.0)
         hp = tl.arange(0, HG)
@@ -318,7 +469,7 @@ if triton is not None:
         xr = tl.arange(0, RR)
         xh = xr // BN  # head in group of key row
         xt = xr % BN  # token of key row
-        chan = xh[:, None] * D + d[None, :]  # [RR, D] channel in the group's row
+        chan = xh[None, :] * D + d[:, None]  # [D, RR] channel in the group's row (tiles are channel-major)
         byte = chan % PR
         shift = (chan // PR) * BITS
         gid_off = grp * HG * D + chan  # gid[gid_off]: quantization group of each channel (L1-resident)
@@ -333,50 +484,52 @@ if triton is not None:
         sbase = b.to(tl.int64) * cap
         for it in range(NIT):
             n0 = start + it * BN
-            if n0 < end:
-                tok = n0 + tl.arange(0, BN)
-                tmask = tok < end
-                xtok = n0 + xt
-                xmask = xtok < end
-                raw = tl.load(kc_ptr + (kbase + xtok)[:, None] * PR + byte, mask=xmask[:, None], other=0).to(tl.int32)
-                c = ((raw >> shift) & ((1 << BITS) - 1)).to(tl.float32)
-                gid = tl.load(gid_ptr + gid_off)
-                soff = (sbase + xtok)[:, None] * NQ + gid
-                sc = tl.load(ks_ptr + soff, mask=xmask[:, None], other=0.0).to(tl.float32)
-                zc = tl.load(kz_ptr + soff, mask=xmask[:, None], other=0.0).to(tl.float32)
-                x = ((c - zc) * sc).to(dt)  # [RR, D] rotated keys, un-mixed across heads
-                if PRE_ROPE:
-                    u_lo = tl.dot(x, h_lo)  # [RR, D/2]
-                    u_hi = tl.dot(x, h_hi)
-                    p_ = tl.load(pos_ptr + sbase + xtok, mask=xmask, other=0)
-                    cs = tl.load(cos_ptr + p_[:, None].to(tl.int64) * D + d2[None, :], mask=xmask[:, None], other=0.0).to(tl.float32)
-                    sn = tl.load(sin_ptr + p_[:, None].to(tl.int64) * D + d2[None, :], mask=xmask[:, None], other=0.0).to(tl.float32)
-                    r_lo = (u_lo * cs - u_hi * sn).to(dt)
-                    r_hi = (u_hi * cs + u_lo * sn).to(dt)
-                    sfull = tl.dot(q_lo, tl.trans(r_lo)) + tl.dot(q_hi, tl.trans(r_hi))  # [BM, RR]
-                else:
-                    sfull = tl.dot(q, tl.trans(x))
+            tok = n0 + tl.arange(0, BN)
+            tmask = tok < end
+            xtok = n0 + xt
+            xmask = xtok < end
+            raw = tl.load(kc_ptr + (kbase + xtok)[None, :] * PR + byte, mask=xmask[None, :], other=0).to(tl.int32)
+            c = ((((raw >> shift) & ((1 << BITS) - 1)) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                 - 1024.0).to(tl.float16)
+            gid = tl.load(gid_ptr + gid_off)
+            soff = (sbase + xtok)[None, :] * NQ + gid
+            sc = tl.load(ks_ptr + soff, mask=xmask[None, :], other=0.0).to(tl.float16)
+            zc = tl.load(kz_ptr + soff, mask=xmask[None, :], other=0.0).to(tl.float16)
+            x = ((c - zc) * sc).to(dt)  # [D, RR] rotated keys (transposed), un-mixed across heads
+            if PRE_ROPE:
+                u_lo = tl.dot(h_lo, x)  # [D/2, RR]
+                u_hi = tl.dot(h_hi, x)
+                p_ = tl.load(pos_ptr + sbase + xtok, mask=xmask, other=0)
+                cs = tl.load(cos_ptr + p_[None, :].to(tl.int64) * D + d2[:, None], mask=xmask[None, :], other=0.0).to(tl.float32)
+                sn = tl.load(sin_ptr + p_[None, :].to(tl.int64) * D + d2[:, None], mask=xmask[None, :], other=0.0).to(tl.float32)
+                r_lo = (u_lo * cs - u_hi * sn).to(dt)
+                r_hi = (u_hi * cs + u_lo * sn).to(dt)
+                sfull = tl.dot(q_lo, r_lo) + tl.dot(q_hi, r_hi)  # [BM, RR]
+            else:
+                sfull = tl.dot(q, x)
+            if HG == 1:
+                s = sfull
+            else:
                 s = tl.sum(tl.reshape(sfull, (BM, HG, BN)) * sign[:, :, None], 1)  # mix heads: [BM, BN]
-                s = tl.where(tmask[None, :], s * sm_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                pr = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(pr, 1)
-                o0 = o0 * alpha[:, None]
-                o1 = o1 * alpha[:, None]
-                o2 = o2 * alpha[:, None]
-                o3 = o3 * alpha[:, None]
-                for hh in tl.static_range(HG):
-                    pd = tl.where((rhead == hh)[:, None], pr, 0.0).to(dt)
-                    rows = (b * HKV + grp * HG + hh).to(tl.int64) * cap + tok
-                    vraw = tl.load(vc_ptr + rows[:, None] * P + j[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-                    o0 += tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 0, BITS, P, G, NGV, True, tmask).to(dt))
-                    if NPL > 1:
-                        o1 += tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 1, BITS, P, G, NGV, True, tmask).to(dt))
-                    if NPL > 2:
-                        o2 += tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 2, BITS, P, G, NGV, True, tmask).to(dt))
-                        o3 += tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 3, BITS, P, G, NGV, True, tmask).to(dt))
-                m_i = m_new
+            s = tl.where(tmask[None, :], s * sm_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            pr = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(pr, 1)
+            o0 = o0 * alpha[:, None]
+            o1 = o1 * alpha[:, None]
+            o2 = o2 * alpha[:, None]
+            o3 = o3 * alpha[:, None]
+            for hh in tl.static_range(HG):
+                if HG == 1:
+                    pd = pr
+                else:
+                    pd = tl.where((rhead == hh)[:, None], pr, 0.0)
+                rows = (b * HKV + grp * HG + hh).to(tl.int64) * cap + tok
+                vraw = tl.load(vc_ptr + rows[:, None] * P + j[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+                o0, o1, o2, o3 = _pv_add(pd, vraw, rows, tmask, vs_ptr, vz_ptr, o0, o1, o2, o3, BITS, P, G, NGV, True)
+            m_i = m_new
 
         has = l_i > 0
         inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
@@ -413,7 +566,7 @@ def _out(q: torch.Tensor, ns: int):
 
 def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, *,
                      bits, group_size, integer_zero=True, max_len=None, num_splits=None, block_n=64,
-                     num_warps=4, num_stages=2):
+                     num_warps=4, num_stages=2, fast=True):
     """Partial attention (o [B, Hq, S, D] fp32, lse [B, Hq, S]) of q [B, Hq, D] over per-token
     packed K/V (`decode_per_token` layout in the module docstring); slots [0, lengths[b])."""
     _require_triton()
@@ -425,7 +578,9 @@ def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
     nit = _pow2(-(-max(max_len, 1) // (ns * block_n)))  # tiles per split (pow2: few recompiles)
     ns = -(-max(max_len, 1) // (nit * block_n))
     o, lse = _out(q, ns)
-    _decode_per_token_kernel[(b * hkv, ns)](
+    p_width = d * bits // 8
+    kernel = _decode_per_token_fast_kernel if (fast and group_size % p_width == 0) else _decode_per_token_kernel
+    kernel[(b * hkv, ns)](
         q.contiguous(), k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, o, lse,
         scaling * LOG2E, cap,
         NIT=nit, HKV=hkv, GQ=gq, D=d, BITS=bits, G=group_size, INT_ZERO=integer_zero,

@@ -34,12 +34,12 @@ def fp_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.T
 
 def merge_partials(parts) -> torch.Tensor:
     """Exact log-sum-exp merge of partials [(o [B, Hq, S_i, D], lse [B, Hq, S_i]), ...] -> [B, Hq, D]."""
-    o = torch.cat([p[0] for p in parts], 2)
-    lse = torch.cat([p[1] for p in parts], 2)
-    m = lse.amax(-1, keepdim=True)
-    m = torch.where(torch.isinf(m), 0.0, m)
-    w = torch.exp(lse - m)  # exp(-inf) = 0 for empty splits
-    return (o * w[..., None]).sum(2) / w.sum(-1, keepdim=True).clamp_min(1e-30)
+    o = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], 2)
+    lse = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], 2)
+    # w_s = exp(lse_s - logsumexp(lse)); exp(-inf) = 0 for empty splits; a row with no keys at
+    # all gets NaN weights, zeroed. Few kernels: this runs at every decode step.
+    w = torch.softmax(lse, -1).nan_to_num_(0.0)
+    return torch.einsum("bhsd,bhs->bhd", o, w)
 
 
 def _dense(q, k, v, valid, scaling):

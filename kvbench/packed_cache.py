@@ -195,9 +195,15 @@ class RopeTable:
     def __init__(self):
         self.cos = self.sin = None
 
-    def update(self, new: NewTokens) -> None:
+    def update(self, new: NewTokens, bound: int | None = None) -> None:
+        """Store the new tokens' rows. `bound` (> every position) avoids the host sync of
+        reading max(position); it is used while a CUDA graph is being captured."""
         pos = new.positions
-        top = int(pos.max()) + 1 if pos.numel() else 0  # one host sync per append
+        capturing = pos.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing and bound is not None:
+            top = bound
+        else:
+            top = int(pos.max()) + 1 if pos.numel() else 0  # one host sync per append
         if self.cos is None:
             d = new.cos.shape[-1]
             cap = _capacity_for(top, 0)
@@ -262,6 +268,33 @@ class PackedPerTokenCache(LayerCache):
     def quantize_new(self, new: NewTokens) -> tuple[Quantized, Quantized]:
         raise NotImplementedError
 
+    #: (key rows, rotate) for the fused Triton write, or None when this cache has none.
+    def fused_write_inputs(self, new: NewTokens):
+        return None
+
+    def _write_fused(self, new: NewTokens, dest: torch.Tensor) -> bool:
+        """On CUDA with triton: (rotate,) quantize and pack K and V straight into their slots
+        with kvbench.kernels.quant_write (one launch each)."""
+        inputs = self.fused_write_inputs(new)
+        if inputs is None or not _kernels_enabled(new.k) or self.spec.bits not in (2, 4, 8):
+            return False
+        from kvbench.kernels.quant_write import quantize_pack_rows
+
+        keys, rotate = inputs
+        b, h, t, d = keys.shape
+        if d & (d - 1):
+            return False
+        spec = self.spec
+        for x, store in ((keys, self.kstore), (new.v, self.vstore)):
+            cap = store.codes.shape[2]
+            rows = ((torch.arange(b, device=dest.device)[:, None, None] * store.streams
+                     + torch.arange(h, device=dest.device)[None, :, None]) * cap + dest[:, None, :]).reshape(-1)
+            out = (store.codes.view(-1, store.row_bytes), store.scale.view(-1, store.ng), store.zero.view(-1, store.ng))
+            quantize_pack_rows(x.reshape(-1, d), bits=spec.bits, group_size=spec.group_size,
+                               clip_ratio=spec.clip_ratio, integer_zero=spec.integer_zero, rotate=rotate,
+                               dest=rows, out=out)
+        return True
+
     def dequantize_stored(self, kq: Quantized, vq: Quantized, positions: torch.Tensor):
         raise NotImplementedError
 
@@ -272,16 +305,17 @@ class PackedPerTokenCache(LayerCache):
         b, _, t, _ = new.k.shape
         self.dtype = new.k.dtype
         if self.rope is not None:
-            self.rope.update(new)
+            self.rope.update(new, bound=max(self.used + t, self.capacity))
         valid = new.valid
         exact = self.exact_tokens(new)
         to_quant = valid if exact is None else valid & ~exact
         self.used += t
         self._ensure(b, new.k.device)
         dest = slot_destinations(to_quant, self.lengths)
-        kq, vq = self.quantize_new(new)
-        self.kstore.write(kq, dest)
-        self.vstore.write(vq, dest)
+        if not self._write_fused(new, dest):
+            kq, vq = self.quantize_new(new)
+            self.kstore.write(kq, dest)
+            self.vstore.write(vq, dest)
         b_idx = torch.arange(b, device=dest.device)[:, None]
         self.positions[b_idx, dest] = torch.where(to_quant, new.positions, -1).to(torch.int32)
         self.lengths += to_quant.sum(1)
@@ -382,6 +416,9 @@ class RTNPackedCache(PackedPerTokenCache):
     def quantize_new(self, new):
         return quantize(new.k_pre if self.pre_rope else new.k, self.spec), quantize(new.v, self.spec)
 
+    def fused_write_inputs(self, new):
+        return (new.k_pre if self.pre_rope else new.k), False
+
     def dequantize_stored(self, kq, vq, positions):
         k = dequantize(kq, self.spec, dtype=self.dtype)
         if self.pre_rope:
@@ -404,6 +441,9 @@ class QuaRotPackedCache(PackedPerTokenCache):
 
     def quantize_new(self, new):
         return quantize(hadamard_transform(new.k), self.spec), quantize(hadamard_transform(new.v), self.spec)
+
+    def fused_write_inputs(self, new):
+        return new.k, True
 
     def dequantize_stored(self, kq, vq, positions):
         k = inverse_hadamard_transform(dequantize(kq, self.spec, dtype=self.dtype))

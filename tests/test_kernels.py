@@ -28,7 +28,8 @@ import json, sys
 from kvbench.kernels import checks
 what = sys.argv[1]
 fn = {"per_token": checks.check_per_token, "kivi": checks.check_kivi, "rotatekv": checks.check_rotatekv,
-      "packed": checks.check_packed_caches, "write": checks.check_write}[what]
+      "packed": checks.check_packed_caches, "write": checks.check_write,
+      "append": checks.check_fused_append}[what]
 print("RESULTS" + json.dumps(fn("cpu")))
 """
 
@@ -43,7 +44,7 @@ def _interpret(what: str) -> list[dict]:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("what", ["per_token", "kivi", "rotatekv", "packed", "write"])
+@pytest.mark.parametrize("what", ["per_token", "kivi", "rotatekv", "packed", "write", "append"])
 def test_kernels_interpreted(what):
     results = _interpret(what)
     assert results
@@ -84,6 +85,6 @@ def test_merge_partials_is_exact():
 def test_kernels_on_gpu():
     from kvbench.kernels import checks
 
-    results = checks.run_all("cuda", small=False) + checks.check_write("cuda")
+    results = checks.run_all("cuda", small=False) + checks.check_write("cuda") + checks.check_fused_append("cuda")
     bad = [r for r in results if not r["ok"]]
     assert not bad, json.dumps(bad, indent=1)

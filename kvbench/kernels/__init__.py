@@ -1,0 +1,45 @@
+"""GPU kernels (Triton), each beside a plain-torch reference with the same contract.
+
+Every module imports without triton or CUDA (triton is imported in a try); calling a kernel
+without triton raises RuntimeError. Kernels run on CUDA tensors, or on CPU tensors under
+TRITON_INTERPRET=1 (tests/test_kernels.py).
+
+* `hadamard_triton`: Kronecker-structured Hadamard rotations of rows (used by kvbench.hadamard).
+* `quant_write.quantize_pack_rows`: write path. (Hadamard-rotate,) quantize group-wise and pack
+  rows in one pass, straight into a packed cache's slots (`dest`, `out`); bit-identical to
+  kvbench.quant + kvbench.packing without rotation. Reference: `reference_quantize_pack_rows`.
+* `decode_attention`: fused decode attention over packed caches, split over the context with a
+  log-sum-exp merge, GQA in the M dimension of tl.dot:
+  - `decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling,
+    bits=, group_size=, integer_zero=, max_len=)`: rtn (keys after RoPE) and quarot (pass H.q,
+    apply `rotate_partials` to the outputs);
+  - `decode_kivi(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling, ...)`;
+  - `decode_rotatekv(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths,
+    positions, cos, sin, scaling, bits=, group_size=, head_group=, pre_rope=)`;
+  each returns partials (o [B, Hq, S, D] fp32, lse [B, Hq, S]); `reference.merge_partials`
+  merges them with the full-precision tokens' `reference.fp_partial`.
+  - `packed_decode(cache, q, scaling)`: the whole decode attention of a
+    `kvbench.packed_cache` cache (what `cache.attend` calls on CUDA for one query per row).
+* `reference`: the plain-torch references (`ref_decode_*`, `fp_partial`, `merge_partials`,
+  `sdpa_decode`).
+* `checks`: correctness checks shared by the tests (interpreter, small shapes) and
+  benchmarks/kernels_gpu.py (GPU shapes), with the stated error bounds.
+
+Using a packed cache on the GPU (what a decode-latency task does):
+
+    method = RotateKV(mode="packed")            # or RTN / QuaRot / KIVI(mode="packed")
+    session = KVSession(method, geometry)       # one packed cache per layer
+    for c in session.caches: c.reserve(prompt_len + new_tokens)   # preallocate: no growth
+    ... prefill, then decode steps; cache.attend uses packed_decode when q is on CUDA
+    cache.nbytes()   # bytes it holds (allocated capacity); cache.used_nbytes(): filled slots
+
+CUDA graphs: for rtn, quarot and rotatekv a decode step (append + attend) does no host sync
+once capacity is reserved (lengths live on the device, the split size comes from the host-side
+bound `cache.used`, matrices are cached on the device after the first call, the RoPE table grows
+from a host bound while capturing). Warm up once before capturing. A graph keeps its grid, so
+while capturing the kernels cover the whole reserved capacity (masked tiles past each row's
+length cost ALU, not memory): capture per context bucket for the fastest replays. KIVI's append decides group
+evictions on the host (`tolist`), so its decode step is not capturable; its kernel is. The
+kernels specialize on the tiles per split (a power of two), so a growing context recompiles
+O(log context) times.
+"""

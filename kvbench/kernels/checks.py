@@ -115,19 +115,25 @@ def check_rotatekv(device, small=True, results=None):
     b, hkv, gq, d = (2, 4, 2, 64) if small else (4, 8, 2, 128)
     cap = 45 if small else 700
     lengths = torch.tensor([45, 23] if small else [700, 699, 311, 2]).to(device)
-    for head_group, pre_rope, bits, group in ((2, True, 2, 32), (2, False, 2, 64), (1, True, 4, 16), (4, True, 2, 64)):
+    for head_group, pre_rope, bits, group, perm in ((2, True, 2, 32, True), (2, False, 2, 64, True),
+                                                    (1, True, 4, 16, True), (4, True, 2, 64, True),
+                                                    (2, True, 2, d, False), (4, False, 4, d, False)):
         if hkv % head_group:
             continue
         args = rotatekv_inputs(gen, b, hkv, gq, d, cap, bits, group, head_group, device)
         kc, ks, kz, gid, vc, vs, vz, pos, cos, sin = args
+        if not perm:  # identity permutation: the kernel's no-gather path
+            gid = None
         q = _query(gen, b, hkv * gq, d, device)
         vg = min(group, d)
+        ref_gid = gid if gid is not None else (torch.arange(hkv * d, device=device) // group).to(torch.int32)
         o, lse = da.decode_rotatekv(q, kc, ks, kz, gid, vc, vs, vz, lengths, pos, cos, sin, d**-0.5, bits=bits,
                                     group_size=vg, head_group=head_group, pre_rope=pre_rope,
                                     num_splits=2 if small else None, block_n=16 if small else None)
-        ro, rl = ref.ref_decode_rotatekv(q.float(), kc, ks, kz, gid, vc, vs, vz, lengths, pos, cos, sin, d**-0.5,
+        ro, rl = ref.ref_decode_rotatekv(q.float(), kc, ks, kz, ref_gid, vc, vs, vz, lengths, pos, cos, sin, d**-0.5,
                                          bits=bits, group_size=vg, head_group=head_group, pre_rope=pre_rope)
-        _compare(f"rotatekv hg={head_group} pre_rope={pre_rope} bits={bits} G={group}", o, lse, ro, rl, results)
+        _compare(f"rotatekv hg={head_group} pre_rope={pre_rope} bits={bits} G={group} permuted={perm}", o, lse, ro, rl,
+                 results)
     return results
 
 
@@ -152,7 +158,8 @@ def check_packed_caches(device, results=None):
     rkv.load_calibration_state({"perm.0": torch.randperm(hkv * d, generator=gen)})
     cases = [("rtn-2", RTN(mode="packed", bits=2, group_size=32)), ("quarot-4", QuaRot(mode="packed", bits=4)),
              ("kivi-2", KIVI(mode="packed", bits=2, group_size=16, residual=8)), ("rotatekv-2", rkv),
-             ("rotatekv-2-post", RotateKV(mode="packed", head_group=1, pre_rope=False, reorder=False, sinks=0))]
+             ("rotatekv-2-post", RotateKV(mode="packed", head_group=1, pre_rope=False, reorder=False, sinks=0)),
+             ("rotatekv-4-noperm", RotateKV(mode="packed", bits=4, head_group=4, reorder=False, sinks=2))]
     lengths = [40, 29, 7]
     for name, method in cases:
         cache = method.new_cache(0, geom)
@@ -233,4 +240,63 @@ def check_write(device, results=None):
             srel = float(((scale.float() - rs.float()).abs() / rs.float()).max())
             results.append({"kernel": name, "ok": frac <= 5e-3 and step <= 1 and srel <= 2e-3,
                             "codes_differing": frac, "max_step": step, "scale_rel_err": srel})
+    return results
+
+
+def check_fused_append(device, results=None):
+    """A packed cache's fused Triton write (CUDA; forced on under the interpreter) stores the
+    same codes, scales and zeros as its torch write: exactly for rtn, and for quarot (rotation
+    in the kernel) up to rare one-step code differences."""
+    import os
+
+    from kvbench import packed_cache as pc
+    from kvbench.method import NewTokens
+    from kvbench.packing import unpack
+    from kvbench.quant import QuantSpec
+    from kvbench.rope import apply_rope, rope_tables
+
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(5)
+    b, hkv, d = 3, 2, 64
+    lengths = [11, 6, 3]
+    t = max(lengths)
+    pos = torch.tensor([[-1] * (t - n) + list(range(n)) for n in lengths])
+    k_pre = torch.randn(b, hkv, t, d, generator=gen)
+    k_pre[..., 2] *= 20
+    v = torch.randn(b, hkv, t, d, generator=gen)
+    cos, sin = rope_tables(pos, d, 1e4)
+    new = NewTokens(k_pre=k_pre.to(device), k=apply_rope(k_pre, cos, sin).to(device), v=v.to(device),
+                    cos=cos.to(device), sin=sin.to(device), positions=pos.to(device), layer_input=None,
+                    is_prefill=True)
+    for name, make, exact in (("rtn-2", lambda: pc.RTNPackedCache(QuantSpec(2, 32), False, hkv, d), True),
+                              ("rtn-4 pre-RoPE", lambda: pc.RTNPackedCache(QuantSpec(4, 64, 0.9), True, hkv, d), True),
+                              ("quarot-2", lambda: pc.QuaRotPackedCache(QuantSpec(2, 64), hkv, d), False)):
+        plain, fused = make(), make()
+        os.environ["KVBENCH_PACKED_KERNELS"] = "0"
+        try:
+            plain.append(new)
+        finally:
+            del os.environ["KVBENCH_PACKED_KERNELS"]
+        saved = pc._kernels_enabled
+        if device == "cpu":  # the interpreter runs the kernel on CPU tensors
+            pc._kernels_enabled = lambda x: True
+        try:
+            fused.append(new)
+        finally:
+            pc._kernels_enabled = saved
+        ok = True
+        info = {}
+        for sa, sb in ((plain.kstore, fused.kstore), (plain.vstore, fused.vstore)):
+            # Compare the stored slots only (scratch slots of padding are not written by both).
+            for row, n in enumerate(lengths):
+                a = unpack(sa.codes[row, :, :n].cpu(), 2 if "-2" in name else 4, d).int()
+                c = unpack(sb.codes[row, :, :n].cpu(), 2 if "-2" in name else 4, d).int()
+                if exact:
+                    ok &= torch.equal(a, c) and torch.equal(sa.scale[row, :, :n].cpu(), sb.scale[row, :, :n].cpu()) \
+                        and torch.equal(sa.zero[row, :, :n].cpu(), sb.zero[row, :, :n].cpu())
+                else:
+                    frac = float((a != c).float().mean())
+                    info["codes_differing"] = max(info.get("codes_differing", 0.0), frac)
+                    ok &= frac <= 5e-3 and int((a - c).abs().max()) <= 1
+        results.append({"kernel": f"fused append {name}", "ok": bool(ok), **info})
     return results

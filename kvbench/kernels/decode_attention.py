@@ -36,6 +36,7 @@ clear RuntimeError when called without triton. Tests run them under TRITON_INTER
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -428,7 +429,7 @@ if triton is not None:
         sm_scale, cap,
         NIT: tl.constexpr, NGRP: tl.constexpr, HG: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         NQ: tl.constexpr, G: tl.constexpr, PRE_ROPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-        NS: tl.constexpr,
+        NS: tl.constexpr, GATHER: tl.constexpr,
     ):
         P: tl.constexpr = D * BITS // 8  # value bytes per token and head
         NPL: tl.constexpr = 8 // BITS
@@ -491,10 +492,15 @@ if triton is not None:
             raw = tl.load(kc_ptr + (kbase + xtok)[None, :] * PR + byte, mask=xmask[None, :], other=0).to(tl.int32)
             c = ((((raw >> shift) & ((1 << BITS) - 1)) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
                  - 1024.0).to(tl.float16)
-            gid = tl.load(gid_ptr + gid_off)
-            soff = (sbase + xtok)[None, :] * NQ + gid
-            sc = tl.load(ks_ptr + soff, mask=xmask[None, :], other=0.0).to(tl.float16)
-            zc = tl.load(kz_ptr + soff, mask=xmask[None, :], other=0.0).to(tl.float16)
+            if GATHER:  # calibrated permutation: each channel's group, gathered (L1 hits)
+                gid = tl.load(gid_ptr + gid_off)
+                soff = (sbase + xtok)[None, :] * NQ + gid
+                sc = tl.load(ks_ptr + soff, mask=xmask[None, :], other=0.0).to(tl.float16)
+                zc = tl.load(kz_ptr + soff, mask=xmask[None, :], other=0.0).to(tl.float16)
+            else:  # no permutation and G == D: one group per (token, head), a [RR] load
+                soff = (sbase + xtok) * NQ + grp * HG + xh
+                sc = tl.load(ks_ptr + soff, mask=xmask, other=0.0).to(tl.float16)[None, :]
+                zc = tl.load(kz_ptr + soff, mask=xmask, other=0.0).to(tl.float16)[None, :]
             x = ((c - zc) * sc).to(dt)  # [D, RR] rotated keys (transposed), un-mixed across heads
             if PRE_ROPE:
                 u_lo = tl.dot(h_lo, x)  # [D/2, RR]
@@ -549,11 +555,17 @@ if triton is not None:
 # Launchers
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: str) -> int:
+    d = torch.device(device)
+    if d.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(d).multi_processor_count
+    return 132
+
+
 def default_splits(programs: int, max_len: int, block: int, device=None) -> int:
     """Splits so that about 2 programs per SM run (flash-decoding), at least one tile each."""
-    sms = 132
-    if device is not None and torch.cuda.is_available() and torch.device(device).type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(str(device) if device is not None else "cpu")
     want = max(1, -(-2 * sms // max(programs, 1)))
     return max(1, min(want, -(-max_len // block), 64))
 
@@ -634,7 +646,12 @@ def decode_rotatekv(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, 
     ns = num_splits or default_splits(b * ngrp, max_len, bn, q.device)
     nit = _pow2(-(-max(max_len, 1) // (ns * bn)))
     ns = -(-max(max_len, 1) // (nit * bn))
-    hsign = (hadamard_matrix(d, torch.float32, q.device) * math.sqrt(d)).to(q.dtype).contiguous()
+    gather = gid is not None
+    if not gather:
+        if group_size != d or nq != hkv:
+            raise ValueError("decode_rotatekv without gid (no channel permutation) needs group_size == head_dim")
+        gid = k_scale  # unused
+    hsign = _sign_matrix_on(d, q.dtype, q.device)
     norm = 1.0 / math.sqrt(hg * d)
     if not pre_rope:
         q = (q.float() @ hsign.float()).to(q.dtype)  # H_D symmetric: (H_D q) for each head
@@ -644,9 +661,22 @@ def decode_rotatekv(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, 
         cos, sin, hsign, o, lse,
         scaling * LOG2E * norm, cap,
         NIT=nit, NGRP=ngrp, HG=hg, GQ=gq, D=d, BITS=bits, NQ=nq, G=group_size, PRE_ROPE=pre_rope,
-        BM=max(16, _pow2(hg * gq)), BN=bn, NS=ns, num_warps=num_warps, num_stages=num_stages,
+        BM=max(16, _pow2(hg * gq)), BN=bn, NS=ns, GATHER=gather, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return o, lse
+
+
+_SIGNS: dict = {}
+
+
+def _sign_matrix_on(d, dtype, device):
+    """The +-1 H_D in `dtype` on `device`, cached (no host-to-device copy at decode time)."""
+    key = (d, dtype, str(device))
+    if key not in _SIGNS:
+        from kvbench.hadamard import hadamard_matrix
+
+        _SIGNS[key] = (hadamard_matrix(d, torch.float32, device) * math.sqrt(d)).to(dtype).contiguous()
+    return _SIGNS[key]
 
 
 def rotate_partials(o: torch.Tensor) -> torch.Tensor:
@@ -669,6 +699,8 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
     q3 = q[:, :, 0]
     qk = q3.half() if q3.dtype == torch.float32 else q3
     parts = []
+    # A captured CUDA graph keeps its grid: cover the whole reserved capacity then (masked).
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     if isinstance(cache, pc.KIVIPackedCache):
         spec = cache.spec
         o, lse = decode_kivi(qk, cache.k_codes, cache.k_scale, cache.k_zero, cache.vstore.codes,
@@ -684,13 +716,16 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
         ks, vs = cache.kstore, cache.vstore
         if isinstance(cache, pc.RotateKVPackedCache):
             gid = cache._gid_on(q.device)
+            if not cache.m.reorder and spec.group_size == cache.g.head_dim:
+                gid = None  # groups are (token, head): no gathered scale loads
             rope = cache.rope
             cos = rope.cos if rope is not None else ks.scale  # unused without pre-RoPE
             sin = rope.sin if rope is not None else ks.scale
             o, lse = decode_rotatekv(qk, ks.codes, ks.scale, ks.zero, gid, vs.codes, vs.scale, vs.zero,
                                      cache.lengths, cache.positions, cos, sin, scaling, bits=spec.bits,
                                      group_size=spec.group_size, head_group=cache.head_group,
-                                     pre_rope=cache.m.pre_rope, max_len=cache.used)
+                                     pre_rope=cache.m.pre_rope,
+                                     max_len=ks.codes.shape[2] if capturing else cache.used)
             parts.append((rotate_partials(o), lse))
         else:
             rotated = isinstance(cache, pc.QuaRotPackedCache)
@@ -701,7 +736,8 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
                 qq = (qk.float() @ hadamard_matrix(qk.shape[-1], torch.float32, q.device)).to(qk.dtype)
             o, lse = decode_per_token(qq, ks.codes, ks.scale, ks.zero, vs.codes, vs.scale, vs.zero, cache.lengths,
                                       scaling, bits=spec.bits, group_size=spec.group_size,
-                                      integer_zero=spec.integer_zero, max_len=cache.used)
+                                      integer_zero=spec.integer_zero,
+                                      max_len=ks.codes.shape[2] if capturing else cache.used)
             parts.append((rotate_partials(o) if rotated else o, lse))
         fp = cache.fp.view()
         if fp is not None:

@@ -155,7 +155,9 @@ def methods(b, h, d, L, device, smoke):
     pt_bytes = 2 * b * h * L * (d * bits // 8 + 4 * d // G)
     cfgs = [dict(block_n=64, num_warps=4, num_splits=None), dict(block_n=128, num_warps=4, num_splits=None),
             dict(block_n=128, num_warps=8, num_splits=None), dict(block_n=64, num_warps=4, num_splits=None, num_stages=3),
-            dict(block_n=64, num_warps=4, num_splits=8), dict(block_n=32, num_warps=4, num_splits=None)]
+            dict(block_n=64, num_warps=4, num_splits=8), dict(block_n=32, num_warps=4, num_splits=None),
+            dict(block_n=64, num_warps=4, num_splits=None, fold_offset=True),
+            dict(block_n=128, num_warps=8, num_splits=None, fold_offset=True)]
     if smoke:
         cfgs = [dict(block_n=16, num_warps=4, num_splits=2)]
 

@@ -57,16 +57,17 @@ def check_per_token(device, small=True, results=None):
     b, hkv, gq, d = (2, 2, 2, 64) if small else (4, 8, 4, 128)
     cap = 83 if small else 1000
     lengths = torch.tensor([83, 37] if small else [1000, 999, 517, 1]).to(device)
-    for bits, group, int_zero in ((2, 32, True), (4, 16, False), (8, 64, True), (2, 8, True)):
+    for bits, group, int_zero, fold in ((2, 32, True, False), (4, 16, False, False), (8, 64, True, False),
+                                        (2, 8, True, False), (2, 64, True, True), (4, 64, False, True)):
         k = _store(gen, b, hkv, cap, d, bits, group, device, not int_zero)
         v = _store(gen, b, hkv, cap, d, bits, group, device, not int_zero)
         q = _query(gen, b, hkv * gq, d, device)
         o, lse = da.decode_per_token(q, *k, *v, lengths, d**-0.5, bits=bits, group_size=group,
                                      integer_zero=int_zero, num_splits=3 if small else None,
-                                     block_n=16 if small else 64)
+                                     block_n=16 if small else 64, fold_offset=fold)
         ro, rl = ref.ref_decode_per_token(q.float(), *k, *v, lengths, d**-0.5, bits=bits, group_size=group,
                                           integer_zero=int_zero)
-        _compare(f"per_token bits={bits} G={group} int_zero={int_zero}", o, lse, ro, rl, results)
+        _compare(f"per_token bits={bits} G={group} int_zero={int_zero} fold={fold}", o, lse, ro, rl, results)
     return results
 
 

@@ -103,8 +103,17 @@ if triton is not None:
         return ((x | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
 
     @triton.jit
+    def _codes16_off(raw, p: tl.constexpr, BITS: tl.constexpr):
+        """Plane p as fp16 1024 + code (one logic op per element; the caller folds the 1024)."""
+        if p == 0:
+            x = raw & ((1 << BITS) - 1)
+        else:
+            x = (raw >> (p * BITS)) & ((1 << BITS) - 1)
+        return (x | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+
+    @triton.jit
     def _pv_add(pr, vraw, rows, tmask, vs_ptr, vz_ptr, o0, o1, o2, o3, BITS: tl.constexpr, P: tl.constexpr,
-                G: tl.constexpr, NG: tl.constexpr, INT_ZERO: tl.constexpr):
+                G: tl.constexpr, NG: tl.constexpr, INT_ZERO: tl.constexpr, FOLD: tl.constexpr = False):
         """o_p += P.V_p for per-token values with the scale moved onto the probabilities:
         sum_n p_n s_n (c_n - z_n) = (p*s).c - sum_n (p*s)_n z_n (int zero), or
         (p*s).c + sum_n p_n z_n (float zero). One scale load per row and group, codes stay codes."""
@@ -120,11 +129,19 @@ if triton is not None:
                 z = tl.load(vz_ptr + off, mask=tmask, other=0.0).to(tl.float32)
                 ps = (pr * sc[None, :]).to(tl.float16)
                 if INT_ZERO:
-                    corr = -tl.sum(ps.to(tl.float32) * z[None, :], 1)
+                    if FOLD:  # codes come as 1024 + c
+                        corr = -tl.sum(ps.to(tl.float32) * (z[None, :] + 1024.0), 1)
+                    else:
+                        corr = -tl.sum(ps.to(tl.float32) * z[None, :], 1)
                 else:
                     corr = tl.sum(pr * z[None, :], 1)
+                    if FOLD:
+                        corr -= 1024.0 * tl.sum(ps.to(tl.float32), 1)
             if G % P == 0:
-                contrib = tl.dot(ps, _codes16(vraw, p, BITS)) + corr[:, None]
+                if FOLD:
+                    contrib = tl.dot(ps, _codes16_off(vraw, p, BITS)) + corr[:, None]
+                else:
+                    contrib = tl.dot(ps, _codes16(vraw, p, BITS)) + corr[:, None]
             if p == 0:
                 o0 += contrib
             elif p == 1:
@@ -141,7 +158,10 @@ if triton is not None:
         sm_scale, cap,
         NIT: tl.constexpr, HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         G: tl.constexpr, INT_ZERO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
+        FOLD: tl.constexpr,
     ):
+        # FOLD: codes enter the dots as fp16 1024 + c and the 1024 is folded into the zero-point
+        # corrections (one fp16 op per element less; fp32 accumulation keeps the error ~1e-4).
         # Per-token K/V with G a multiple of the plane width P: codes go to the tensor cores as
         # they are (fp16 1024 + c minus 1024), scales and zeros are applied to the [M, N] scores
         # (K) and probabilities (V) once per group, not per element. Fixed trip count, masked
@@ -194,16 +214,28 @@ if triton is not None:
             acc = tl.zeros([BM, BN], tl.float32)
             for p in tl.static_range(NPL):
                 if p == 0:
-                    d = tl.dot(q0, _codes16(kraw, 0, BITS))
+                    if FOLD:
+                        d = tl.dot(q0, _codes16_off(kraw, 0, BITS))
+                    else:
+                        d = tl.dot(q0, _codes16(kraw, 0, BITS))
                     qs = qs0
                 elif p == 1:
-                    d = tl.dot(q1, _codes16(kraw, 1, BITS))
+                    if FOLD:
+                        d = tl.dot(q1, _codes16_off(kraw, 1, BITS))
+                    else:
+                        d = tl.dot(q1, _codes16(kraw, 1, BITS))
                     qs = qs1
                 elif p == 2:
-                    d = tl.dot(q2, _codes16(kraw, 2, BITS))
+                    if FOLD:
+                        d = tl.dot(q2, _codes16_off(kraw, 2, BITS))
+                    else:
+                        d = tl.dot(q2, _codes16(kraw, 2, BITS))
                     qs = qs2
                 else:
-                    d = tl.dot(q3, _codes16(kraw, 3, BITS))
+                    if FOLD:
+                        d = tl.dot(q3, _codes16_off(kraw, 3, BITS))
+                    else:
+                        d = tl.dot(q3, _codes16(kraw, 3, BITS))
                     qs = qs3
                 if p % PPG == 0:
                     dsum = d
@@ -215,7 +247,12 @@ if triton is not None:
                     off = rows * NG + p // PPG
                     sc = tl.load(ks_ptr + off, mask=tmask, other=0.0).to(tl.float32)
                     z = tl.load(kz_ptr + off, mask=tmask, other=0.0).to(tl.float32)
-                    if INT_ZERO:
+                    if FOLD:
+                        if INT_ZERO:
+                            acc += (dsum - (z[None, :] + 1024.0) * qsum[:, None]) * sc[None, :]
+                        else:
+                            acc += dsum * sc[None, :] + (z - 1024.0 * sc)[None, :] * qsum[:, None]
+                    elif INT_ZERO:
                         acc += (dsum - z[None, :] * qsum[:, None]) * sc[None, :]
                     else:
                         acc += dsum * sc[None, :] + z[None, :] * qsum[:, None]
@@ -229,7 +266,8 @@ if triton is not None:
             o1 = o1 * alpha[:, None]
             o2 = o2 * alpha[:, None]
             o3 = o3 * alpha[:, None]
-            o0, o1, o2, o3 = _pv_add(pr, vraw, rows, tmask, vs_ptr, vz_ptr, o0, o1, o2, o3, BITS, P, G, NG, INT_ZERO)
+            o0, o1, o2, o3 = _pv_add(pr, vraw, rows, tmask, vs_ptr, vz_ptr, o0, o1, o2, o3, BITS, P, G, NG, INT_ZERO,
+                                     FOLD)
             m_i = m_new
 
         has = l_i > 0
@@ -578,7 +616,7 @@ def _out(q: torch.Tensor, ns: int):
 
 def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, *,
                      bits, group_size, integer_zero=True, max_len=None, num_splits=None, block_n=64,
-                     num_warps=4, num_stages=2, fast=True):
+                     num_warps=4, num_stages=2, fast=True, fold_offset=False):
     """Partial attention (o [B, Hq, S, D] fp32, lse [B, Hq, S]) of q [B, Hq, D] over per-token
     packed K/V (`decode_per_token` layout in the module docstring); slots [0, lengths[b])."""
     _require_triton()
@@ -591,12 +629,14 @@ def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
     ns = -(-max(max_len, 1) // (nit * block_n))
     o, lse = _out(q, ns)
     p_width = d * bits // 8
-    kernel = _decode_per_token_fast_kernel if (fast and group_size % p_width == 0) else _decode_per_token_kernel
+    use_fast = fast and group_size % p_width == 0
+    extra = dict(FOLD=fold_offset) if use_fast else {}
+    kernel = _decode_per_token_fast_kernel if use_fast else _decode_per_token_kernel
     kernel[(b * hkv, ns)](
         q.contiguous(), k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, o, lse,
         scaling * LOG2E, cap,
         NIT=nit, HKV=hkv, GQ=gq, D=d, BITS=bits, G=group_size, INT_ZERO=integer_zero,
-        BM=max(16, _pow2(gq)), BN=block_n, NS=ns, num_warps=num_warps, num_stages=num_stages,
+        BM=max(16, _pow2(gq)), BN=block_n, NS=ns, num_warps=num_warps, num_stages=num_stages, **extra,
     )  # fmt: skip
     return o, lse
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.task import TaskContext, TaskResult
-from kvbench.windows import PROTOCOL, WindowedTask, reference_logprobs_path, wikitext_windows, window_logits
+from kvbench.windows import PROTOCOL, WindowedTask, reference_logprobs_path, wikitext_windows, window_logits, window_nll
 
 
 @dataclass
@@ -40,7 +40,9 @@ class KL(WindowedTask):
         kls, agree = [], []
         for i, window in enumerate(windows):
             ref = self._reference(ctx, i, window).to(ctx.lm.device)
-            logprobs = torch.log_softmax(window_logits(ctx.lm, ctx.method, window), dim=-1)
+            logits = window_logits(ctx.lm, ctx.method, window)
+            window_nll(ctx.lm, ctx.method, window, logits)  # leaves the NLL for a perplexity cell
+            logprobs = torch.log_softmax(logits, dim=-1)
             kl = (ref.exp() * (ref - logprobs)).sum(-1).clamp_min(0)
             kls.append(kl.cpu())
             agree.append((ref.argmax(-1) == logprobs.argmax(-1)).cpu())

@@ -5,10 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
 from kvbench.task import TaskContext, TaskResult
-from kvbench.windows import WindowedTask, wikitext_windows, window_logits
+from kvbench.windows import WindowedTask, wikitext_windows, window_nll
 
 
 @dataclass
@@ -20,15 +18,18 @@ class Perplexity(WindowedTask):
     def run(self, ctx: TaskContext) -> TaskResult:
         windows, source = wikitext_windows(ctx.lm, self.seq_len, self.max_windows)
         ctx.progress.start("perplexity windows", len(windows))
-        nll_sum, count = 0.0, 0
+        nll_sum, count, reused = 0.0, 0, 0
         for window in windows:
-            logits = window_logits(ctx.lm, ctx.method, window)
-            nll = F.cross_entropy(logits[:-1], window[1:].to(logits.device), reduction="sum")
-            nll_sum += float(nll)
+            nll, was_reused = window_nll(ctx.lm, ctx.method, window)
+            nll_sum += nll
+            reused += was_reused
             count += window.numel() - 1
             ctx.progress.advance()
         mean = nll_sum / count
+        notes = [f"data: {source}"]
+        if reused:
+            notes.append(f"NLL of {reused} windows reused from this run's kl pass of the same method")
         return TaskResult(
             metrics={"ppl": math.exp(mean), "nll": mean, "tokens": count, "windows": len(windows)},
-            notes=[f"data: {source}"],
+            notes=notes,
         )

@@ -290,7 +290,7 @@ def make_graph_safe(cache) -> bool:
         if rope.cos is None:
             return False
 
-        def update(new: NewTokens, rope=rope) -> None:  # decode tokens: all valid, in the table
+        def update(new: NewTokens, bound=None, rope=rope) -> None:  # decode tokens: all valid, in the table
             p = new.positions.clamp_min(0).reshape(-1)
             rope.cos[p] = new.cos.reshape(-1, new.cos.shape[-1]).to(rope.cos.dtype)
             rope.sin[p] = new.sin.reshape(-1, new.sin.shape[-1]).to(rope.sin.dtype)
@@ -398,8 +398,9 @@ class DecodeEngine:
 
         def fixed() -> None:  # one step, then the caches' device lengths put back
             self._forward()
-            for t, s in zip(counters, snapshot):
-                t.copy_(s)
+            with torch.inference_mode():
+                for t, s in zip(counters, snapshot):
+                    t.copy_(s)
 
         fn = self._step_advance if advance else fixed
         saved = self.positions.clone()
@@ -419,9 +420,13 @@ class DecodeEngine:
             self.graph.replay()
         elif advance:
             self._step_advance()
-        else:
+        else:  # eager fixed-length step: put the caches' device lengths back, as the graph does
+            counters = [t for c in self.caches for t in device_counters(c)]
+            snapshot = [t.clone() for t in counters]
             self._forward()
-            self.positions.fill_(self.length)
+            with torch.inference_mode():  # caches may have made them inside the forward
+                for t, saved in zip(counters, snapshot):
+                    t.copy_(saved)
         if advance:
             self.length += 1
 

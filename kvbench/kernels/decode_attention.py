@@ -616,7 +616,7 @@ def _out(q: torch.Tensor, ns: int):
 
 def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, *,
                      bits, group_size, integer_zero=True, max_len=None, num_splits=None, block_n=64,
-                     num_warps=4, num_stages=2, fast=True, fold_offset=False):
+                     num_warps=4, num_stages=2, fast=True, fold_offset=True):
     """Partial attention (o [B, Hq, S, D] fp32, lse [B, Hq, S]) of q [B, Hq, D] over per-token
     packed K/V (`decode_per_token` layout in the module docstring); slots [0, lengths[b])."""
     _require_triton()

@@ -24,7 +24,8 @@ Layout (all tensors preallocated with a slot capacity that grows by doubling):
 * KIVI keeps quantized key groups channel-major ([B, H, groups, D, G * bits / 8]: the G tokens
   of one channel packed together, scale/zero per (group, channel)), values per token, and the
   full-precision window as a ring buffer of W = residual + group_size slots indexed by
-  position % W (no shifting when the window moves).
+  position % W (no shifting when the window moves). Its decode append runs on the device with
+  no host sync (CUDA-graph capturable); its prefill append decides evictions on the host.
 
 `nbytes()` counts every tensor the cache holds at its allocated capacity (codes, scales,
 zeros, positions, lengths, fp tokens, rope tables); `used_nbytes()` counts only filled slots.
@@ -577,6 +578,7 @@ class KIVIPackedCache(LayerCache):
         self.vstore = PerTokenStore(spec, num_kv_heads, head_dim)
         self.k_codes = self.k_scale = self.k_zero = None
         self.win_k = self.win_v = None
+        self.used = 0  # host-side bound of max(n)
         self.n: torch.Tensor | None = None  # [B] tokens stored per row (device)
         self.nq: torch.Tensor | None = None  # [B] quantized tokens per row (device)
         self.capacity = capacity
@@ -608,10 +610,17 @@ class KIVIPackedCache(LayerCache):
             self.k_zero = _grow(self.k_zero, cap_g, 2)
         self.vstore.ensure(b, cap_g * self.G, dev)
 
+    #: A decode append (one token per row) and the kernel read run without host syncs, so a decode
+    #: step can be captured into a CUDA graph once `reserve` made room (kvbench.decode reads this).
+    graph_safe = True
+
     def append(self, new: NewTokens) -> None:
         b, h, t, d = new.k.shape
         dev = new.k.device
         self.dtype = new.k.dtype
+        if self.n is not None and t == 1 and not new.is_prefill:
+            self._append_decode(new)
+            return
         if self.n is None:
             self.n = torch.zeros(b, dtype=torch.int64, device=dev)
             self.nq = torch.zeros(b, dtype=torch.int64, device=dev)
@@ -642,9 +651,53 @@ class KIVIPackedCache(LayerCache):
             keep = pos >= nq_new[row]
             self.win_k[row][:, pos[keep] % self.W] = ek[:, keep]
             self.win_v[row][:, pos[keep] % self.W] = ev[:, keep]
-        self.n = torch.tensor(n_new, dtype=torch.int64, device=dev)
-        self.nq = torch.tensor(nq_new, dtype=torch.int64, device=dev)
+        self.n.copy_(torch.tensor(n_new, dtype=torch.int64))
+        self.nq.copy_(torch.tensor(nq_new, dtype=torch.int64))
+        self.used = max(self.used, max(n_new) if n_new else 0)
         self._stash = stash
+
+    def _append_decode(self, new: NewTokens) -> None:
+        """A decode step (one valid token per row) on the device, with no host sync: the token
+        goes into its ring slot; every row quantizes the group starting at its boundary nq, and
+        rows whose boundary Q(n - 1) moved past it keep the result (a masked write). The same
+        quantize calls on the same values as the host path, so the codes are identical."""
+        b = new.k.shape[0]
+        dev = new.k.device
+        g, w = self.G, self.W
+        self.used += 1
+        if self.used > self.k_codes.shape[2] * g:  # host-side bound: grows only without reserve()
+            self._ensure_quant(self.used)
+        bi = torch.arange(b, device=dev)
+        slot = self.n % w
+        self.win_k[bi, :, slot] = new.k[:, :, 0].to(self.win_k.dtype)
+        self.win_v[bi, :, slot] = new.v[:, :, 0].to(self.win_v.dtype)
+        self.n.add_(1)
+        cross = self.quantized_below(self.n - 1) > self.nq  # [B]: a group leaves the window
+        ar = torch.arange(g, device=dev)
+        gslot = (self.nq[:, None] + ar) % w  # [B, G] ring slots of the group at nq
+        k = self.win_k[bi[:, None], :, gslot].transpose(1, 2)  # [B, H, G, D]
+        v = self.win_v[bi[:, None], :, gslot].transpose(1, 2)
+        kq = quantize(k.transpose(-1, -2), self.spec)  # per channel over the G tokens
+        gi = torch.clamp(self.nq // g, max=self.k_codes.shape[2] - 1)
+        keep = cross[:, None, None, None]
+        self.k_codes[bi, :, gi] = torch.where(keep, pack(kq.codes, self.spec.bits, check=False), self.k_codes[bi, :, gi])
+        self.k_scale[bi, :, gi] = torch.where(cross[:, None, None], kq.scale[..., 0], self.k_scale[bi, :, gi])
+        self.k_zero[bi, :, gi] = torch.where(cross[:, None, None], kq.zero[..., 0], self.k_zero[bi, :, gi])
+        vq = quantize(v, self.spec)  # per token: codes [B, H, G, D], scale [B, H, G, D/G]
+        vs = self.vstore
+        tslots = torch.clamp(self.nq[:, None] + ar, max=vs.codes.shape[2] - 1)  # [B, G]
+        for dst, val in ((vs.codes, pack(vq.codes, self.spec.bits, check=False)), (vs.scale, vq.scale),
+                         (vs.zero, vq.zero)):
+            dst[bi[:, None], :, tslots] = torch.where(keep, val.transpose(1, 2), dst[bi[:, None], :, tslots])
+        self.nq.add_(torch.where(cross, g, 0))
+        self._stash = None
+
+    def _window(self):
+        """The full-precision ring as attention inputs: (k, v [B, H, W, D], positions [B, W])."""
+        w = self.W
+        slot = torch.arange(w, device=self.n.device)
+        pos = self.nq[:, None] + (slot[None] - self.nq[:, None]) % w
+        return self.win_k, self.win_v, torch.where(pos < self.n[:, None], pos, -1)
 
     def _write_quantized(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize tokens [start, start + m) of a row (m a multiple of G) into the packed stores."""
@@ -690,14 +743,18 @@ class KIVIPackedCache(LayerCache):
             v_parts.append(vqd)
             pos_parts.append(qpos)
             kind.append(torch.ones(sq, dtype=torch.bool, device=dev))
-        se = max(s[2].numel() for s in self._stash)
-        ek = torch.zeros(b, self.H, se, self.D, dtype=self.dtype, device=dev)
-        ev = torch.zeros_like(ek)
-        epos = torch.full((b, se), -1, dtype=torch.int64, device=dev)
-        for row, (k, v, pos) in enumerate(self._stash):
-            ek[row, :, : pos.numel()] = k
-            ev[row, :, : pos.numel()] = v
-            epos[row, : pos.numel()] = pos
+        if self._stash is None:  # after a decode append: the window is the ring
+            ek, ev, epos = self._window()
+            se = epos.shape[1]
+        else:
+            se = max(s[2].numel() for s in self._stash)
+            ek = torch.zeros(b, self.H, se, self.D, dtype=self.dtype, device=dev)
+            ev = torch.zeros_like(ek)
+            epos = torch.full((b, se), -1, dtype=torch.int64, device=dev)
+            for row, (k, v, pos) in enumerate(self._stash):
+                ek[row, :, : pos.numel()] = k
+                ev[row, :, : pos.numel()] = v
+                epos[row, : pos.numel()] = pos
         k_parts.append(ek)
         v_parts.append(ev)
         pos_parts.append(epos)

@@ -33,13 +33,14 @@ Using a packed cache on the GPU (what a decode-latency task does):
     ... prefill, then decode steps; cache.attend uses packed_decode when q is on CUDA
     cache.nbytes()   # bytes it holds (allocated capacity); cache.used_nbytes(): filled slots
 
-CUDA graphs: for rtn, quarot and rotatekv a decode step (append + attend) does no host sync
+CUDA graphs: for rtn, quarot, rotatekv and kivi a decode step (append + attend) does no host sync
 once capacity is reserved (lengths live on the device, the split size comes from the host-side
 bound `cache.used`, matrices are cached on the device after the first call, the RoPE table grows
-from a host bound while capturing). Warm up once before capturing. A graph keeps its grid, so
+from a host bound while capturing). KIVI's decode append is device-side too (every row quantizes
+the group at its boundary, rows that cross it keep the result; `graph_safe = True`); its prefill
+append syncs. Warm up once before capturing. A graph keeps its grid, so
 while capturing the kernels cover the whole reserved capacity (masked tiles past each row's
-length cost ALU, not memory): capture per context bucket for the fastest replays. KIVI's append decides group
-evictions on the host (`tolist`), so its decode step is not capturable; its kernel is. The
-kernels specialize on the tiles per split (a power of two), so a growing context recompiles
-O(log context) times.
+length cost ALU, not memory): capture per context bucket for the fastest replays. The kernels
+specialize on the tiles per split (a power of two), so a growing context recompiles O(log
+context) times.
 """

@@ -270,6 +270,7 @@ def fill_random_packed(cache, geometry: KVGeometry, length: int, gen, sinks: int
         cache.win_v.normal_(generator=gen)
         cache.n.fill_(length)
         cache.nq.fill_(nq)
+        cache.used = length
         w_pos = torch.arange(nq, length, device=dev)
         cache._stash = [(cache.win_k[r][:, w_pos % cache.W], cache.win_v[r][:, w_pos % cache.W], w_pos)
                         for r in range(b)]
@@ -404,6 +405,7 @@ class DecodeEngine:
 
         fn = self._step_advance if advance else fixed
         saved = self.positions.clone()
+        used = [(c, c.used) for c in self.caches if hasattr(c, "used")]
         try:
             from kvbench.gpu_timing import capture
 
@@ -412,6 +414,9 @@ class DecodeEngine:
             torch.cuda.synchronize()
             self.graph_error = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         self.positions.copy_(saved)  # warm-up and capture must not move the timed steps
+        if not advance:
+            for c, u in used:
+                c.used = u
         return self.graph is not None
 
     def step(self, advance: bool = True) -> None:
@@ -423,7 +428,10 @@ class DecodeEngine:
         else:  # eager fixed-length step: put the caches' device lengths back, as the graph does
             counters = [t for c in self.caches for t in device_counters(c)]
             snapshot = [t.clone() for t in counters]
+            used = [(c, c.used) for c in self.caches if hasattr(c, "used")]  # host-side bounds
             self._forward()
+            for c, u in used:
+                c.used = u
             with torch.inference_mode():  # caches may have made them inside the forward
                 for t, saved in zip(counters, snapshot):
                     t.copy_(saved)

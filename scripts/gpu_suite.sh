@@ -69,8 +69,8 @@ part_b() {
   else
     echo "SmolLM2 GGUF not staged: perplexity checks skipped"
   fi
-  step "max batch + throughput at max batch: quarot-2"
-  timeout $(left 150) python3 -m kvbench.cli run benchmarks/gpu.yaml --output $RUN --only max-batch quarot-2
+  step "max batch + throughput at max batch: quarot-2, kivi-2"
+  timeout $(left 150) python3 -m kvbench.cli run benchmarks/gpu.yaml --output $RUN --only max-batch quarot-2 kivi-2
   cp $RUN/results.jsonl "$OUT/results_b.jsonl" 2>/dev/null
   if [ -z "${SKIP_CHECKS:-}" ]; then
     step "pytest -m cuda"

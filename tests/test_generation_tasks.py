@@ -47,10 +47,8 @@ def test_needle_plumbing_with_reference(smollm2, tmp_path):
     assert m["exact_match"] == m["depth0.5.ctx512.exact_match"]
     assert m["exact_match"] <= m["partial_match"] or m["exact_match"] == 0
     assert m["depth0.5.ctx512.first_divergence"] == m["first_divergence"] >= 0
-    # The fp16 reference was cached on disk: the fp16 cell reads it back and agrees with it.
-    assert list((tmp_path / "fp16_generations").glob("needle-*.json"))
-    fp = task.run(_ctx(smollm2, FP16, tmp_path)).metrics
-    assert fp["fp16_agreement"] == 1.0
+    # The fp16 reference was cached on disk for the other cells (reuse: test_generate.py).
+    assert len(list((tmp_path / "fp16_generations").glob("needle-*.json"))) == 1
 
 
 def test_passkey_plumbing(smollm2, tmp_path):

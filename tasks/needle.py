@@ -81,7 +81,7 @@ class Needle(Task):
         metrics: dict[str, float] = {}
         exact, partial = [], []
         for i, ((c, d), g, ans) in enumerate(zip(cells, gens, expected)):
-            s = needle_scores(prefix + g.text, ans)
+            s = needle_scores(f"{prefix} {g.text}" if prefix else g.text, ans)  # words never glued
             key = f"depth{axis_label(d)}.ctx{c}"
             metrics[f"{key}.exact_match"] = float(s["exact"])
             metrics[f"{key}.partial_match"] = s["partial"]

@@ -2,8 +2,8 @@
 
     python benchmarks/simulated_overhead.py --out results/overhead
 
-Times each method's pass over the same WikiText-2 windows; reports the best of `--repeats` per
-window (the least disturbed by other processes on a shared machine) and the ratio to fp16.
+Times each method's pass over the same WikiText-2 windows, round-robin across methods; reports the
+best of `--repeats` per window (the least disturbed by other processes) and the ratio to fp16.
 Calibration (RotateKV) is done before timing: it runs once per model, not per pass.
 """
 
@@ -42,24 +42,27 @@ def main() -> None:
 
     lm = load_model("smollm2-135m", "smollm2", args.device, "float32")
     windows, _ = wikitext_windows(lm, args.seq_len, args.windows)
-    rows = {}
+    prepared = {}
     for label, (name, params) in METHODS.items():
         method = methods.get(name)(**params)
         if method.needs_calibration:
             calibrate(lm, method)
         window_logits(lm, method, windows[0])  # warm-up
-        best = []
-        for window in windows:
-            times = []
-            for _ in range(args.repeats):
+        prepared[label] = method
+    # Round-robin over methods in every repeat, so that load from other processes on a shared
+    # machine falls on all methods alike; the best of the repeats is kept per window.
+    best = {label: [float("inf")] * len(windows) for label in prepared}
+    for _ in range(args.repeats):
+        for label, method in prepared.items():
+            for i, window in enumerate(windows):
                 start = time.perf_counter()
                 window_logits(lm, method, window)
                 if args.device == "cuda":
                     torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-            best.append(min(times))
-        rows[label] = sum(best)
-        print(f"{label:12s} {rows[label]:.3f} s  x{rows[label] / rows['fp16']:.2f}", flush=True)
+                best[label][i] = min(best[label][i], time.perf_counter() - start)
+    rows = {label: sum(times) for label, times in best.items()}
+    for label, seconds in rows.items():
+        print(f"{label:12s} {seconds:.3f} s  x{seconds / rows['fp16']:.2f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.method import KVGeometry, KVMethod, LayerCache, NewTokens
+from kvbench.method import KVGeometry, KVMethod, LayerCache, NewTokens, fp_bits_mix
 from kvbench.params import check
 from kvbench.quant import QuantSpec, fake_quantize
 from kvbench.simulated import attention, causal_mask
@@ -59,9 +59,8 @@ class KIVI(KVMethod):
         return max(context_len - self.residual, 0) // self.group_size * self.group_size
 
     def avg_bits(self, geometry: KVGeometry, context_len: int) -> float:
-        n_q = self.quantized_tokens(context_len)
-        bits_q = self.spec().bits_per_element()
-        return (n_q * bits_q + (context_len - n_q) * 16.0) / context_len
+        exact = context_len - self.quantized_tokens(context_len)
+        return fp_bits_mix(self.spec().bits_per_element(), exact, context_len)
 
 
 def quantize_key_groups(k: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

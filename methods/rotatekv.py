@@ -22,7 +22,7 @@ import torch
 
 from kvbench.calibration import CALIBRATION_SOURCES
 from kvbench.hadamard import is_supported_size
-from kvbench.method import KVGeometry, KVMethod, LayerCache, NewTokens
+from kvbench.method import KVGeometry, KVMethod, LayerCache, NewTokens, fp_bits_mix
 from kvbench.params import check
 from kvbench.quant import QuantSpec, fake_quantize
 from kvbench.rope import apply_rope
@@ -100,9 +100,7 @@ class RotateKV(KVMethod):
 
     def avg_bits(self, geometry: KVGeometry, context_len: int) -> float:
         # Upper bound: every sink value in its own token (fewer tokens are kept in practice).
-        bits_q = self.spec(geometry).bits_per_element()
-        exact = min(self.sinks, context_len)
-        return (exact * 16.0 + (context_len - exact) * bits_q) / context_len
+        return fp_bits_mix(self.spec(geometry).bits_per_element(), self.sinks, context_len)
 
     # -- the transform --------------------------------------------------------------------
 

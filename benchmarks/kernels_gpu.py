@@ -120,6 +120,7 @@ def methods(b, h, d, L, device, smoke):
     """{name: (fn, bytes, kernel-config list)} with fn() doing the whole decode attention."""
     from kvbench.hadamard import hadamard_matrix
     from kvbench.kernels import decode_attention as da
+    from kvbench.kernels import decode_mha
     from kvbench.kernels import reference as ref
     from kvbench.rope import rope_tables
 
@@ -152,27 +153,37 @@ def methods(b, h, d, L, device, smoke):
     kk = store(h, L, d, bits, G)
     vv = store(h, L, d, bits, G)
     pt_bytes = 2 * b * h * L * (d * bits // 8 + 4 * d // G)
-    cfgs = [dict(block_n=64, num_warps=4, num_splits=None), dict(block_n=128, num_warps=8, num_splits=None),
-            dict(block_n=64, num_warps=4, num_splits=None, fold_offset=True),
-            dict(block_n=128, num_warps=8, num_splits=None, fold_offset=True)]
+    # "tc": the tensor-core kernel (decode_attention); "mha": CUDA cores, one query per KV head
+    cfgs = [dict(kernel="tc", block_n=64, num_warps=4, fold_offset=True)]
+    cfgs += [dict(kernel="mha", block_n=bn, num_warps=nw, splits_per_sm=sp, num_stages=st)
+             for bn, nw, sp, st in ((64, 4, 2, 2), (64, 4, 4, 2), (64, 4, 8, 2), (128, 4, 2, 2), (128, 4, 4, 2),
+                                    (128, 8, 2, 2), (128, 8, 4, 2), (64, 4, 4, 3), (128, 4, 4, 3), (32, 4, 8, 2),
+                                    (256, 8, 2, 2), (64, 2, 8, 2))]
     if smoke:
-        cfgs = [dict(block_n=16, num_warps=4, num_splits=2)]
+        cfgs = [dict(kernel="tc", block_n=16, num_warps=4, num_splits=2),
+                dict(kernel="mha", block_n=16, num_warps=4, num_splits=2)]
 
-    def rtn_fn(cfg, G=G, kk=kk, vv=vv):
+    def per_token(qq, cfg, G=G, kk=kk, vv=vv):
+        c = {k: v for k, v in cfg.items() if k != "kernel"}
+        if cfg["kernel"] == "mha":
+            return decode_mha.decode_per_token_mha(qq, *kk, *vv, lengths, scaling, bits=bits, group_size=G,
+                                                   max_len=L, **c)
+        return da.decode_per_token(qq, *kk, *vv, lengths, scaling, bits=bits, group_size=G, max_len=L, mha=False, **c)
+
+    def rtn_fn(cfg):
         def f():
-            o, lse = da.decode_per_token(q, *kk, *vv, lengths, scaling, bits=bits, group_size=G, max_len=L, **cfg)
-            return ref.merge_partials([(o, lse)])
+            return ref.merge_partials([per_token(q, cfg)])
         return f
 
-    def quarot_fn(cfg, G=G, kk=kk, vv=vv):
+    def quarot_fn(cfg):
         def f():
             qr = (q.float() @ H).half()
-            o, lse = da.decode_per_token(qr, *kk, *vv, lengths, scaling, bits=bits, group_size=G, max_len=L, **cfg)
+            o, lse = per_token(qr, cfg)
             return ref.merge_partials([(da.rotate_partials(o), lse)])
         return f
 
-    def pt_kernel(cfg, G=G, kk=kk, vv=vv):
-        return lambda: da.decode_per_token(q, *kk, *vv, lengths, scaling, bits=bits, group_size=G, max_len=L, **cfg)
+    def pt_kernel(cfg):
+        return lambda: per_token(q, cfg)
 
     out["rtn-2 (G64, post-RoPE)"] = ([(str(c), rtn_fn(c), pt_kernel(c)) for c in cfgs], pt_bytes)
     out["quarot-2 (G64)"] = ([(str(c), quarot_fn(c), pt_kernel(c)) for c in cfgs], pt_bytes)
@@ -241,19 +252,29 @@ def methods(b, h, d, L, device, smoke):
             rcfgs = [dict(block_n=64, num_warps=4, num_splits=None), dict(block_n=64, num_warps=8, num_splits=None)]
         if smoke:
             rcfgs = [dict(block_n=16, num_warps=4, num_splits=2)]
+        if hg == 1 and not pre and not reorder:  # quarot's read path: the MHA kernel takes it
+            rcfgs = [dict(kernel="mha", block_n=bn, num_warps=4, splits_per_sm=sp) for bn, sp in ((64, 4), (128, 4), (64, 8))]
+            if smoke:
+                rcfgs = [dict(kernel="mha", block_n=16, num_warps=4, num_splits=2)]
+
+        def rkv_partials(cfg, kc_r, ks_r, kz_r, gid, vv_r, hg, pre, G):
+            if cfg.get("kernel") == "mha":
+                c = {k: v for k, v in cfg.items() if k != "kernel"}
+                return decode_mha.decode_per_token_mha((q.float() @ H).half(), kc_r, ks_r, kz_r, *vv_r, lengths, scaling,
+                                                       bits=bits, group_size=G, max_len=L, k_scale_heads_last=True, **c)
+            return da.decode_rotatekv(q, kc_r, ks_r, kz_r, gid, *vv_r, lengths, pos, cos, sin, scaling, bits=bits,
+                                      group_size=G, head_group=hg, pre_rope=pre, max_len=L, **cfg)
 
         def rkv_fn(cfg, kc_r=kc_r, ks_r=ks_r, kz_r=kz_r, gid=gid, vv_r=vv_r, hg=hg, pre=pre, G=G):
             def f():
-                o, lse = da.decode_rotatekv(q, kc_r, ks_r, kz_r, gid, *vv_r, lengths, pos, cos, sin, scaling, bits=bits,
-                                            group_size=G, head_group=hg, pre_rope=pre, max_len=L, **cfg)
+                o, lse = rkv_partials(cfg, kc_r, ks_r, kz_r, gid, vv_r, hg, pre, G)
                 return ref.merge_partials([(da.rotate_partials(o), lse), ref.fp_partial(q, fp_k, fp_v, fp_valid, scaling)])
             return f
 
         name = (f"rotatekv-2 ({'pre' if pre else 'post'}-RoPE, {hg}-head Hadamard, "
                 f"{'permuted channels' if reorder else 'no reorder'}{', default' if hg == 4 and pre and reorder else ''})")
         def rkv_kernel(cfg, kc_r=kc_r, ks_r=ks_r, kz_r=kz_r, gid=gid, vv_r=vv_r, hg=hg, pre=pre, G=G):
-            return lambda: da.decode_rotatekv(q, kc_r, ks_r, kz_r, gid, *vv_r, lengths, pos, cos, sin, scaling,
-                                              bits=bits, group_size=G, head_group=hg, pre_rope=pre, max_len=L, **cfg)
+            return lambda: rkv_partials(cfg, kc_r, ks_r, kz_r, gid, vv_r, hg, pre, G)
 
         out[name] = ([(str(cfg), rkv_fn(cfg), rkv_kernel(cfg)) for cfg in rcfgs], rk_bytes)
     return out
@@ -311,6 +332,9 @@ def main():
                              "graph_median_ms": g[0] if g else None, "graph_p90_ms": g[1] if g else None,
                              "graph_error": err}
                     t = g[0] if g else eager[0]
+                    if kfn:  # the Triton kernel alone, every config (the table shows the best)
+                        krep, _ = graphed(kfn[0], device)
+                        entry["kernel_only_median_ms"] = bench(krep, device=device, reps=50)[0] if krep else None
                     if best is None or t < best[0]:
                         best = (t, entry, kfn[0] if kfn else None)
                 except Exception as e:  # noqa: BLE001

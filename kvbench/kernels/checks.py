@@ -71,6 +71,32 @@ def check_per_token(device, small=True, results=None):
     return results
 
 
+def check_per_token_mha(device, small=True, results=None):
+    """The CUDA-core kernel for one query head per KV head (`decode_mha`), every bit width, integer
+    and float zeros, one to four groups a row, ragged lengths and empty splits."""
+    from kvbench.kernels import decode_mha
+
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(5)
+    b, h, d = (3, 2, 64) if small else (4, 32, 128)
+    cap = 83 if small else 3000
+    lengths = torch.tensor([83, 37, 1] if small else [3000, 2999, 1517, 1]).to(device)
+    for bits, group, int_zero in ((2, 64, True), (2, 32, True), (2, 16, True), (4, 64, False), (4, 32, True),
+                                  (8, 64, True)):
+        if not decode_mha.supports(1, d, bits, group):
+            continue
+        k = _store(gen, lengths.numel(), h, cap, d, bits, group, device, not int_zero)
+        v = _store(gen, lengths.numel(), h, cap, d, bits, group, device, not int_zero)
+        q = _query(gen, lengths.numel(), h, d, device)
+        o, lse = decode_mha.decode_per_token_mha(q, *k, *v, lengths, d**-0.5, bits=bits, group_size=group,
+                                                 integer_zero=int_zero, num_splits=3 if small else None,
+                                                 block_n=16 if small else 64)
+        ro, rl = ref.ref_decode_per_token(q.float(), *k, *v, lengths, d**-0.5, bits=bits, group_size=group,
+                                          integer_zero=int_zero)
+        _compare(f"per_token_mha bits={bits} G={group} int_zero={int_zero}", o, lse, ro, rl, results)
+    return results
+
+
 def check_kivi(device, small=True, results=None):
     results = [] if results is None else results
     gen = torch.Generator().manual_seed(1)
@@ -147,8 +173,7 @@ def check_packed_caches(device, results=None):
     from kvbench.rope import apply_rope, rope_tables
 
     results = [] if results is None else results
-    b, h, hkv, d = 3, 8, 4, 64
-    geom = KVGeometry(num_layers=1, num_heads=h, num_kv_heads=hkv, head_dim=d, hidden_size=32, rope_theta=1e4)
+    b, hkv, d = 3, 4, 64
     from methods.kivi import KIVI
     from methods.quarot import QuaRot
     from methods.rotatekv import RotateKV
@@ -161,8 +186,12 @@ def check_packed_caches(device, results=None):
              ("kivi-2", KIVI(mode="packed", bits=2, group_size=16, residual=8)), ("rotatekv-2", rkv),
              ("rotatekv-2-post", RotateKV(mode="packed", head_group=1, pre_rope=False, reorder=False, sinks=0)),
              ("rotatekv-4-noperm", RotateKV(mode="packed", bits=4, head_group=4, reorder=False, sinks=2))]
+    # MHA (one query head per KV head) takes decode_mha's kernel where the layout allows
+    mha = [("rtn-2 MHA", RTN(mode="packed", bits=2, group_size=16)), ("quarot-2 MHA", QuaRot(mode="packed", bits=2)),
+           ("rotatekv-2-post MHA", RotateKV(mode="packed", head_group=1, pre_rope=False, reorder=False, sinks=2))]
     lengths = [40, 29, 7]
-    for name, method in cases:
+    for name, method, h in [(n, m, 8) for n, m in cases] + [(n, m, 4) for n, m in mha]:
+        geom = KVGeometry(num_layers=1, num_heads=h, num_kv_heads=hkv, head_dim=d, hidden_size=32, rope_theta=1e4)
         cache = method.new_cache(0, geom)
         t = max(lengths)
         pos = torch.tensor([[-1] * (t - n) + list(range(n)) for n in lengths])
@@ -199,6 +228,7 @@ def check_packed_caches(device, results=None):
 def run_all(device, small=True):
     results = []
     check_per_token(device, small, results)
+    check_per_token_mha(device, small, results)
     check_kivi(device, small, results)
     check_rotatekv(device, small, results)
     check_packed_caches(device, results)

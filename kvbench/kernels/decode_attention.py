@@ -601,10 +601,10 @@ def _sm_count(device: str) -> int:
     return 132
 
 
-def default_splits(programs: int, max_len: int, block: int, device=None) -> int:
-    """Splits so that about 2 programs per SM run (flash-decoding), at least one tile each."""
+def default_splits(programs: int, max_len: int, block: int, device=None, per_sm: int = 2) -> int:
+    """Splits so that about `per_sm` programs per SM run (flash-decoding), at least one tile each."""
     sms = _sm_count(str(device) if device is not None else "cpu")
-    want = max(1, -(-2 * sms // max(programs, 1)))
+    want = max(1, -(-per_sm * sms // max(programs, 1)))
     return max(1, min(want, -(-max_len // block), 64))
 
 
@@ -616,13 +616,21 @@ def _out(q: torch.Tensor, ns: int):
 
 def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, *,
                      bits, group_size, integer_zero=True, max_len=None, num_splits=None, block_n=64,
-                     num_warps=4, num_stages=2, fast=True, fold_offset=True):
+                     num_warps=4, num_stages=2, fast=True, fold_offset=True, mha=None):
     """Partial attention (o [B, Hq, S, D] fp32, lse [B, Hq, S]) of q [B, Hq, D] over per-token
-    packed K/V (`decode_per_token` layout in the module docstring); slots [0, lengths[b])."""
+    packed K/V (`decode_per_token` layout in the module docstring); slots [0, lengths[b]).
+    One query head per KV head goes to `decode_mha` (CUDA cores; `mha=False` forces the
+    tensor-core kernel here), which takes its own launch settings."""
     _require_triton()
     b, hq, d = q.shape
     hkv, cap = k_codes.shape[1], k_codes.shape[2]
     gq = hq // hkv
+    from kvbench.kernels import decode_mha
+
+    if mha or (mha is None and decode_mha.supports(gq, d, bits, group_size)):
+        return decode_mha.decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths,
+                                               scaling, bits=bits, group_size=group_size, integer_zero=integer_zero,
+                                               max_len=max_len, num_splits=num_splits, **MHA_LAUNCH)
     max_len = cap if max_len is None else max_len
     ns = num_splits or default_splits(b * hkv, max_len, block_n, q.device)
     nit = _pow2(-(-max(max_len, 1) // (ns * block_n)))  # tiles per split (pow2: few recompiles)
@@ -639,6 +647,10 @@ def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
         BM=max(16, _pow2(gq)), BN=block_n, NS=ns, num_warps=num_warps, num_stages=num_stages, **extra,
     )  # fmt: skip
     return o, lse
+
+
+# Launch settings of the MHA kernel (benchmarks/kernels_gpu.py measures the alternatives).
+MHA_LAUNCH = dict(block_n=64, num_warps=4, num_stages=2)
 
 
 def decode_kivi(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling, *, bits, group_size,
@@ -735,6 +747,7 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
     fused kernels; returns [B, Hq, 1, D] in q's dtype. Host-sync free for rtn/quarot/rotatekv
     (the split size comes from the host-side bound `cache.used`)."""
     from kvbench import packed_cache as pc
+    from kvbench.kernels import decode_mha
 
     q3 = q[:, :, 0]
     qk = q3.half() if q3.dtype == torch.float32 else q3
@@ -761,12 +774,24 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
             rope = cache.rope
             cos = rope.cos if rope is not None else ks.scale  # unused without pre-RoPE
             sin = rope.sin if rope is not None else ks.scale
-            o, lse = decode_rotatekv(qk, ks.codes, ks.scale, ks.zero, gid, vs.codes, vs.scale, vs.zero,
-                                     cache.lengths, cache.positions, cos, sin, scaling, bits=spec.bits,
-                                     group_size=spec.group_size, head_group=cache.head_group,
-                                     pre_rope=cache.m.pre_rope,
-                                     max_len=ks.codes.shape[2] if capturing else cache.used)
-            parts.append((rotate_partials(o), lse))
+            if (not cache.m.pre_rope and cache.head_group == 1 and gid is None
+                    and decode_mha.supports(q.shape[1] // vs.codes.shape[1], q.shape[-1], spec.bits, spec.group_size)):
+                # post-RoPE keys, a Hadamard per head, no reordering: quarot's read path (H q . H k)
+                from kvbench.hadamard import hadamard_matrix
+
+                qq = (qk.float() @ hadamard_matrix(qk.shape[-1], torch.float32, q.device)).to(qk.dtype)
+                o, lse = decode_mha.decode_per_token_mha(
+                    qq, ks.codes, ks.scale, ks.zero, vs.codes, vs.scale, vs.zero, cache.lengths, scaling,
+                    bits=spec.bits, group_size=spec.group_size, integer_zero=spec.integer_zero,
+                    max_len=ks.codes.shape[2] if capturing else cache.used, k_scale_heads_last=True, **MHA_LAUNCH)
+                parts.append((rotate_partials(o), lse))
+            else:
+                o, lse = decode_rotatekv(qk, ks.codes, ks.scale, ks.zero, gid, vs.codes, vs.scale, vs.zero,
+                                         cache.lengths, cache.positions, cos, sin, scaling, bits=spec.bits,
+                                         group_size=spec.group_size, head_group=cache.head_group,
+                                         pre_rope=cache.m.pre_rope,
+                                         max_len=ks.codes.shape[2] if capturing else cache.used)
+                parts.append((rotate_partials(o), lse))
         else:
             rotated = isinstance(cache, pc.QuaRotPackedCache)
             qq = qk

@@ -1,0 +1,202 @@
+"""Decode attention over per-token packed K/V for one query per KV head (MHA), on CUDA cores.
+
+With one query row per KV head a `tl.dot` tile is 1/16 used, and feeding it means unpacking every
+code to fp16 and moving it through shared memory into the tensor-core operand layout. This kernel
+does the arithmetic where the codes already are, in registers, at about three instructions a code:
+
+* **unpack without shifts or int->float conversion**: a code at bit `pos` of a 32-bit word,
+  masked in place and OR-ed into the mantissa of 2**23, reads as the fp32 value 2**23 + c * 2**pos
+  (exact while pos + bits <= 23), so one logic op (`(w & mask) | 0x4B000000`, a LOP3) and one
+  subtraction give c * 2**pos. The 2**-pos goes into the query (exact: a power of two), and the
+  upper half-word is shifted down once per word.
+* **scales and zero points off the per-code path**: scores are sum_g s_g (q_g . c_g - z_g sum q_g)
+  per token and group; values use (p * s) . c - sum p s z, so a code costs one FMA.
+* **lazy softmax rescaling** (as in FlashAttention-3): the running maximum is only raised when a
+  tile exceeds it by more than 2**8, so the value accumulators are rarely rescaled; the result is
+  the same softmax, the exponentials just stay below 2**8.
+* **value reduction deferred**: per-token products accumulate in a [BN, codes] register tile and
+  are summed over tokens once, after the loop.
+
+The packed layout is `kvbench.packed_cache`'s plane layout: row bytes [P = D*bits/8]; byte j holds
+channels j, P + j, 2P + j, ... in its bit planes. Read as int32 words, word w, byte b, plane p is
+channel p*P + 4w + b at bit 8b + bits*p. Same contract as `decode_attention.decode_per_token`
+(partials o [B, Hq, S, D] fp32 and lse [B, Hq, S]); it needs one query head per KV head, P a
+multiple of 4 bytes and groups of whole planes (G % P == 0), which `supports` checks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # torchao-style guard: importable without triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634
+MAGIC = 8388608.0  # 2**23: its fp32 mantissa's last bit is 1
+
+
+def supports(gq: int, head_dim: int, bits: int, group_size: int) -> bool:
+    p = head_dim * bits // 8
+    ng = head_dim // group_size if group_size else 0
+    return (gq == 1 and bits in (2, 4, 8) and p % 4 == 0 and group_size % p == 0
+            and head_dim % group_size == 0 and ng & (ng - 1) == 0)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _codes(words, mask, ASM: tl.constexpr):
+        """codes * 2**pos as exact fp32: words [BN, 1, 1, W] int32 (upper half-word already shifted
+        down), mask [1, NG, KG, 1] = code mask << pos -> [BN, NG, KG, W]. One LOP3 ((w & m) | magic:
+        ptxas splits the two immediates into two ops unless the asm says it) and one FADD."""
+        if ASM:
+            x = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 0x4B000000, 0xEA;", "=r,r,r",
+                                          [words, mask], dtype=tl.int32, is_pure=True, pack=1)
+        else:  # the interpreter runs no PTX
+            x = (words & mask) | 0x4B000000
+        return x.to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _decode_per_token_mha_kernel(
+        q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, len_ptr, o_ptr, lse_ptr,
+        sm_scale, cap, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t,
+        NIT: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+        INT_ZERO: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, TAU: tl.constexpr,
+        ASM: tl.constexpr,
+    ):
+        # Tiles are 4-D [tokens, group, code in group, word]: the words come from a [BN, 1, 1, W]
+        # load, so a thread's codes of one word (the broadcast axes) stay in that thread and the
+        # group reductions are in-thread FMA chains; only the word axis crosses threads.
+        P: tl.constexpr = D * BITS // 8  # bytes per row
+        W: tl.constexpr = P // 4  # int32 words per row
+        NPL: tl.constexpr = 8 // BITS  # bit planes per byte
+        K: tl.constexpr = 2 * NPL  # codes per half-word
+        NG: tl.constexpr = D // G
+        KG: tl.constexpr = K // NG  # codes of one group per half-word
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // HKV
+        h = pid % HKV
+        length = tl.load(len_ptr + b).to(tl.int32)
+        start = split * (NIT * BN)
+        end = tl.minimum(start + NIT * BN, length)
+
+        # code k = g * KG + kk of a half-word: plane p = k // 2 of its byte k % 2 (groups of whole
+        # planes, so the group is k // KG), at bit pos = 8 * (k % 2) + BITS * p
+        k4 = tl.arange(0, NG)[None, :, None, None] * KG + tl.arange(0, KG)[None, None, :, None]
+        w4 = tl.arange(0, W)[None, None, None, :]
+        pos4 = 8 * (k4 % 2) + BITS * (k4 // 2)
+        mask4 = ((1 << BITS) - 1) << pos4
+        chan_lo = (k4 // 2) * P + 4 * w4 + (k4 % 2)  # [1, NG, KG, W]; upper half-word: bytes + 2
+        chan_hi = chan_lo + 2
+        qrow = (b * HKV + h).to(tl.int64) * D
+        inv_pos = tl.exp2(-pos4.to(tl.float32))
+        q_lo = tl.load(q_ptr + qrow + chan_lo).to(tl.float32)
+        q_hi = tl.load(q_ptr + qrow + chan_hi).to(tl.float32)
+        qsum = tl.sum(tl.sum(q_lo + q_hi, 3), 2)  # [1, NG]: per-group sums for the zero points
+        qs_lo = q_lo * inv_pos
+        qs_hi = q_hi * inv_pos
+
+        g2 = tl.arange(0, NG)[None, :]
+        m_i = tl.max(tl.full([2], float("-inf"), tl.float32), 0)  # fp32 scalars (loop-carried)
+        l_i = tl.sum(tl.zeros([2], tl.float32), 0)
+        corr = tl.zeros([1, NG], tl.float32)  # sum over tokens of p * s * z, per group
+        acc_lo = tl.zeros([BN, NG, KG, W], tl.float32)
+        acc_hi = tl.zeros([BN, NG, KG, W], tl.float32)
+        base = (b * HKV + h).to(tl.int64) * cap
+        for it in range(NIT):
+            tok = start + it * BN + tl.arange(0, BN)
+            tmask = tok < end
+            rows = base + tok
+            t4 = rows[:, None, None, None]
+            m4 = tmask[:, None, None, None]
+            kw = tl.load(kw_ptr + t4 * W + w4, mask=m4, other=0)  # [BN, 1, 1, W]
+            vw = tl.load(vw_ptr + t4 * W + w4, mask=m4, other=0)
+            koff = (b.to(tl.int64) * ks_b + h * ks_h + tok.to(tl.int64) * ks_t)[:, None] + g2
+            voff = (b.to(tl.int64) * vs_b + h * vs_h + tok.to(tl.int64) * vs_t)[:, None] + g2
+            ksc = tl.load(ks_ptr + koff, mask=tmask[:, None], other=0.0).to(tl.float32)  # [BN, NG]
+            kzp = tl.load(kz_ptr + koff, mask=tmask[:, None], other=0.0).to(tl.float32)
+            # (two sums, not one of lo + hi: each is then one FMA chain)
+            dg = tl.sum(tl.sum(_codes(kw, mask4, ASM) * qs_lo, 2) + tl.sum(_codes(kw >> 16, mask4, ASM) * qs_hi, 2),
+                        2)  # [BN, NG]
+            if INT_ZERO:
+                s = tl.sum(ksc * (dg - kzp * qsum), 1)
+            else:
+                s = tl.sum(ksc * dg + kzp * qsum, 1)
+            s = tl.where(tmask, s * sm_scale, float("-inf"))
+            m_tile = tl.max(s, 0)
+            if m_tile > m_i + TAU:  # raise the reference maximum (rare after the first tiles)
+                alpha = tl.exp2(m_i - m_tile)
+                acc_lo = acc_lo * alpha
+                acc_hi = acc_hi * alpha
+                corr = corr * alpha
+                l_i = l_i * alpha
+                m_i = m_tile
+            pr = tl.where(tmask, tl.exp2(s - m_i), 0.0)  # [BN]
+            l_i += tl.sum(pr, 0)
+            vsc = tl.load(vs_ptr + voff, mask=tmask[:, None], other=0.0).to(tl.float32)
+            vzp = tl.load(vz_ptr + voff, mask=tmask[:, None], other=0.0).to(tl.float32)
+            ps = pr[:, None] * vsc  # [BN, NG]
+            if INT_ZERO:
+                corr += tl.sum(ps * vzp, 0)[None, :]
+            else:
+                corr -= tl.sum(pr[:, None] * vzp, 0)[None, :]
+            ps4 = ps[:, :, None, None]
+            acc_lo += _codes(vw, mask4, ASM) * ps4
+            acc_hi += _codes(vw >> 16, mask4, ASM) * ps4
+
+        has = l_i > 0
+        inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
+        corr4 = corr[:, :, None, None]
+        orow = ((b * HKV + h).to(tl.int64) * NS + split) * D
+        tl.store(o_ptr + orow + chan_lo, (tl.sum(acc_lo, 0)[None] * inv_pos - corr4) * inv)
+        tl.store(o_ptr + orow + chan_hi, (tl.sum(acc_hi, 0)[None] * inv_pos - corr4) * inv)
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(lse_ptr + (b * HKV + h) * NS + split, lse)
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, *,
+                         bits, group_size, integer_zero=True, max_len=None, num_splits=None, block_n=64,
+                         num_warps=4, num_stages=2, splits_per_sm=2, k_scale_heads_last=False):
+    """Partials (o [B, Hq, S, D] fp32, lse [B, Hq, S]) of q [B, Hq, D] (Hq == Hkv) over per-token
+    packed K/V; same contract and layouts as `decode_attention.decode_per_token`.
+    `k_scale_heads_last`: key scales/zeros are [B, 1, cap, Hkv] (one group a head, RotateKV's
+    layout without reordering) instead of [B, Hkv, cap, D/G]."""
+    from kvbench.kernels.decode_attention import _out, _pow2, _require_triton, default_splits
+
+    _require_triton()
+    b, hq, d = q.shape
+    hkv, cap = k_codes.shape[1], k_codes.shape[2]
+    if not supports(hq // hkv, d, bits, group_size) or hq != hkv:
+        raise ValueError(f"decode_per_token_mha: unsupported shape (heads {hq}/{hkv}, D {d}, bits {bits}, "
+                         f"group {group_size})")
+    max_len = cap if max_len is None else max_len
+    ns = num_splits or default_splits(b * hkv, max_len, block_n, q.device, per_sm=splits_per_sm)
+    nit = _pow2(-(-max(max_len, 1) // (ns * block_n)))
+    ns = -(-max(max_len, 1) // (nit * block_n))
+    o, lse = _out(q, ns)
+    if k_scale_heads_last:
+        if group_size != d or k_scale.shape[-1] != hkv:
+            raise ValueError("k_scale_heads_last needs one group a head (group_size == head_dim)")
+        k_strides = (k_scale.stride(0), k_scale.stride(3), k_scale.stride(2))
+    else:
+        k_strides = (k_scale.stride(0), k_scale.stride(1), k_scale.stride(2))
+    v_strides = (v_scale.stride(0), v_scale.stride(1), v_scale.stride(2))
+    _decode_per_token_mha_kernel[(b * hkv, ns)](
+        q.contiguous(), k_codes.view(torch.int32), k_scale, k_zero, v_codes.view(torch.int32), v_scale, v_zero,
+        lengths, o, lse, scaling * LOG2E, cap, *k_strides, *v_strides,
+        NIT=nit, HKV=hkv, D=d, BITS=bits, G=group_size, INT_ZERO=integer_zero, BN=block_n, NS=ns, TAU=8.0,
+        ASM=not _interpreting(), num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return o, lse
+

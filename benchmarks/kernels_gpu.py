@@ -155,10 +155,10 @@ def methods(b, h, d, L, device, smoke):
     pt_bytes = 2 * b * h * L * (d * bits // 8 + 4 * d // G)
     # "tc": the tensor-core kernel (decode_attention); "mha": CUDA cores, one query per KV head
     cfgs = [dict(kernel="tc", block_n=64, num_warps=4, fold_offset=True)]
-    cfgs += [dict(kernel="mha", block_n=bn, num_warps=nw, splits_per_sm=sp, num_stages=st)
-             for bn, nw, sp, st in ((64, 4, 2, 2), (64, 4, 4, 2), (64, 4, 8, 2), (128, 4, 2, 2), (128, 4, 4, 2),
-                                    (128, 8, 2, 2), (128, 8, 4, 2), (64, 4, 4, 3), (128, 4, 4, 3), (32, 4, 8, 2),
-                                    (256, 8, 2, 2), (64, 2, 8, 2))]
+    cfgs += [dict(kernel="mha", block_n=bn, num_warps=nw, splits_per_sm=sp, prefetch=pf)
+             for bn, nw, sp, pf in ((64, 2, 8, False), (64, 2, 8, True), (64, 4, 4, True), (64, 4, 8, True),
+                                    (128, 4, 4, True), (128, 4, 8, True), (32, 2, 8, True), (32, 2, 16, True),
+                                    (64, 2, 16, True), (32, 4, 8, True), (128, 8, 4, True))]
     if smoke:
         cfgs = [dict(kernel="tc", block_n=16, num_warps=4, num_splits=2),
                 dict(kernel="mha", block_n=16, num_warps=4, num_splits=2)]
@@ -286,6 +286,7 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--budget-s", type=float, default=150.0, help="after this, one config per remaining method")
+    ap.add_argument("--only", nargs="+", default=None, help="methods whose name contains one of these (and fp16)")
     args = ap.parse_args()
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -321,6 +322,8 @@ def main():
     rows = {}
     with torch.no_grad():
         for name, (variants, nbytes) in methods(b, h, d, L, device, args.smoke).items():
+            if args.only and name != "fp16-sdpa" and not any(o in name for o in args.only):
+                continue
             row = {"bytes": nbytes, "configs": []}
             best = None
             for cfg, fn, *kfn in variants:

@@ -61,12 +61,30 @@ if triton is not None:
         return x.to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
+    def _load_tile(kw_ptr, vw_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, base, t0, end, ks_b, ks_h, ks_t,
+                   vs_b, vs_h, vs_t, w4, g2, BN: tl.constexpr, W: tl.constexpr):
+        """Words [BN, 1, 1, W] of K and V and fp32 scales/zeros [BN, NG] of tokens t0 .. t0+BN-1."""
+        tok = t0 + tl.arange(0, BN)
+        tmask = tok < end
+        t4 = (base + tok)[:, None, None, None]
+        m4 = tmask[:, None, None, None]
+        kw = tl.load(kw_ptr + t4 * W + w4, mask=m4, other=0)
+        vw = tl.load(vw_ptr + t4 * W + w4, mask=m4, other=0)
+        koff = (b.to(tl.int64) * ks_b + h * ks_h + tok.to(tl.int64) * ks_t)[:, None] + g2
+        voff = (b.to(tl.int64) * vs_b + h * vs_h + tok.to(tl.int64) * vs_t)[:, None] + g2
+        ksc = tl.load(ks_ptr + koff, mask=tmask[:, None], other=0.0).to(tl.float32)
+        kzp = tl.load(kz_ptr + koff, mask=tmask[:, None], other=0.0).to(tl.float32)
+        vsc = tl.load(vs_ptr + voff, mask=tmask[:, None], other=0.0).to(tl.float32)
+        vzp = tl.load(vz_ptr + voff, mask=tmask[:, None], other=0.0).to(tl.float32)
+        return kw, vw, ksc, kzp, vsc, vzp
+
+    @triton.jit
     def _decode_per_token_mha_kernel(
         q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, len_ptr, o_ptr, lse_ptr,
         sm_scale, cap, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t,
         NIT: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
         INT_ZERO: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, TAU: tl.constexpr,
-        ASM: tl.constexpr,
+        ASM: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         # Tiles are 4-D [tokens, group, code in group, word]: the words come from a [BN, 1, 1, W]
         # load, so a thread's codes of one word (the broadcast axes) stay in that thread and the
@@ -108,18 +126,21 @@ if triton is not None:
         acc_lo = tl.zeros([BN, NG, KG, W], tl.float32)
         acc_hi = tl.zeros([BN, NG, KG, W], tl.float32)
         base = (b * HKV + h).to(tl.int64) * cap
+        # Register double-buffering: the next tile's loads are issued before this tile's math, so
+        # a tile's memory latency hides behind the previous tile's arithmetic (Triton's pipeliner
+        # only stages loads that feed tl.dot).
+        tmask = (start + tl.arange(0, BN)) < end
+        kw, vw, ksc, kzp, vsc, vzp = _load_tile(kw_ptr, vw_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, base, start,
+                                                end, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t, w4, g2, BN, W)
         for it in range(NIT):
-            tok = start + it * BN + tl.arange(0, BN)
-            tmask = tok < end
-            rows = base + tok
-            t4 = rows[:, None, None, None]
-            m4 = tmask[:, None, None, None]
-            kw = tl.load(kw_ptr + t4 * W + w4, mask=m4, other=0)  # [BN, 1, 1, W]
-            vw = tl.load(vw_ptr + t4 * W + w4, mask=m4, other=0)
-            koff = (b.to(tl.int64) * ks_b + h * ks_h + tok.to(tl.int64) * ks_t)[:, None] + g2
-            voff = (b.to(tl.int64) * vs_b + h * vs_h + tok.to(tl.int64) * vs_t)[:, None] + g2
-            ksc = tl.load(ks_ptr + koff, mask=tmask[:, None], other=0.0).to(tl.float32)  # [BN, NG]
-            kzp = tl.load(kz_ptr + koff, mask=tmask[:, None], other=0.0).to(tl.float32)
+            if PREFETCH:
+                nxt = _load_tile(kw_ptr, vw_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, base, start + (it + 1) * BN,
+                                 end, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t, w4, g2, BN, W)
+            else:
+                nxt = _load_tile(kw_ptr, vw_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, base, start + it * BN,
+                                 end, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t, w4, g2, BN, W)
+                kw, vw, ksc, kzp, vsc, vzp = nxt
+            tmask = (start + it * BN + tl.arange(0, BN)) < end
             # (two sums, not one of lo + hi: each is then one FMA chain)
             dg = tl.sum(tl.sum(_codes(kw, mask4, ASM) * qs_lo, 2) + tl.sum(_codes(kw >> 16, mask4, ASM) * qs_hi, 2),
                         2)  # [BN, NG]
@@ -138,8 +159,6 @@ if triton is not None:
                 m_i = m_tile
             pr = tl.where(tmask, tl.exp2(s - m_i), 0.0)  # [BN]
             l_i += tl.sum(pr, 0)
-            vsc = tl.load(vs_ptr + voff, mask=tmask[:, None], other=0.0).to(tl.float32)
-            vzp = tl.load(vz_ptr + voff, mask=tmask[:, None], other=0.0).to(tl.float32)
             ps = pr[:, None] * vsc  # [BN, NG]
             if INT_ZERO:
                 corr += tl.sum(ps * vzp, 0)[None, :]
@@ -148,6 +167,8 @@ if triton is not None:
             ps4 = ps[:, :, None, None]
             acc_lo += _codes(vw, mask4, ASM) * ps4
             acc_hi += _codes(vw >> 16, mask4, ASM) * ps4
+            if PREFETCH:
+                kw, vw, ksc, kzp, vsc, vzp = nxt
 
         has = l_i > 0
         inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
@@ -167,7 +188,7 @@ def _interpreting() -> bool:
 
 def decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, *,
                          bits, group_size, integer_zero=True, max_len=None, num_splits=None, block_n=64,
-                         num_warps=4, num_stages=2, splits_per_sm=2, k_scale_heads_last=False):
+                         num_warps=4, num_stages=2, splits_per_sm=2, k_scale_heads_last=False, prefetch=True):
     """Partials (o [B, Hq, S, D] fp32, lse [B, Hq, S]) of q [B, Hq, D] (Hq == Hkv) over per-token
     packed K/V; same contract and layouts as `decode_attention.decode_per_token`.
     `k_scale_heads_last`: key scales/zeros are [B, 1, cap, Hkv] (one group a head, RotateKV's
@@ -196,7 +217,7 @@ def decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
         q.contiguous(), k_codes.view(torch.int32), k_scale, k_zero, v_codes.view(torch.int32), v_scale, v_zero,
         lengths, o, lse, scaling * LOG2E, cap, *k_strides, *v_strides,
         NIT=nit, HKV=hkv, D=d, BITS=bits, G=group_size, INT_ZERO=integer_zero, BN=block_n, NS=ns, TAU=8.0,
-        ASM=not _interpreting(), num_warps=num_warps, num_stages=num_stages,
+        ASM=not _interpreting(), PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return o, lse
 

@@ -66,6 +66,9 @@ part_b() {
     cp /tmp/kvsmol/results.jsonl "$OUT/results_smollm2.jsonl" 2>/dev/null
     step "SmolLM2 decode-step perplexity, packed (fused kernels) vs simulated"
     timeout $(left 150) python3 scripts/gpu_decode_ppl.py $GGUF --tokens 256 --windows 1 --out "$OUT/decode_ppl.json"
+    step "accuracy of the fast RotateKV variants (benchmarks/rotatekv_fast_variants.yaml)"
+    timeout $(left 150) python3 -m kvbench.cli run benchmarks/rotatekv_fast_variants.yaml --output /tmp/kvfast
+    cp /tmp/kvfast/results.jsonl "$OUT/results_fast_variants.jsonl" 2>/dev/null
   else
     echo "SmolLM2 GGUF not staged: perplexity checks skipped"
   fi

@@ -11,9 +11,10 @@ does the arithmetic where the codes already are, in registers, at about three in
   upper half-word is shifted down once per word.
 * **scales and zero points off the per-code path**: scores are sum_g s_g (q_g . c_g - z_g sum q_g)
   per token and group; values use (p * s) . c - sum p s z, so a code costs one FMA.
-* **lazy softmax rescaling** (as in FlashAttention-3): the running maximum is only raised when a
-  tile exceeds it by more than 2**8, so the value accumulators are rarely rescaled; the result is
-  the same softmax, the exponentials just stay below 2**8.
+* **lazy softmax rescaling** (as in FlashAttention-3): the running maxima are only raised when a
+  tile exceeds them by more than 2**8, so the value accumulators are rarely rescaled; the result
+  is the same softmax, the exponentials just stay below 2**8. The softmax state is kept per row
+  slot of the tile (no cross-thread reductions in the loop) and merged once at the end.
 * **value reduction deferred**: per-token products accumulate in a [BN, codes] register tile and
   are summed over tokens once, after the loop.
 
@@ -120,9 +121,12 @@ if triton is not None:
         qs_hi = q_hi * inv_pos
 
         g2 = tl.arange(0, NG)[None, :]
-        m_i = tl.max(tl.full([2], float("-inf"), tl.float32), 0)  # fp32 scalars (loop-carried)
-        l_i = tl.sum(tl.zeros([2], tl.float32), 0)
-        corr = tl.zeros([1, NG], tl.float32)  # sum over tokens of p * s * z, per group
+        # Softmax state per row slot of the tile (the slot's tokens are it, it + BN, ...): no
+        # cross-thread reduction inside the loop but the one that decides to rescale; the slots
+        # are merged once at the end. -1e30, not -inf: no inf - inf anywhere.
+        m_i = tl.full([BN], -1e30, tl.float32)
+        l_i = tl.zeros([BN], tl.float32)
+        corr = tl.zeros([BN, NG], tl.float32)  # sum over the slot's tokens of p * s * z, per group
         acc_lo = tl.zeros([BN, NG, KG, W], tl.float32)
         acc_hi = tl.zeros([BN, NG, KG, W], tl.float32)
         base = (b * HKV + h).to(tl.int64) * cap
@@ -149,34 +153,40 @@ if triton is not None:
             else:
                 s = tl.sum(ksc * dg + kzp * qsum, 1)
             s = tl.where(tmask, s * sm_scale, float("-inf"))
-            m_tile = tl.max(s, 0)
-            if m_tile > m_i + TAU:  # raise the reference maximum (rare after the first tiles)
-                alpha = tl.exp2(m_i - m_tile)
-                acc_lo = acc_lo * alpha
-                acc_hi = acc_hi * alpha
-                corr = corr * alpha
+            if tl.max(s - m_i, 0) > TAU:  # raise the slots' reference maxima (rare after the first tiles)
+                m_new = tl.maximum(m_i, s)
+                alpha = tl.exp2(m_i - m_new)
+                a4 = alpha[:, None, None, None]
+                acc_lo = acc_lo * a4
+                acc_hi = acc_hi * a4
+                corr = corr * alpha[:, None]
                 l_i = l_i * alpha
-                m_i = m_tile
-            pr = tl.where(tmask, tl.exp2(s - m_i), 0.0)  # [BN]
-            l_i += tl.sum(pr, 0)
+                m_i = m_new
+            pr = tl.exp2(s - m_i)  # [BN]; 0 for masked tokens, at most 2**TAU
+            l_i += pr
             ps = pr[:, None] * vsc  # [BN, NG]
             if INT_ZERO:
-                corr += tl.sum(ps * vzp, 0)[None, :]
+                corr += ps * vzp
             else:
-                corr -= tl.sum(pr[:, None] * vzp, 0)[None, :]
+                corr -= pr[:, None] * vzp
             ps4 = ps[:, :, None, None]
             acc_lo += _codes(vw, mask4, ASM) * ps4
             acc_hi += _codes(vw >> 16, mask4, ASM) * ps4
             if PREFETCH:
                 kw, vw, ksc, kzp, vsc, vzp = nxt
 
-        has = l_i > 0
-        inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
-        corr4 = corr[:, :, None, None]
+        # merge the row slots: weights 2**(m_slot - m), exactly as merging splits
+        m = tl.max(m_i, 0)
+        wgt = tl.exp2(m_i - m)
+        l_sum = tl.sum(l_i * wgt, 0)
+        has = l_sum > 0
+        inv = tl.where(has, 1.0 / tl.where(has, l_sum, 1.0), 0.0)
+        w4s = wgt[:, None, None, None]
+        corr4 = tl.sum(corr * wgt[:, None], 0)[None, :, None, None]
         orow = ((b * HKV + h).to(tl.int64) * NS + split) * D
-        tl.store(o_ptr + orow + chan_lo, (tl.sum(acc_lo, 0)[None] * inv_pos - corr4) * inv)
-        tl.store(o_ptr + orow + chan_hi, (tl.sum(acc_hi, 0)[None] * inv_pos - corr4) * inv)
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(o_ptr + orow + chan_lo, (tl.sum(acc_lo * w4s, 0)[None] * inv_pos - corr4) * inv)
+        tl.store(o_ptr + orow + chan_hi, (tl.sum(acc_hi * w4s, 0)[None] * inv_pos - corr4) * inv)
+        lse = tl.where(has, (m + tl.log2(tl.where(has, l_sum, 1.0))) / 1.4426950408889634, float("-inf"))
         tl.store(lse_ptr + (b * HKV + h) * NS + split, lse)
 
 

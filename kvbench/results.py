@@ -80,9 +80,11 @@ def environment(device: str) -> dict[str, Any]:
 
     env: dict[str, Any] = {
         "kvbench": kvbench.__version__,
-        # A copy of the tree without .git (a remote GPU machine) passes the commit in the env.
-        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("KVBENCH_GIT_COMMIT"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # A copy of the tree on a remote GPU machine passes the commit in the env; it wins over
+        # git there, whose .git may be a stale copy (seen: an older HEAD, reported dirty).
+        "git_commit": os.environ.get("KVBENCH_GIT_COMMIT") or _git("rev-parse", "HEAD"),
+        "git_dirty": (None if os.environ.get("KVBENCH_GIT_COMMIT")
+                      else bool(_git("status", "--porcelain", "--untracked-files=no"))),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -52,11 +52,14 @@ def main() -> int:
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--dtype", default="float16")
     p.add_argument("--out")
+    p.add_argument("--cases", nargs="+", choices=[c[0] for c in CASES], help="labels to run (default: all)")
     a = p.parse_args()
     lm = load_model("smollm2-135m", a.model, "cuda", a.dtype)
     windows, source = wikitext_windows(lm, a.tokens, a.windows)
     rows = []
     for label, name, params in CASES:
+        if a.cases and label not in a.cases:
+            continue
         row = {"method": label, "params": params}
         for mode in ("simulated", "packed"):
             m = methods.get(name)(mode=mode, **params)
@@ -69,10 +72,14 @@ def main() -> int:
                 nll, n = nll + a_, n + b_
             row[f"{mode}_ppl"] = math.exp(nll / n)
             row[f"{mode}_s"] = round(time.perf_counter() - start, 1)
+            print(f"{label:16s} {mode:9s} ppl {row[f'{mode}_ppl']:.4f} ({row[f'{mode}_s']} s)", flush=True)
         kernel = getattr(m.new_cache(0, lm.geometry), "kernel_supported", lambda: False)()
         row["fused_kernel"] = bool(kernel)
         row["rel_diff"] = row["packed_ppl"] / row["simulated_ppl"] - 1
         rows.append(row)
+        if a.out:  # each finished case on disk before the next starts
+            with open(a.out, "w") as f:
+                json.dump({"rows": rows}, f, indent=1)
         print(f"{label:16s} simulated {row['simulated_ppl']:.4f} packed {row['packed_ppl']:.4f} "
               f"rel {100 * row['rel_diff']:+.3f}% kernel={kernel}", flush=True)
     out = {"source": source, "tokens_per_window": a.tokens, "windows": len(windows), "dtype": a.dtype,

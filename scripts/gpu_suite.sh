@@ -28,7 +28,9 @@ setup() {
   step "set-up"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/device.txt"
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
-  git log -1 --format='commit %H %s' 2>/dev/null | tee -a "$OUT/device.txt"
+  # the device's copy of the tree may carry a stale .git: the caller's KVBENCH_GIT_COMMIT wins
+  if [ -n "${KVBENCH_GIT_COMMIT:-}" ]; then echo "commit $KVBENCH_GIT_COMMIT" | tee -a "$OUT/device.txt"
+  else git log -1 --format='commit %H %s' 2>/dev/null | tee -a "$OUT/device.txt"; fi
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}

@@ -81,3 +81,17 @@ def test_run_resume_force_and_failures(tmp_path, config, smollm2, capsys):
     # --only with --force re-runs exactly what it names
     assert main(["run", str(config), "--force", "--only", "rtn-2", "kl"]) == 0
     assert [(r["method"], r["task"]) for r in _rows(tmp_path)[8:]] == [("rtn-2", "kl")]
+
+
+def test_environment_prefers_the_commit_passed_in(monkeypatch):
+    # A copy of the tree on a GPU machine may carry a stale .git; the caller's commit wins.
+    from kvbench.results import environment
+
+    environment.cache_clear()  # computed once per process
+    monkeypatch.setenv("KVBENCH_GIT_COMMIT", "0123abcd")
+    env = environment("cpu")
+    assert env["git_commit"] == "0123abcd" and env["git_dirty"] is None
+    environment.cache_clear()
+    monkeypatch.delenv("KVBENCH_GIT_COMMIT")
+    assert environment("cpu")["git_commit"] != "0123abcd"
+    environment.cache_clear()

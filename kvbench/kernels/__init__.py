@@ -18,6 +18,10 @@ TRITON_INTERPRET=1 (tests/test_kernels.py).
     positions, cos, sin, scaling, bits=, group_size=, head_group=, pre_rope=)`;
   each returns partials (o [B, Hq, S, D] fp32, lse [B, Hq, S]); `reference.merge_partials`
   merges them with the full-precision tokens' `reference.fp_partial`.
+* `decode_mha.decode_per_token_mha`: the per-token read for one query head per KV head (MHA) on
+  CUDA cores (codes unpacked in place, next tile's loads in flight, lazy softmax rescaling);
+  `decode_per_token` dispatches to it where `decode_mha.supports` says so, and `packed_decode`
+  uses it for RotateKV with post-RoPE keys, a 1-head Hadamard and no reordering.
   - `packed_decode(cache, q, scaling)`: the whole decode attention of a
     `kvbench.packed_cache` cache (what `cache.attend` calls on CUDA for one query per row).
 * `reference`: the plain-torch references (`ref_decode_*`, `fp_partial`, `merge_partials`,

@@ -52,8 +52,14 @@ def main() -> int:
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--dtype", default="float16")
     p.add_argument("--out")
+    p.add_argument("--exact-kernels", action="store_true",
+                   help="RotateKV's fused read in float32 arithmetic (decode_attention.ROTATEKV_EXACT)")
     p.add_argument("--cases", nargs="+", choices=[c[0] for c in CASES], help="labels to run (default: all)")
     a = p.parse_args()
+    if a.exact_kernels:
+        from kvbench.kernels import decode_attention
+
+        decode_attention.ROTATEKV_EXACT = True
     lm = load_model("smollm2-135m", a.model, "cuda", a.dtype)
     windows, source = wikitext_windows(lm, a.tokens, a.windows)
     rows = []
@@ -83,6 +89,7 @@ def main() -> int:
         print(f"{label:16s} simulated {row['simulated_ppl']:.4f} packed {row['packed_ppl']:.4f} "
               f"rel {100 * row['rel_diff']:+.3f}% kernel={kernel}", flush=True)
     out = {"source": source, "tokens_per_window": a.tokens, "windows": len(windows), "dtype": a.dtype,
+           "exact_kernels": a.exact_kernels,
            "device": torch.cuda.get_device_name(), "rows": rows}
     if a.out:
         with open(a.out, "w") as f:

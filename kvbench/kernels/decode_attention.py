@@ -113,14 +113,18 @@ if triton is not None:
 
     @triton.jit
     def _pv_add(pr, vraw, rows, tmask, vs_ptr, vz_ptr, o0, o1, o2, o3, BITS: tl.constexpr, P: tl.constexpr,
-                G: tl.constexpr, NG: tl.constexpr, INT_ZERO: tl.constexpr, FOLD: tl.constexpr = False):
+                G: tl.constexpr, NG: tl.constexpr, INT_ZERO: tl.constexpr, FOLD: tl.constexpr = False,
+                EXACT: tl.constexpr = False):
         """o_p += P.V_p for per-token values with the scale moved onto the probabilities:
         sum_n p_n s_n (c_n - z_n) = (p*s).c - sum_n (p*s)_n z_n (int zero), or
         (p*s).c + sum_n p_n z_n (float zero). One scale load per row and group, codes stay codes."""
         NPL: tl.constexpr = 8 // BITS
         PPG: tl.constexpr = max(G // P, 1)
         for p in tl.static_range(NPL):
-            if G % P != 0:  # groups narrower than a plane: dequantize per element
+            if G % P != 0 and EXACT:  # groups narrower than a plane: dequantize per element
+                contrib = tl.dot(pr, _deq_rows(vraw, rows, vs_ptr, vz_ptr, p, BITS, P, G, NG, INT_ZERO, tmask),
+                                 input_precision="ieee")
+            elif G % P != 0:
                 contrib = tl.dot(pr.to(tl.float16),
                                  _deq_rows(vraw, rows, vs_ptr, vz_ptr, p, BITS, P, G, NG, INT_ZERO, tmask).to(tl.float16))
             elif p % PPG == 0:
@@ -131,6 +135,8 @@ if triton is not None:
                 if INT_ZERO:
                     if FOLD:  # codes come as 1024 + c
                         corr = -tl.sum(ps.to(tl.float32) * (z[None, :] + 1024.0), 1)
+                    elif EXACT:
+                        corr = -tl.sum(pr * sc[None, :] * z[None, :], 1)
                     else:
                         corr = -tl.sum(ps.to(tl.float32) * z[None, :], 1)
                 else:
@@ -138,7 +144,10 @@ if triton is not None:
                     if FOLD:
                         corr -= 1024.0 * tl.sum(ps.to(tl.float32), 1)
             if G % P == 0:
-                if FOLD:
+                if EXACT:  # float32 probabilities and codes, IEEE float32 products
+                    contrib = tl.dot((pr * sc[None, :]), _codes16(vraw, p, BITS).to(tl.float32),
+                                     input_precision="ieee") + corr[:, None]
+                elif FOLD:
                     contrib = tl.dot(ps, _codes16_off(vraw, p, BITS)) + corr[:, None]
                 else:
                     contrib = tl.dot(ps, _codes16(vraw, p, BITS)) + corr[:, None]
@@ -467,8 +476,10 @@ if triton is not None:
         sm_scale, cap,
         NIT: tl.constexpr, NGRP: tl.constexpr, HG: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         NQ: tl.constexpr, G: tl.constexpr, PRE_ROPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-        NS: tl.constexpr, GATHER: tl.constexpr,
+        NS: tl.constexpr, GATHER: tl.constexpr, EXACT: tl.constexpr = False,
     ):
+        # EXACT (q in float32): dequantize, rotate and apply RoPE in float32 with IEEE float32
+        # products, the arithmetic of the simulated mode; slower, for checking the fp16 path.
         P: tl.constexpr = D * BITS // 8  # value bytes per token and head
         NPL: tl.constexpr = 8 // BITS
         PR: tl.constexpr = HG * D * BITS // 8  # key bytes per token and head group
@@ -539,16 +550,28 @@ if triton is not None:
                 soff = (sbase + xtok) * NQ + grp * HG + xh
                 sc = tl.load(ks_ptr + soff, mask=xmask, other=0.0).to(tl.float16)[None, :]
                 zc = tl.load(kz_ptr + soff, mask=xmask, other=0.0).to(tl.float16)[None, :]
-            x = ((c - zc) * sc).to(dt)  # [D, RR] rotated keys (transposed), un-mixed across heads
+            if EXACT:
+                x = (c.to(tl.float32) - zc.to(tl.float32)) * sc.to(tl.float32)
+            else:
+                x = ((c - zc) * sc).to(dt)  # [D, RR] rotated keys (transposed), un-mixed across heads
             if PRE_ROPE:
-                u_lo = tl.dot(h_lo, x)  # [D/2, RR]
-                u_hi = tl.dot(h_hi, x)
+                if EXACT:
+                    u_lo = tl.dot(h_lo, x, input_precision="ieee")
+                    u_hi = tl.dot(h_hi, x, input_precision="ieee")
+                else:
+                    u_lo = tl.dot(h_lo, x)  # [D/2, RR]
+                    u_hi = tl.dot(h_hi, x)
                 p_ = tl.load(pos_ptr + sbase + xtok, mask=xmask, other=0)
                 cs = tl.load(cos_ptr + p_[None, :].to(tl.int64) * D + d2[:, None], mask=xmask[None, :], other=0.0).to(tl.float32)
                 sn = tl.load(sin_ptr + p_[None, :].to(tl.int64) * D + d2[:, None], mask=xmask[None, :], other=0.0).to(tl.float32)
                 r_lo = (u_lo * cs - u_hi * sn).to(dt)
                 r_hi = (u_hi * cs + u_lo * sn).to(dt)
-                sfull = tl.dot(q_lo, r_lo) + tl.dot(q_hi, r_hi)  # [BM, RR]
+                if EXACT:
+                    sfull = tl.dot(q_lo, r_lo, input_precision="ieee") + tl.dot(q_hi, r_hi, input_precision="ieee")
+                else:
+                    sfull = tl.dot(q_lo, r_lo) + tl.dot(q_hi, r_hi)  # [BM, RR]
+            elif EXACT:
+                sfull = tl.dot(q, x, input_precision="ieee")
             else:
                 sfull = tl.dot(q, x)
             if HG == 1:
@@ -572,7 +595,8 @@ if triton is not None:
                     pd = tl.where((rhead == hh)[:, None], pr, 0.0)
                 rows = (b * HKV + grp * HG + hh).to(tl.int64) * cap + tok
                 vraw = tl.load(vc_ptr + rows[:, None] * P + j[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-                o0, o1, o2, o3 = _pv_add(pd, vraw, rows, tmask, vs_ptr, vz_ptr, o0, o1, o2, o3, BITS, P, G, NGV, True)
+                o0, o1, o2, o3 = _pv_add(pd, vraw, rows, tmask, vs_ptr, vz_ptr, o0, o1, o2, o3, BITS, P, G, NGV, True,
+                                         EXACT=EXACT)
             m_i = m_new
 
         has = l_i > 0
@@ -681,10 +705,12 @@ def decode_kivi(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scali
 
 def decode_rotatekv(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths, positions, cos, sin,
                     scaling, *, bits, group_size, head_group, pre_rope=True, max_len=None, num_splits=None,
-                    block_n=None, num_warps=4, num_stages=2):
+                    block_n=None, num_warps=4, num_stages=2, exact=False):
     """Partial attention over RotateKV's packed tokens. q [B, Hq, D] after RoPE, unrotated (for
     pre_rope=False pass the query as is too: this function multiplies it by H_D). Returns
-    partials whose outputs are still in the value-rotated space (apply H_D to undo)."""
+    partials whose outputs are still in the value-rotated space (apply H_D to undo).
+    `exact`: float32 arithmetic throughout (q promoted; IEEE float32 tensor-core products), the
+    simulated mode's arithmetic, for checking what the fp16 path's rounding costs (slower)."""
     _require_triton()
     from kvbench.hadamard import hadamard_matrix
 
@@ -704,6 +730,8 @@ def decode_rotatekv(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, 
         if group_size != d or nq != hkv:
             raise ValueError("decode_rotatekv without gid (no channel permutation) needs group_size == head_dim")
         gid = k_scale  # unused
+    if exact:
+        q = q.float()
     hsign = _sign_matrix_on(d, q.dtype, q.device)
     norm = 1.0 / math.sqrt(hg * d)
     if not pre_rope:
@@ -714,7 +742,8 @@ def decode_rotatekv(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, 
         cos, sin, hsign, o, lse,
         scaling * LOG2E * norm, cap,
         NIT=nit, NGRP=ngrp, HG=hg, GQ=gq, D=d, BITS=bits, NQ=nq, G=group_size, PRE_ROPE=pre_rope,
-        BM=max(16, _pow2(hg * gq)), BN=bn, NS=ns, GATHER=gather, num_warps=num_warps, num_stages=num_stages,
+        BM=max(16, _pow2(hg * gq)), BN=bn, NS=ns, GATHER=gather, EXACT=exact, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     return o, lse
 
@@ -741,6 +770,11 @@ def rotate_partials(o: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------
 # Packed caches -> kernels
+
+
+# RotateKV's read in float32 arithmetic (decode_rotatekv's `exact`): off by default (fp16 is the
+# fast path); scripts/gpu_decode_ppl.py --exact-kernels turns it on to measure the rounding's cost.
+ROTATEKV_EXACT = False
 
 
 def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -787,11 +821,12 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
                     max_len=ks.codes.shape[2] if capturing else cache.used, k_scale_heads_last=True, **MHA_LAUNCH)
                 parts.append((rotate_partials(o), lse))
             else:
-                o, lse = decode_rotatekv(qk, ks.codes, ks.scale, ks.zero, gid, vs.codes, vs.scale, vs.zero,
+                o, lse = decode_rotatekv(q3.float() if ROTATEKV_EXACT else qk, ks.codes, ks.scale, ks.zero, gid, vs.codes, vs.scale, vs.zero,
                                          cache.lengths, cache.positions, cos, sin, scaling, bits=spec.bits,
                                          group_size=spec.group_size, head_group=cache.head_group,
                                          pre_rope=cache.m.pre_rope,
-                                         max_len=ks.codes.shape[2] if capturing else cache.used)
+                                         max_len=ks.codes.shape[2] if capturing else cache.used,
+                                         exact=ROTATEKV_EXACT)
                 parts.append((rotate_partials(o), lse))
         else:
             rotated = isinstance(cache, pc.QuaRotPackedCache)

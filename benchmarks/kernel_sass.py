@@ -49,8 +49,8 @@ def sass_of(compiled) -> str:
 
 def resources(compiled) -> str:
     """cuobjdump's resource line: REG, STACK (spills show as a stack frame), SHARED."""
-    m = re.search(r"Resource usage:(.*)", _cuobjdump(compiled, "-res-usage"))
-    return m.group(1).strip() if m else "?"
+    m = re.search(r"(REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+)", _cuobjdump(compiled, "-res-usage"))
+    return m.group(1) if m else "?"
 
 
 def summarize(sass: str) -> dict:

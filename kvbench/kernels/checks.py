@@ -180,7 +180,7 @@ def check_packed_caches(device, results=None):
     from kvbench.rope import apply_rope, rope_tables
 
     results = [] if results is None else results
-    b, hkv, d = 3, 4, 64
+    b, d = 3, 64
     from methods.kivi import KIVI
     from methods.quarot import QuaRot
     from methods.rotatekv import RotateKV
@@ -188,7 +188,11 @@ def check_packed_caches(device, results=None):
 
     gen = torch.Generator().manual_seed(3)
     rkv = RotateKV(mode="packed", head_group=2, sinks=3)
-    rkv.load_calibration_state({"perm.0": torch.randperm(hkv * d, generator=gen)})
+    rkv.load_calibration_state({"perm.0": torch.randperm(4 * d, generator=gen)})
+    # SmolLM2's geometry (9 query heads on 3 KV heads: 3 a KV head, not a power of two), RotateKV
+    # with a 1-head Hadamard: the fused read that scripts/gpu_decode_ppl.py measures
+    smol = RotateKV(mode="packed", head_group=1, sinks=2)
+    smol.load_calibration_state({"perm.0": torch.randperm(3 * d, generator=gen)})
     cases = [("rtn-2", RTN(mode="packed", bits=2, group_size=32)), ("quarot-4", QuaRot(mode="packed", bits=4)),
              ("kivi-2", KIVI(mode="packed", bits=2, group_size=16, residual=8)), ("rotatekv-2", rkv),
              ("rotatekv-2-post", RotateKV(mode="packed", head_group=1, pre_rope=False, reorder=False, sinks=0)),
@@ -197,7 +201,9 @@ def check_packed_caches(device, results=None):
     mha = [("rtn-2 MHA", RTN(mode="packed", bits=2, group_size=16)), ("quarot-2 MHA", QuaRot(mode="packed", bits=2)),
            ("rotatekv-2-post MHA", RotateKV(mode="packed", head_group=1, pre_rope=False, reorder=False, sinks=2))]
     lengths = [40, 29, 7]
-    for name, method, h in [(n, m, 8) for n, m in cases] + [(n, m, 4) for n, m in mha]:
+    runs = ([(n, m, 8, 4) for n, m in cases] + [(n, m, 4, 4) for n, m in mha]
+            + [("rotatekv-2 h1, 9/3 heads", smol, 9, 3)])
+    for name, method, h, hkv in runs:
         geom = KVGeometry(num_layers=1, num_heads=h, num_kv_heads=hkv, head_dim=d, hidden_size=32, rope_theta=1e4)
         cache = method.new_cache(0, geom)
         t = max(lengths)

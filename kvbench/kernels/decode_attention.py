@@ -70,6 +70,36 @@ def _pow2(n: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _softmax_step(s, m_i, l_i, o0, o1, o2, o3):
+        """One online-softmax step over log2-scaled scores s [BM, N] (-inf where masked): the
+        tile's probabilities, the new running max and sum, and the accumulators rescaled."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-masked row stays at 0
+        alpha = tl.exp2(m_i - m_use)
+        pr = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        a = alpha[:, None]
+        return pr, m_new, l_i, o0 * a, o1 * a, o2 * a, o3 * a
+
+    @triton.jit
+    def _store_partials(o_ptr, lse_ptr, qrows, rmask, split, m_i, l_i, o0, o1, o2, o3, j,
+                        NS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, NPL: tl.constexpr):
+        """A split's normalized outputs (planes o0..o3 of P channels) and natural-log LSE for query
+        rows `qrows` (global b * Hq + head); empty rows get o = 0 and lse = -inf."""
+        has = l_i > 0
+        inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
+        orow = (qrows.to(tl.int64) * NS + split) * D
+        omask = rmask[:, None]
+        tl.store(o_ptr + orow[:, None] + j[None, :], o0 * inv[:, None], mask=omask)
+        if NPL > 1:
+            tl.store(o_ptr + orow[:, None] + P + j[None, :], o1 * inv[:, None], mask=omask)
+        if NPL > 2:
+            tl.store(o_ptr + orow[:, None] + 2 * P + j[None, :], o2 * inv[:, None], mask=omask)
+            tl.store(o_ptr + orow[:, None] + 3 * P + j[None, :], o3 * inv[:, None], mask=omask)
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(lse_ptr + qrows * NS + split, lse, mask=rmask)
+
+    @triton.jit
     def _plane(raw, p: tl.constexpr, BITS: tl.constexpr):
         """Codes of plane p from int32 bytes."""
         return ((raw >> (p * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
@@ -266,31 +296,12 @@ if triton is not None:
                     else:
                         acc += dsum * sc[None, :] + z[None, :] * qsum[:, None]
             s = tl.where(tmask[None, :], acc * sm_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            pr = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            o0 = o0 * alpha[:, None]
-            o1 = o1 * alpha[:, None]
-            o2 = o2 * alpha[:, None]
-            o3 = o3 * alpha[:, None]
+            pr, m_new, l_i, o0, o1, o2, o3 = _softmax_step(s, m_i, l_i, o0, o1, o2, o3)
             o0, o1, o2, o3 = _pv_add(pr, vraw, rows, tmask, vs_ptr, vz_ptr, o0, o1, o2, o3, BITS, P, G, NG, INT_ZERO,
                                      FOLD)
             m_i = m_new
 
-        has = l_i > 0
-        inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
-        orow = ((b * HQ + h * GQ + r).to(tl.int64) * NS + split) * D
-        omask = rmask[:, None]
-        tl.store(o_ptr + orow[:, None] + j[None, :], o0 * inv[:, None], mask=omask)
-        if NPL > 1:
-            tl.store(o_ptr + orow[:, None] + P + j[None, :], o1 * inv[:, None], mask=omask)
-        if NPL > 2:
-            tl.store(o_ptr + orow[:, None] + 2 * P + j[None, :], o2 * inv[:, None], mask=omask)
-            tl.store(o_ptr + orow[:, None] + 3 * P + j[None, :], o3 * inv[:, None], mask=omask)
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-        tl.store(lse_ptr + (b * HQ + h * GQ + r) * NS + split, lse, mask=rmask)
+        _store_partials(o_ptr, lse_ptr, b * HQ + h * GQ + r, rmask, split, m_i, l_i, o0, o1, o2, o3, j, NS, D, P, NPL)
 
     @triton.jit
     def _decode_per_token_kernel(
@@ -365,18 +376,7 @@ if triton is not None:
                     o3 = o3 * alpha[:, None] + tl.dot(pd, _deq_rows(vraw, rows, vs_ptr, vz_ptr, 3, BITS, P, G, NG, INT_ZERO, tmask).to(dt))
                 m_i = m_new
 
-        has = l_i > 0
-        inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
-        orow = ((b * HQ + h * GQ + r).to(tl.int64) * NS + split) * D
-        omask = rmask[:, None]
-        tl.store(o_ptr + orow[:, None] + j[None, :], o0 * inv[:, None], mask=omask)
-        if NPL > 1:
-            tl.store(o_ptr + orow[:, None] + P + j[None, :], o1 * inv[:, None], mask=omask)
-        if NPL > 2:
-            tl.store(o_ptr + orow[:, None] + 2 * P + j[None, :], o2 * inv[:, None], mask=omask)
-            tl.store(o_ptr + orow[:, None] + 3 * P + j[None, :], o3 * inv[:, None], mask=omask)
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-        tl.store(lse_ptr + (b * HQ + h * GQ + r) * NS + split, lse, mask=rmask)
+        _store_partials(o_ptr, lse_ptr, b * HQ + h * GQ + r, rmask, split, m_i, l_i, o0, o1, o2, o3, j, NS, D, P, NPL)
 
     @triton.jit
     def _decode_kivi_kernel(
@@ -433,32 +433,13 @@ if triton is not None:
                 kt = _codes16(kraw, pl, BITS) * sc + zc
                 s = tl.dot(q, kt)
                 s = tl.where(tmask[None, :], s * sm_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_use)
-                pr = tl.exp2(s - m_use[:, None])
-                l_i = l_i * alpha + tl.sum(pr, 1)
-                o0 = o0 * alpha[:, None]
-                o1 = o1 * alpha[:, None]
-                o2 = o2 * alpha[:, None]
-                o3 = o3 * alpha[:, None]
+                pr, m_new, l_i, o0, o1, o2, o3 = _softmax_step(s, m_i, l_i, o0, o1, o2, o3)
                 rows = tbase + tgrp * G + pl * PT + tj
                 vraw = tl.load(vc_ptr + rows[:, None] * P + j[None, :], mask=tmask[:, None], other=0).to(tl.int32)
                 o0, o1, o2, o3 = _pv_add(pr, vraw, rows, tmask, vs_ptr, vz_ptr, o0, o1, o2, o3, BITS, P, G, NG, False)
                 m_i = m_new
 
-        has = l_i > 0
-        inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
-        orow = ((b * HQ + h * GQ + r).to(tl.int64) * NS + split) * D
-        omask = rmask[:, None]
-        tl.store(o_ptr + orow[:, None] + j[None, :], o0 * inv[:, None], mask=omask)
-        if NPL > 1:
-            tl.store(o_ptr + orow[:, None] + P + j[None, :], o1 * inv[:, None], mask=omask)
-        if NPL > 2:
-            tl.store(o_ptr + orow[:, None] + 2 * P + j[None, :], o2 * inv[:, None], mask=omask)
-            tl.store(o_ptr + orow[:, None] + 3 * P + j[None, :], o3 * inv[:, None], mask=omask)
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-        tl.store(lse_ptr + (b * HQ + h * GQ + r) * NS + split, lse, mask=rmask)
+        _store_partials(o_ptr, lse_ptr, b * HQ + h * GQ + r, rmask, split, m_i, l_i, o0, o1, o2, o3, j, NS, D, P, NPL)
 
     @triton.jit
     def _parity_sign(a, bb):
@@ -579,15 +560,7 @@ if triton is not None:
             else:
                 s = tl.sum(tl.reshape(sfull, (BM, HG, BN)) * sign[:, :, None], 1)  # mix heads: [BM, BN]
             s = tl.where(tmask[None, :], s * sm_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            pr = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            o0 = o0 * alpha[:, None]
-            o1 = o1 * alpha[:, None]
-            o2 = o2 * alpha[:, None]
-            o3 = o3 * alpha[:, None]
+            pr, m_new, l_i, o0, o1, o2, o3 = _softmax_step(s, m_i, l_i, o0, o1, o2, o3)
             for hh in tl.static_range(HG):
                 if HG == 1:
                     pd = pr
@@ -599,18 +572,8 @@ if triton is not None:
                                          EXACT=EXACT)
             m_i = m_new
 
-        has = l_i > 0
-        inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
-        orow = ((b * HQ + grp * HG * GQ + r).to(tl.int64) * NS + split) * D
-        omask = rmask[:, None]
-        tl.store(o_ptr + orow[:, None] + j[None, :], o0 * inv[:, None], mask=omask)
-        if NPL > 1:
-            tl.store(o_ptr + orow[:, None] + P + j[None, :], o1 * inv[:, None], mask=omask)
-        if NPL > 2:
-            tl.store(o_ptr + orow[:, None] + 2 * P + j[None, :], o2 * inv[:, None], mask=omask)
-            tl.store(o_ptr + orow[:, None] + 3 * P + j[None, :], o3 * inv[:, None], mask=omask)
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-        tl.store(lse_ptr + (b * HQ + grp * HG * GQ + r) * NS + split, lse, mask=rmask)
+        _store_partials(o_ptr, lse_ptr, b * HQ + grp * HG * GQ + r, rmask, split, m_i, l_i, o0, o1, o2, o3, j,
+                        NS, D, P, NPL)
 
 
 # --------------------------------------------------------------------------------------------

@@ -86,9 +86,9 @@ def per_token_mha(bits: int, group: int, block_n: int, num_warps: int, num_stage
 
     sig = {"q_ptr": "*fp16", "kw_ptr": "*i32", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "vw_ptr": "*i32",
            "vs_ptr": "*fp16", "vz_ptr": "*fp16", "len_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32",
-           "sm_scale": "fp32", "cap": "i32", "SPLIT": "i32",
+           "sm_scale": "fp32", "cap": "i32",
            **{n: "i32" for n in ("ks_b", "ks_h", "ks_t", "vs_b", "vs_h", "vs_t")}}
-    ce = dict(NIT=1, DYN=True, HKV=32, D=d, BITS=bits, G=group, INT_ZERO=True, BN=block_n, NS=2, TAU=8.0, ASM=True, PREFETCH=True)
+    ce = dict(NIT=32, HKV=32, D=d, BITS=bits, G=group, INT_ZERO=True, BN=block_n, NS=2, TAU=8.0, ASM=True, PREFETCH=True)
     return compile_sm90(k, sig, ce, num_warps, num_stages), d * block_n * 2  # codes of K and V per tile
 
 

@@ -194,8 +194,8 @@ if triton is not None:
     @triton.jit
     def _decode_per_token_fast_kernel(
         q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr, o_ptr, lse_ptr,
-        sm_scale, cap, SPLIT,
-        NIT: tl.constexpr, DYN: tl.constexpr, HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+        sm_scale, cap,
+        NIT: tl.constexpr, HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         G: tl.constexpr, INT_ZERO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
         FOLD: tl.constexpr,
     ):
@@ -203,8 +203,8 @@ if triton is not None:
         # corrections (one fp16 op per element less; fp32 accumulation keeps the error ~1e-4).
         # Per-token K/V with G a multiple of the plane width P: codes go to the tensor cores as
         # they are (fp16 1024 + c minus 1024), scales and zeros are applied to the [M, N] scores
-        # (K) and probabilities (V) once per group, not per element. Masked tail tile (no
-        # branch in the loop: the loads pipeline).
+        # (K) and probabilities (V) once per group, not per element. Fixed trip count, masked
+        # tail (no branch in the loop: the loads pipeline).
         P: tl.constexpr = D * BITS // 8
         NPL: tl.constexpr = 8 // BITS
         NG: tl.constexpr = D // G
@@ -215,8 +215,8 @@ if triton is not None:
         b = pid // HKV
         h = pid % HKV
         length = tl.load(len_ptr + b).to(tl.int32)
-        start = split * SPLIT
-        end = tl.minimum(start + SPLIT, length)
+        start = split * (NIT * BN)
+        end = tl.minimum(start + NIT * BN, length)
 
         r = tl.arange(0, BM)
         rmask = r < GQ
@@ -243,7 +243,7 @@ if triton is not None:
         o2 = tl.zeros([BM, P], tl.float32)
         o3 = tl.zeros([BM, P], tl.float32)
         base = (b * HKV + h).to(tl.int64) * cap
-        for it in range(0, tl.cdiv(end - start, BN) if DYN else NIT):
+        for it in range(NIT):
             tok = start + it * BN + tl.arange(0, BN)
             tmask = tok < end
             rows = base + tok
@@ -306,8 +306,8 @@ if triton is not None:
     @triton.jit
     def _decode_per_token_kernel(
         q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr, o_ptr, lse_ptr,
-        sm_scale, cap, SPLIT,
-        NIT: tl.constexpr, DYN: tl.constexpr, HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+        sm_scale, cap,
+        NIT: tl.constexpr, HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
         INT_ZERO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
     ):
         P: tl.constexpr = D * BITS // 8
@@ -319,8 +319,8 @@ if triton is not None:
         b = pid // HKV
         h = pid % HKV
         length = tl.load(len_ptr + b).to(tl.int32)
-        start = split * SPLIT
-        end = tl.minimum(start + SPLIT, length)
+        start = split * (NIT * BN)
+        end = tl.minimum(start + NIT * BN, length)
 
         r = tl.arange(0, BM)
         rmask = r < GQ
@@ -344,7 +344,7 @@ if triton is not None:
         o2 = tl.zeros([BM, P], tl.float32)
         o3 = tl.zeros([BM, P], tl.float32)
         base = (b * HKV + h).to(tl.int64) * cap
-        for it in range(0, tl.cdiv(end - start, BN) if DYN else NIT):
+        for it in range(NIT):
             n0 = start + it * BN
             if n0 < end:
                 tok = n0 + tl.arange(0, BN)
@@ -381,7 +381,7 @@ if triton is not None:
     @triton.jit
     def _decode_kivi_kernel(
         q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, nq_ptr, o_ptr, lse_ptr,
-        sm_scale, capg, capt, SPLIT, NIT: tl.constexpr, DYN: tl.constexpr,
+        sm_scale, capg, capt, NIT: tl.constexpr,
         HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
         GT: tl.constexpr, BM: tl.constexpr, NS: tl.constexpr,
     ):
@@ -400,8 +400,8 @@ if triton is not None:
         b = pid // HKV
         h = pid % HKV
         ngroups = tl.load(nq_ptr + b).to(tl.int32) // G
-        gstart = split * SPLIT
-        gend = tl.minimum(gstart + SPLIT, ngroups)
+        gstart = split * (NIT * GT)
+        gend = tl.minimum(gstart + NIT * GT, ngroups)
 
         r = tl.arange(0, BM)
         rmask = r < GQ
@@ -421,7 +421,7 @@ if triton is not None:
         o3 = tl.zeros([BM, P], tl.float32)
         gbase = (b * HKV + h).to(tl.int64) * capg
         tbase = (b * HKV + h).to(tl.int64) * capt
-        for it in range(0, tl.cdiv(gend - gstart, GT) if DYN else NIT):
+        for it in range(NIT):
             tgrp = gstart + it * GT + tg  # [NT] group of each column
             tmask = tgrp < gend
             goff = (gbase + tgrp) * D
@@ -454,8 +454,8 @@ if triton is not None:
     def _decode_rotatekv_kernel(
         q_ptr, kc_ptr, ks_ptr, kz_ptr, gid_ptr, vc_ptr, vs_ptr, vz_ptr, len_ptr, pos_ptr,
         cos_ptr, sin_ptr, h_ptr, o_ptr, lse_ptr,
-        sm_scale, cap, SPLIT,
-        NIT: tl.constexpr, DYN: tl.constexpr, NGRP: tl.constexpr, HG: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+        sm_scale, cap,
+        NIT: tl.constexpr, NGRP: tl.constexpr, HG: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         NQ: tl.constexpr, G: tl.constexpr, PRE_ROPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
         NS: tl.constexpr, GATHER: tl.constexpr, EXACT: tl.constexpr = False,
     ):
@@ -474,8 +474,8 @@ if triton is not None:
         b = pid // NGRP
         grp = pid % NGRP
         length = tl.load(len_ptr + b).to(tl.int32)
-        start = split * SPLIT
-        end = tl.minimum(start + SPLIT, length)
+        start = split * (NIT * BN)
+        end = tl.minimum(start + NIT * BN, length)
 
         r = tl.arange(0, BM)
         rmask = r < HG * GQ
@@ -513,7 +513,7 @@ if triton is not None:
         o3 = tl.zeros([BM, P], tl.float32)
         kbase = (b * NGRP + grp).to(tl.int64) * cap
         sbase = b.to(tl.int64) * cap
-        for it in range(0, tl.cdiv(end - start, BN) if DYN else NIT):
+        for it in range(NIT):
             n0 = start + it * BN
             tok = n0 + tl.arange(0, BN)
             tmask = tok < end
@@ -596,27 +596,26 @@ def default_splits(programs: int, max_len: int, block: int, device=None, per_sm:
 
 
 def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (CPU tests), where kernels run no PTX and loop counts must be
-    compile-time constants."""
+    """True under TRITON_INTERPRET=1 (CPU tests), where kernels run no inline PTX."""
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def split_plan(max_len: int, block: int, ns: int) -> tuple[int, int, dict]:
-    """(splits, units per split, the kernels' loop arguments) for `max_len` units (tokens, or KIVI
-    groups) in tiles of `block`, over about `ns` splits.
-
-    On the GPU a program's trip count is read from the row's length on the device
-    (`DYN`): a captured decode step sized for the reserved capacity then runs only the tiles
-    that hold tokens, and the split size needs no rounding to a power of two (it is a runtime
-    argument: no recompiles as the context grows). The interpreter needs a compile-time count
-    (`NIT`), so there every split loops over its whole size with masked tiles."""
+def split_plan(max_len: int, block: int, ns: int) -> tuple[int, int]:
+    """(splits, tiles per split) for `max_len` units (tokens, or KIVI groups) in tiles of `block`
+    over about `ns` splits. The tile count is a compile-time constant of the kernels (a loop
+    bound read from the device measured 1-70% slower on the H100: results/gpu/experiments/).
+    Eager calls round it up to a power of two, so a context that grows step by step compiles a
+    few kernels, not one per length. While a CUDA graph is being captured (its kernels are sized
+    once, for the reserved capacity) the smallest count is taken instead: a power of two there
+    masked up to half of the work (8208 slots ran as 3 x 4096)."""
+    exact = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     tiles = -(-max(max_len, 1) // block)
     per = -(-tiles // max(ns, 1))
-    ns = -(-tiles // per)
-    dyn = not interpreting()
-    return ns, per * block, dict(NIT=1 if dyn else per, DYN=dyn)
+    if not exact:
+        per = _pow2(per)
+    return -(-tiles // per), per
 
 
 def _out(q: torch.Tensor, ns: int):
@@ -643,7 +642,7 @@ def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
                                                scaling, bits=bits, group_size=group_size, integer_zero=integer_zero,
                                                max_len=max_len, num_splits=num_splits, **MHA_LAUNCH)
     max_len = cap if max_len is None else max_len
-    ns, split, loop = split_plan(max_len, block_n, num_splits or default_splits(b * hkv, max_len, block_n, q.device))
+    ns, nit = split_plan(max_len, block_n, num_splits or default_splits(b * hkv, max_len, block_n, q.device))
     o, lse = _out(q, ns)
     p_width = d * bits // 8
     use_fast = fast and group_size % p_width == 0
@@ -651,7 +650,7 @@ def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
     kernel = _decode_per_token_fast_kernel if use_fast else _decode_per_token_kernel
     kernel[(b * hkv, ns)](
         q.contiguous(), k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, o, lse,
-        scaling * LOG2E, cap, split, **loop, HKV=hkv, GQ=gq, D=d, BITS=bits, G=group_size, INT_ZERO=integer_zero,
+        scaling * LOG2E, cap, NIT=nit, HKV=hkv, GQ=gq, D=d, BITS=bits, G=group_size, INT_ZERO=integer_zero,
         BM=max(16, _pow2(gq)), BN=block_n, NS=ns, num_warps=num_warps, num_stages=num_stages, **extra,
     )  # fmt: skip
     return o, lse
@@ -674,12 +673,11 @@ def decode_kivi(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scali
     pt = g * bits // 8
     gt = groups_per_tile or max(1, 64 // pt)
     total_groups = -(-(capt if max_len is None else max_len) // g)
-    ns, split, loop = split_plan(total_groups, gt, num_splits or default_splits(b * hkv, total_groups * g, gt * g,
-                                                                                 q.device))
+    ns, nit = split_plan(total_groups, gt, num_splits or default_splits(b * hkv, total_groups * g, gt * g, q.device))
     o, lse = _out(q, ns)
     _decode_kivi_kernel[(b * hkv, ns)](
         q.contiguous(), k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, o, lse,
-        scaling * LOG2E, capg, capt, split, **loop, HKV=hkv, GQ=gq, D=d, BITS=bits, G=g, GT=gt, BM=max(16, _pow2(gq)), NS=ns,
+        scaling * LOG2E, capg, capt, NIT=nit, HKV=hkv, GQ=gq, D=d, BITS=bits, G=g, GT=gt, BM=max(16, _pow2(gq)), NS=ns,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return o, lse
@@ -704,7 +702,7 @@ def decode_rotatekv(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, 
     nq = k_scale.shape[-1]
     bn = block_n or max(16, 64 // hg)
     max_len = cap if max_len is None else max_len
-    ns, split, loop = split_plan(max_len, bn, num_splits or default_splits(b * ngrp, max_len, bn, q.device))
+    ns, nit = split_plan(max_len, bn, num_splits or default_splits(b * ngrp, max_len, bn, q.device))
     gather = gid is not None
     if not gather:
         if group_size != d or nq != hkv:
@@ -720,7 +718,7 @@ def decode_rotatekv(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, 
     _decode_rotatekv_kernel[(b * ngrp, ns)](
         q.contiguous(), k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths, positions,
         cos, sin, hsign, o, lse,
-        scaling * LOG2E * norm, cap, split, **loop, NGRP=ngrp, HG=hg, GQ=gq, D=d, BITS=bits, NQ=nq, G=group_size, PRE_ROPE=pre_rope,
+        scaling * LOG2E * norm, cap, NIT=nit, NGRP=ngrp, HG=hg, GQ=gq, D=d, BITS=bits, NQ=nq, G=group_size, PRE_ROPE=pre_rope,
         BM=max(16, _pow2(hg * gq)), BN=bn, NS=ns, GATHER=gather, EXACT=exact, num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip

@@ -84,8 +84,8 @@ if triton is not None:
     @triton.jit
     def _decode_per_token_mha_kernel(
         q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, len_ptr, o_ptr, lse_ptr,
-        sm_scale, cap, SPLIT, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t,
-        NIT: tl.constexpr, DYN: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+        sm_scale, cap, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t,
+        NIT: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
         INT_ZERO: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, TAU: tl.constexpr,
         ASM: tl.constexpr, PREFETCH: tl.constexpr,
     ):
@@ -103,8 +103,8 @@ if triton is not None:
         b = pid // HKV
         h = pid % HKV
         length = tl.load(len_ptr + b).to(tl.int32)
-        start = split * SPLIT
-        end = tl.minimum(start + SPLIT, length)
+        start = split * (NIT * BN)
+        end = tl.minimum(start + NIT * BN, length)
 
         # code k = g * KG + kk of a half-word: plane p = k // 2 of its byte k % 2 (groups of whole
         # planes, so the group is k // KG), at bit pos = 8 * (k % 2) + BITS * p
@@ -138,7 +138,7 @@ if triton is not None:
         tmask = (start + tl.arange(0, BN)) < end
         kw, vw, ksc, kzp, vsc, vzp = _load_tile(kw_ptr, vw_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, base, start,
                                                 end, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t, w4, g2, BN, W)
-        for it in range(0, tl.cdiv(end - start, BN) if DYN else NIT):  # DYN: see split_plan
+        for it in range(NIT):
             if PREFETCH:
                 nxt = _load_tile(kw_ptr, vw_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, base, start + (it + 1) * BN,
                                  end, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t, w4, g2, BN, W)
@@ -208,8 +208,8 @@ def decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
         raise ValueError(f"decode_per_token_mha: unsupported shape (heads {hq}/{hkv}, D {d}, bits {bits}, "
                          f"group {group_size})")
     max_len = cap if max_len is None else max_len
-    ns, split, loop = split_plan(max_len, block_n,
-                                 num_splits or default_splits(b * hkv, max_len, block_n, q.device, per_sm=splits_per_sm))
+    ns, nit = split_plan(max_len, block_n,
+                         num_splits or default_splits(b * hkv, max_len, block_n, q.device, per_sm=splits_per_sm))
     o, lse = _out(q, ns)
     if k_scale_heads_last:
         if group_size != d or k_scale.shape[-1] != hkv:
@@ -220,7 +220,7 @@ def decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     v_strides = (v_scale.stride(0), v_scale.stride(1), v_scale.stride(2))
     _decode_per_token_mha_kernel[(b * hkv, ns)](
         q.contiguous(), k_codes.view(torch.int32), k_scale, k_zero, v_codes.view(torch.int32), v_scale, v_zero,
-        lengths, o, lse, scaling * LOG2E, cap, split, *k_strides, *v_strides, **loop, HKV=hkv, D=d, BITS=bits, G=group_size, INT_ZERO=integer_zero, BN=block_n, NS=ns, TAU=8.0,
+        lengths, o, lse, scaling * LOG2E, cap, *k_strides, *v_strides, NIT=nit, HKV=hkv, D=d, BITS=bits, G=group_size, INT_ZERO=integer_zero, BN=block_n, NS=ns, TAU=8.0,
         ASM=not interpreting(), PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return o, lse

@@ -677,6 +677,11 @@ class KIVIPackedCache(LayerCache):
         gslot = (self.nq[:, None] + ar) % w  # [B, G] ring slots of the group at nq
         k = self.win_k[bi[:, None], :, gslot].transpose(1, 2)  # [B, H, G, D]
         v = self.win_v[bi[:, None], :, gslot].transpose(1, 2)
+        if _kernels_enabled(new.k) and self.spec.bits in (2, 4, 8) and not (g & (g - 1) or self.D & (self.D - 1)):
+            self._write_group_fused(k, v, cross)
+            self.nq.add_(torch.where(cross, g, 0))
+            self._stash = None
+            return
         kq = quantize(k.transpose(-1, -2), self.spec)  # per channel over the G tokens
         gi = torch.clamp(self.nq // g, max=self.k_codes.shape[2] - 1)
         keep = cross[:, None, None, None]
@@ -691,6 +696,32 @@ class KIVIPackedCache(LayerCache):
             dst[bi[:, None], :, tslots] = torch.where(keep, val.transpose(1, 2), dst[bi[:, None], :, tslots])
         self.nq.add_(torch.where(cross, g, 0))
         self._stash = None
+
+    def _write_group_fused(self, k: torch.Tensor, v: torch.Tensor, cross: torch.Tensor) -> None:
+        """The group at each row's boundary, quantized and packed by the fused row writer
+        (kvbench.kernels.quant_write, the torch quantizer's arithmetic bit for bit) straight into
+        the stores: keys as rows of one channel over the G tokens ([B*H*D, G], one group a row),
+        values as rows of one token ([B*H*G, D]). Rows whose boundary did not move get
+        destination -1 and are not written. Two launches instead of the torch path's dozens."""
+        from kvbench.kernels.quant_write import quantize_pack_rows
+
+        b, h, g, d = k.shape
+        spec, dev = self.spec, k.device
+        bh = torch.arange(b, device=dev)[:, None] * h + torch.arange(h, device=dev)  # [B, H]
+        capg = self.k_codes.shape[2]
+        gi = torch.clamp(self.nq // g, max=capg - 1)
+        krow = (bh * capg + gi[:, None])[..., None] * d + torch.arange(d, device=dev)  # [B, H, D]
+        krow = torch.where(cross[:, None, None], krow, -1).reshape(-1)
+        kw = dict(bits=spec.bits, clip_ratio=spec.clip_ratio, integer_zero=spec.integer_zero)
+        quantize_pack_rows(k.transpose(-1, -2).reshape(-1, g), group_size=g, dest=krow, **kw,
+                           out=(self.k_codes.view(-1, self.k_codes.shape[-1]), self.k_scale.view(-1, 1),
+                                self.k_zero.view(-1, 1)))
+        vs = self.vstore
+        capt = vs.codes.shape[2]
+        vrow = bh[..., None] * capt + (self.nq[:, None, None] + torch.arange(g, device=dev))  # [B, H, G]
+        vrow = torch.where(cross[:, None, None], vrow, -1).reshape(-1)
+        quantize_pack_rows(v.reshape(-1, d), group_size=spec.group_size, dest=vrow, **kw,
+                           out=(vs.codes.view(-1, vs.row_bytes), vs.scale.view(-1, vs.ng), vs.zero.view(-1, vs.ng)))
 
     def _window(self):
         """The full-precision ring as attention inputs: (k, v [B, H, W, D], positions [B, W])."""

@@ -343,4 +343,52 @@ def check_fused_append(device, results=None):
                     info["codes_differing"] = max(info.get("codes_differing", 0.0), frac)
                     ok &= frac <= 5e-3 and int((a - c).abs().max()) <= 1
         results.append({"kernel": f"fused append {name}", "ok": bool(ok), **info})
+    check_fused_kivi_decode(device, results)
+    return results
+
+
+def check_fused_kivi_decode(device, results=None):
+    """KIVI's decode append through the fused row writer stores exactly what its torch path
+    stores, over decode steps that move some rows' quantization boundary and not others'."""
+    import os
+
+    from kvbench import packed_cache as pc
+    from kvbench.method import NewTokens
+    from kvbench.quant import QuantSpec
+
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(6)
+    b, hkv, d, g = 3, 2, 64, 16
+    lengths = [30, 17, 5]
+    t = max(lengths)
+    pos = torch.tensor([[-1] * (t - n) + list(range(n)) for n in lengths])
+    steps = [(torch.randn(b, hkv, t, d, generator=gen), torch.randn(b, hkv, t, d, generator=gen), pos, True)]
+    for s in range(2 * g + 3):
+        k, v = torch.randn(b, hkv, 1, d, generator=gen), torch.randn(b, hkv, 1, d, generator=gen)
+        k[..., 5] *= 25
+        steps.append((k, v, torch.tensor(lengths)[:, None] + s, False))
+    caches = {}
+    for fused in (False, True):
+        cache = pc.KIVIPackedCache(QuantSpec(2, g, integer_zero=False), 8, hkv, d, capacity=t + len(steps))
+        saved = pc._kernels_enabled
+        if fused and device == "cpu":  # the interpreter runs the kernel on CPU tensors
+            pc._kernels_enabled = lambda x: True
+        if not fused:
+            os.environ["KVBENCH_PACKED_KERNELS"] = "0"
+        try:
+            for k, v, p, prefill in steps:
+                k, v = k.half().to(device), v.half().to(device)
+                cache.append(NewTokens(k_pre=k, k=k, v=v, cos=None, sin=None, positions=p.to(device),
+                                       layer_input=None, is_prefill=prefill))
+        finally:
+            pc._kernels_enabled = saved
+            os.environ.pop("KVBENCH_PACKED_KERNELS", None)
+        caches[fused] = cache
+    a, c = caches[False], caches[True]
+    same = [torch.equal(x.cpu(), y.cpu()) for x, y in (
+        (a.k_codes, c.k_codes), (a.k_scale, c.k_scale), (a.k_zero, c.k_zero), (a.vstore.codes, c.vstore.codes),
+        (a.vstore.scale, c.vstore.scale), (a.vstore.zero, c.vstore.zero), (a.nq, c.nq), (a.n, c.n),
+        (a.win_k, c.win_k), (a.win_v, c.win_v))]
+    results.append({"kernel": "fused append kivi-2 decode steps", "ok": all(same),
+                    "quantized_rows": [int(x) for x in c.nq.cpu()]})
     return results

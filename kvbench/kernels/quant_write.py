@@ -86,7 +86,8 @@ if triton is not None:
         shifts = (tl.arange(0, NPL) * BITS)[None, :, None]
         packed = tl.sum(planes << shifts, 1)  # fields are disjoint: sum == or
         if HAS_DEST:
-            row = tl.load(dest_ptr + r, mask=rmask, other=0).to(tl.int64)
+            row = tl.load(dest_ptr + r, mask=rmask, other=-1).to(tl.int64)
+            rmask = rmask & (row >= 0)  # a negative destination: not written
         else:
             row = r.to(tl.int64)
         j = tl.arange(0, P)
@@ -101,7 +102,8 @@ def quantize_pack_rows(x: torch.Tensor, *, bits: int, group_size: int, clip_rati
                        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, block_rows: int = 16):
     """Quantize and pack rows x [R, n] (n a power of two, bits 2/4/8). Returns (codes, scale, zero)
     [R or out rows, ...]; with `out` (codes [M, n*bits/8] u8, scale/zero [M, n/G] fp16, contiguous)
-    and `dest` [R] int64 row indices, writes row r to out row dest[r] and returns `out`."""
+    and `dest` [R] int64 row indices, writes row r to out row dest[r] (not at all where dest[r] < 0:
+    a masked write without a host sync) and returns `out`."""
     if triton is None:
         raise RuntimeError("kvbench.kernels.quant_write needs triton (pip install triton) and a CUDA GPU, "
                            "or TRITON_INTERPRET=1 for CPU tensors")

@@ -92,7 +92,21 @@ def per_token_mha(bits: int, group: int, block_n: int, num_warps: int, num_stage
     return compile_sm90(k, sig, ce, num_warps, num_stages), d * block_n * 2  # codes of K and V per tile
 
 
-KERNELS = {"per_token_mha": per_token_mha}
+def kivi_mha(bits: int, group: int, block_n: int, num_warps: int, num_stages: int, d: int = 128):
+    """KIVI's two-pass kernel; the longest loop is pass 1 (keys), so codes are its key codes."""
+    from kvbench.kernels.decode_kivi_mha import KEY_LANES
+    from kvbench.kernels.decode_kivi_mha import _kivi_mha_kernel as k
+
+    sig = {"q_ptr": "*fp16", "kw_ptr": "*i32", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "vw_ptr": "*i32",
+           "vs_ptr": "*fp16", "vz_ptr": "*fp16", "nq_ptr": "*i64", "scr_ptr": "*fp32", "o_ptr": "*fp32",
+           "lse_ptr": "*fp32", "sm_scale": "fp32", "capg": "i32", "capt": "i32", "vs_b": "i32", "vs_h": "i32",
+           "vs_t": "i32"}
+    gt = max(1, 32 * num_warps // (group * bits // 32 * KEY_LANES))
+    ce = dict(NIT=8, HKV=32, D=d, BITS=bits, G=group, GT=gt, CT=KEY_LANES, BN=block_n, NS=2, ASM=True)
+    return compile_sm90(k, sig, ce, num_warps, num_stages), gt * group * d
+
+
+KERNELS = {"per_token_mha": per_token_mha, "kivi_mha": kivi_mha}
 
 
 def main(argv=None) -> int:

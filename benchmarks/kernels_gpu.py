@@ -120,7 +120,7 @@ def methods(b, h, d, L, device, smoke):
     """{name: (fn, bytes, kernel-config list)} with fn() doing the whole decode attention."""
     from kvbench.hadamard import hadamard_matrix
     from kvbench.kernels import decode_attention as da
-    from kvbench.kernels import decode_mha
+    from kvbench.kernels import decode_kivi_mha, decode_mha
     from kvbench.kernels import reference as ref
     from kvbench.rope import rope_tables
 
@@ -209,20 +209,30 @@ def methods(b, h, d, L, device, smoke):
     win_k = torch.randn(b, h, W, d, device=device, generator=gen).half()
     win_v = torch.randn(b, h, W, d, device=device, generator=gen).half()
     kivi_bytes = b * h * nq_tok * (d * bits // 8 + 4 * d // G) * 2 + b * h * (L - nq_tok) * d * 2 * 2
-    kcfgs = [dict(groups_per_tile=8, num_warps=4, num_splits=None), dict(groups_per_tile=16, num_warps=8, num_splits=None)]
+    # "tc": the tensor-core kernel (decode_attention); "mha": CUDA cores in two passes (decode_kivi_mha)
+    kcfgs = [dict(kernel="tc", groups_per_tile=8, num_warps=4), dict(kernel="tc", groups_per_tile=16, num_warps=8)]
+    kcfgs += [dict(kernel="mha", num_warps=nw, splits_per_sm=sp, block_n=bn)
+              for nw, sp, bn in ((4, 4, 64), (4, 8, 64), (4, 2, 64), (8, 4, 64), (2, 8, 64), (4, 4, 32))]
     if smoke:
-        kcfgs = [dict(groups_per_tile=2, num_warps=4, num_splits=2)]
+        kcfgs = [dict(kernel="tc", groups_per_tile=2, num_warps=4, num_splits=2),
+                 dict(kernel="mha", groups_per_tile=2, num_warps=4, num_splits=2, block_n=16)]
 
-    def kivi_fn(cfg, G=G, W=W):
+    def kivi_partials(cfg, G=G):
+        c = {k: v for k, v in cfg.items() if k != "kernel"}
+        if cfg["kernel"] == "mha":
+            return decode_kivi_mha.decode_kivi_mha(q, kc, ks, kz, *kv_v, nq, scaling, bits=bits, group_size=G,
+                                                   max_len=L, **c)
+        return da.decode_kivi(q, kc, ks, kz, *kv_v, nq, scaling, bits=bits, group_size=G, max_len=L, mha=False, **c)
+
+    def kivi_fn(cfg, W=W):
         def f():
-            o, lse = da.decode_kivi(q, kc, ks, kz, *kv_v, nq, scaling, bits=bits, group_size=G, max_len=L, **cfg)
             slot = torch.arange(W, device=device)
             valid = ((slot[None] - nq[:, None]) % W) < (n_all - nq)[:, None]
-            return ref.merge_partials([(o, lse), ref.fp_partial(q, win_k, win_v, valid, scaling)])
+            return ref.merge_partials([kivi_partials(cfg), ref.fp_partial(q, win_k, win_v, valid, scaling)])
         return f
 
-    def kivi_kernel(cfg, G=G):
-        return lambda: da.decode_kivi(q, kc, ks, kz, *kv_v, nq, scaling, bits=bits, group_size=G, max_len=L, **cfg)
+    def kivi_kernel(cfg):
+        return lambda: kivi_partials(cfg)
 
     out["kivi-2 (G32, R128)"] = ([(str(c), kivi_fn(c), kivi_kernel(c)) for c in kcfgs], kivi_bytes)
 

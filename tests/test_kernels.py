@@ -27,7 +27,8 @@ _SCRIPT = r"""
 import json, sys
 from kvbench.kernels import checks
 what = sys.argv[1]
-fn = {"per_token": checks.check_per_token, "per_token_mha": checks.check_per_token_mha, "kivi": checks.check_kivi, "rotatekv": checks.check_rotatekv,
+fn = {"per_token": checks.check_per_token, "per_token_mha": checks.check_per_token_mha, "kivi": checks.check_kivi,
+      "kivi_mha": checks.check_kivi_mha, "rotatekv": checks.check_rotatekv,
       "packed": checks.check_packed_caches, "write": checks.check_write,
       "append": checks.check_fused_append}[what]
 print("RESULTS" + json.dumps(fn("cpu")))
@@ -44,7 +45,7 @@ def _interpret(what: str) -> list[dict]:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("what", ["per_token", "per_token_mha", "kivi", "rotatekv", "packed", "write", "append"])
+@pytest.mark.parametrize("what", ["per_token", "per_token_mha", "kivi", "kivi_mha", "rotatekv", "packed", "write", "append"])
 def test_kernels_interpreted(what):
     results = _interpret(what)
     assert results

@@ -47,9 +47,14 @@ def _compare(name, out, lse, r_out, r_lse, results, rel_bound=REL_BOUND):
     r = ref.merge_partials([(r_out, r_lse)])
     err = float((a - r).abs().max())
     bound = rel_bound * float(r.abs().max())
-    lse_err = float((torch.logsumexp(lse, -1) - r_lse[..., 0]).abs().max())
+    got, want = torch.logsumexp(lse, -1), r_lse[..., 0]
+    seen = torch.isfinite(want)  # rows with no tokens have lse -inf, and must get it
+    any_seen = bool(seen.any())
+    lse_err = float((got[seen] - want[seen]).abs().max()) if any_seen else 0.0
+    lse_bound = 1e-3 * max(1.0, float(want[seen].abs().max()) if any_seen else 1.0)
+    empty_ok = bool(torch.isneginf(got[~seen]).all())
     results.append({"kernel": name, "max_abs_err": err, "bound": bound, "lse_err": lse_err,
-                    "ok": err <= bound and lse_err <= 1e-3 * max(1.0, float(r_lse.abs().max()))})
+                    "ok": err <= bound and empty_ok and lse_err <= lse_bound})
 
 
 def check_per_token(device, small=True, results=None):
@@ -117,6 +122,35 @@ def check_kivi(device, small=True, results=None):
                                 num_splits=2 if small else None, groups_per_tile=2 if small else None)
         ro, rl = ref.ref_decode_kivi(q.float(), kc, ks, kz, *v, nq, d**-0.5, bits=bits, group_size=group)
         _compare(f"kivi bits={bits} G={group}", o, lse, ro, rl, results)
+    return results
+
+
+def check_kivi_mha(device, small=True, results=None):
+    """KIVI's CUDA-core kernel for one query head per KV head (`decode_kivi_mha`): bit widths and
+    group sizes it takes, ragged quantized lengths including an empty row, empty splits."""
+    from kvbench.kernels import decode_kivi_mha as km
+
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(7)
+    b, h, d = (3, 2, 64) if small else (4, 32, 128)
+    for bits, group in ((2, 32), (2, 16), (2, 64), (4, 32), (8, 32)):
+        if not km.supports(1, d, bits, group):
+            continue
+        capg = 7 if small else 100
+        pt = group * bits // 8
+        kc = torch.randint(0, 256, (b, h, capg, d, pt), generator=gen, dtype=torch.uint8).to(device)
+        ks = ((torch.rand(b, h, capg, d, generator=gen) * 0.5 + 0.05) * 4 / (1 << bits))
+        ks[:, :, :, 3] *= 8.0  # outlier channel
+        ks = ks.half().to(device)
+        kz = (torch.randn(b, h, capg, d, generator=gen) * 2).half().to(device)
+        v = _store(gen, b, h, capg * group, d, bits, group, device, float_zero=True)
+        q = _query(gen, b, h, d, device)
+        nq = torch.tensor([capg * group, 2 * group, 0] + [(capg - 1) * group] * (b - 3)).to(device)
+        o, lse = km.decode_kivi_mha(q, kc, ks, kz, *v, nq, d**-0.5, bits=bits, group_size=group,
+                                    num_splits=3 if small else None, groups_per_tile=2 if small else None,
+                                    block_n=16 if small else 64)
+        ro, rl = ref.ref_decode_kivi(q.float(), kc, ks, kz, *v, nq, d**-0.5, bits=bits, group_size=group)
+        _compare(f"kivi_mha bits={bits} G={group}", o, lse, ro, rl, results)
     return results
 
 
@@ -199,7 +233,8 @@ def check_packed_caches(device, results=None):
              ("rotatekv-4-noperm", RotateKV(mode="packed", bits=4, head_group=4, reorder=False, sinks=2))]
     # MHA (one query head per KV head) takes decode_mha's kernel where the layout allows
     mha = [("rtn-2 MHA", RTN(mode="packed", bits=2, group_size=16)), ("quarot-2 MHA", QuaRot(mode="packed", bits=2)),
-           ("rotatekv-2-post MHA", RotateKV(mode="packed", head_group=1, pre_rope=False, reorder=False, sinks=2))]
+           ("rotatekv-2-post MHA", RotateKV(mode="packed", head_group=1, pre_rope=False, reorder=False, sinks=2)),
+           ("kivi-2 MHA", KIVI(mode="packed", bits=2, group_size=16, residual=8))]
     lengths = [40, 29, 7]
     runs = ([(n, m, 8, 4) for n, m in cases] + [(n, m, 4, 4) for n, m in mha]
             + [("rotatekv-2 h1, 9/3 heads", smol, 9, 3)])
@@ -243,6 +278,7 @@ def run_all(device, small=True):
     check_per_token(device, small, results)
     check_per_token_mha(device, small, results)
     check_kivi(device, small, results)
+    check_kivi_mha(device, small, results)
     check_rotatekv(device, small, results)
     check_packed_caches(device, results)
     return results

@@ -661,14 +661,26 @@ def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
 MHA_LAUNCH = dict(block_n=64, num_warps=4, splits_per_sm=4)
 
 
+# Launch settings of KIVI's MHA kernel (decode_kivi_mha): H100, batch 8 x 8192, 32 heads of 128.
+KIVI_MHA_LAUNCH = dict(block_n=64, num_warps=4, splits_per_sm=4)
+
+
 def decode_kivi(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling, *, bits, group_size,
-                max_len=None, num_splits=None, groups_per_tile=None, num_warps=4, num_stages=2):
-    """Partial attention over KIVI's quantized tokens [0, nq[b]) (nq multiple of group_size)."""
+                max_len=None, num_splits=None, groups_per_tile=None, num_warps=4, num_stages=2, mha=None):
+    """Partial attention over KIVI's quantized tokens [0, nq[b]) (nq multiple of group_size).
+    One query head per KV head goes to `decode_kivi_mha` (CUDA cores; `mha=False` forces the
+    tensor-core kernel here), which takes its own launch settings."""
     _require_triton()
     b, hq, d = q.shape
     hkv, capg = k_codes.shape[1], k_codes.shape[2]
     capt = v_codes.shape[2]
     gq = hq // hkv
+    from kvbench.kernels import decode_kivi_mha
+
+    if mha or (mha is None and decode_kivi_mha.supports(gq, d, bits, group_size)):
+        return decode_kivi_mha.decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling,
+                                               bits=bits, group_size=group_size, max_len=max_len,
+                                               num_splits=num_splits, **KIVI_MHA_LAUNCH)
     g = group_size
     pt = g * bits // 8
     gt = groups_per_tile or max(1, 64 // pt)

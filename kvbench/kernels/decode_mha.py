@@ -64,21 +64,23 @@ if triton is not None:
         return x.to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
+    def _load_rows(w_ptr, s_ptr, z_ptr, b, h, base, t0, end, s_b, s_h, s_t, w4, g2, BN: tl.constexpr,
+                   W: tl.constexpr):
+        """Words [BN, 1, 1, W] and fp32 scales/zeros [BN, NG] of rows (tokens) t0 .. t0+BN-1."""
+        tok = t0 + tl.arange(0, BN)
+        tmask = tok < end
+        words = tl.load(w_ptr + (base + tok)[:, None, None, None] * W + w4, mask=tmask[:, None, None, None], other=0)
+        off = (b.to(tl.int64) * s_b + h * s_h + tok.to(tl.int64) * s_t)[:, None] + g2
+        scale = tl.load(s_ptr + off, mask=tmask[:, None], other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + off, mask=tmask[:, None], other=0.0).to(tl.float32)
+        return words, scale, zero
+
+    @triton.jit
     def _load_tile(kw_ptr, vw_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, b, h, base, t0, end, ks_b, ks_h, ks_t,
                    vs_b, vs_h, vs_t, w4, g2, BN: tl.constexpr, W: tl.constexpr):
         """Words [BN, 1, 1, W] of K and V and fp32 scales/zeros [BN, NG] of tokens t0 .. t0+BN-1."""
-        tok = t0 + tl.arange(0, BN)
-        tmask = tok < end
-        t4 = (base + tok)[:, None, None, None]
-        m4 = tmask[:, None, None, None]
-        kw = tl.load(kw_ptr + t4 * W + w4, mask=m4, other=0)
-        vw = tl.load(vw_ptr + t4 * W + w4, mask=m4, other=0)
-        koff = (b.to(tl.int64) * ks_b + h * ks_h + tok.to(tl.int64) * ks_t)[:, None] + g2
-        voff = (b.to(tl.int64) * vs_b + h * vs_h + tok.to(tl.int64) * vs_t)[:, None] + g2
-        ksc = tl.load(ks_ptr + koff, mask=tmask[:, None], other=0.0).to(tl.float32)
-        kzp = tl.load(kz_ptr + koff, mask=tmask[:, None], other=0.0).to(tl.float32)
-        vsc = tl.load(vs_ptr + voff, mask=tmask[:, None], other=0.0).to(tl.float32)
-        vzp = tl.load(vz_ptr + voff, mask=tmask[:, None], other=0.0).to(tl.float32)
+        kw, ksc, kzp = _load_rows(kw_ptr, ks_ptr, kz_ptr, b, h, base, t0, end, ks_b, ks_h, ks_t, w4, g2, BN, W)
+        vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h, base, t0, end, vs_b, vs_h, vs_t, w4, g2, BN, W)
         return kw, vw, ksc, kzp, vsc, vzp
 
     @triton.jit

@@ -1,0 +1,188 @@
+"""KIVI decode attention for one query per KV head (MHA), on CUDA cores, in two passes.
+
+KIVI's keys are quantized per channel over groups of G tokens and stored channel-major (a 32-bit
+word holds up to 16 tokens of one channel, `kvbench.packed_cache.KIVIPackedCache`), so a token's
+score is a reduction over channels that sit in different words. The tensor-core kernel
+(`decode_attention._decode_kivi_kernel`) unpacks every code to fp16 and moves it through shared
+memory into a 16-row product of which one row is used. Here:
+
+* **keys, pass 1**: each thread owns D / CT channels of one word position of a group, so the
+  channel reduction is an in-thread FMA chain (one LOP3 + FADD + FFMA a code, the 2**23 unpack of
+  `decode_mha`) and only CT lanes are summed across threads. The per-channel scale goes into
+  the query (q_c * s_gc, once a group and channel) and the zero points into one bias a group
+  (sum_c q_c z_gc). Scores go to a scratch row in global memory (L2-resident: 4 bytes a token
+  against the 0.56 bytes of its 2-bit K and V) and their maximum is kept.
+* **values, pass 2**: per-token codes as in `decode_mha` (deferred reduction over the tile's
+  tokens, register double-buffering), with the probabilities exp2(s - max) read back: the
+  maximum is exact, so nothing is ever rescaled.
+
+Same contract as `decode_attention.decode_kivi` (partials o [B, Hq, S, D] fp32, lse [B, Hq, S]
+over the quantized tokens [0, nq[b])); `supports` says which shapes take it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvbench.kernels.decode_mha import LOG2E
+
+try:  # torchao-style guard: importable without triton
+    import triton
+    import triton.language as tl
+
+    from kvbench.kernels.decode_mha import _codes, _load_rows
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+KEY_LANES = 4  # CT: threads that share one word position of a group (the rest of the sum is in-thread)
+
+
+def supports(gq: int, head_dim: int, bits: int, group_size: int) -> bool:
+    """One query head per KV head; key words of whole 32-bit (G * bits >= 32); values in the
+    plane layout `decode_mha` reads (groups of whole planes)."""
+    from kvbench.kernels import decode_mha
+
+    return (gq == 1 and bits in (2, 4, 8) and group_size * bits % 32 == 0 and head_dim % KEY_LANES == 0
+            and decode_mha.supports(1, head_dim, bits, group_size))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _kivi_mha_kernel(
+        q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, nq_ptr, scr_ptr, o_ptr, lse_ptr,
+        sm_scale, capg, capt, vs_b, vs_h, vs_t,
+        NIT: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+        GT: tl.constexpr, CT: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, ASM: tl.constexpr,
+    ):
+        NPL: tl.constexpr = 8 // BITS
+        K: tl.constexpr = 2 * NPL  # codes per half-word
+        PT: tl.constexpr = G * BITS // 8  # key bytes per (group, channel)
+        WK: tl.constexpr = PT // 4  # key words per (group, channel)
+        CI: tl.constexpr = D // CT  # channels a thread sums in-thread
+        P: tl.constexpr = D * BITS // 8  # value bytes per token
+        W: tl.constexpr = P // 4
+        NG: tl.constexpr = D // G  # value groups per token
+        KG: tl.constexpr = K // NG
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // HKV
+        h = pid % HKV
+        row = (b * HKV + h).to(tl.int64)
+        ngroups = tl.load(nq_ptr + b).to(tl.int32) // G
+        gstart = split * (NIT * GT)
+        gend = tl.minimum(gstart + NIT * GT, ngroups)
+        tbase = row * capt
+
+        # ---- pass 1: scores of groups [gstart, gend), tiles [GT groups, K codes, CT lanes, WK words]
+        k4 = tl.arange(0, K)[None, :, None, None]
+        ct4 = tl.arange(0, CT)[None, None, :, None]
+        w4 = tl.arange(0, WK)[None, None, None, :]
+        pos4 = 8 * (k4 % 2) + BITS * (k4 // 2)  # code k of a half-word: byte k % 2, plane k // 2
+        mask4 = ((1 << BITS) - 1) << pos4
+        inv_pos = tl.exp2(-tl.reshape(pos4, (1, K, 1)).to(tl.float32))
+        # token in group of (k, w), lower half-word (the upper one is 2 tokens further)
+        k3 = tl.arange(0, K)[None, :, None]
+        tok3 = (k3 // 2) * PT + 4 * tl.arange(0, WK)[None, None, :] + (k3 % 2)
+        dch = tl.arange(0, D)[None, :]
+        qv = tl.load(q_ptr + row * D + dch).to(tl.float32)  # [1, D]
+        m = tl.full([], -1e30, tl.float32)
+        for it in range(NIT):
+            g0 = gstart + it * GT
+            grp4 = g0 + tl.arange(0, GT)[:, None, None, None]
+            gm4 = grp4 < gend
+            goff4 = (row * capg + grp4) * D
+            acc_lo = tl.zeros([GT, K, CT, WK], tl.float32)
+            acc_hi = tl.zeros([GT, K, CT, WK], tl.float32)
+            for ci in tl.static_range(CI):
+                ch = ct4 * CI + ci
+                words = tl.load(kw_ptr + (goff4 + ch) * WK + w4, mask=gm4, other=0)  # [GT, 1, CT, WK]
+                qs = tl.load(q_ptr + row * D + ch).to(tl.float32) * \
+                    tl.load(ks_ptr + goff4 + ch, mask=gm4, other=0.0).to(tl.float32)  # [GT, 1, CT, 1]
+                acc_lo += _codes(words, mask4, ASM) * qs
+                acc_hi += _codes(words >> 16, mask4, ASM) * qs
+            grp2 = g0 + tl.arange(0, GT)[:, None]
+            zt = tl.load(kz_ptr + (row * capg + grp2) * D + dch, mask=grp2 < gend, other=0.0).to(tl.float32)
+            bias = tl.sum(zt * qv, 1)[:, None, None]  # [GT, 1, 1]: sum_c q_c z_gc
+            s_lo = (tl.sum(acc_lo, 2) * inv_pos + bias) * sm_scale  # [GT, K, WK]
+            s_hi = (tl.sum(acc_hi, 2) * inv_pos + bias) * sm_scale
+            grp3 = g0 + tl.arange(0, GT)[:, None, None]
+            gm3 = grp3 < gend
+            t3 = grp3 * G + tok3
+            tl.store(scr_ptr + tbase + t3, s_lo, mask=gm3)
+            tl.store(scr_ptr + tbase + t3 + 2, s_hi, mask=gm3)
+            m = tl.maximum(m, tl.max(tl.max(tl.max(tl.where(gm3, tl.maximum(s_lo, s_hi), -1e30), 2), 1), 0))
+        tl.debug_barrier()  # the scores written by other threads of this program are read below
+
+        # ---- pass 2: values of tokens [gstart * G, gend * G), tiles [BN, NG, KG, W] as decode_mha
+        kv4 = tl.arange(0, NG)[None, :, None, None] * KG + tl.arange(0, KG)[None, None, :, None]
+        wv4 = tl.arange(0, W)[None, None, None, :]
+        posv = 8 * (kv4 % 2) + BITS * (kv4 // 2)
+        maskv = ((1 << BITS) - 1) << posv
+        inv_posv = tl.exp2(-posv.to(tl.float32))
+        chan_lo = (kv4 // 2) * P + 4 * wv4 + (kv4 % 2)
+        g2 = tl.arange(0, NG)[None, :]
+        tstart = gstart * G
+        tend = gend * G
+        NITV: tl.constexpr = NIT * GT * G // BN
+        l_i = tl.zeros([BN], tl.float32)
+        corr = tl.zeros([BN, NG], tl.float32)  # -sum over the slot's tokens of p * z, per group
+        acc_lo = tl.zeros([BN, NG, KG, W], tl.float32)
+        acc_hi = tl.zeros([BN, NG, KG, W], tl.float32)
+        vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h, tbase, tstart, tend, vs_b, vs_h, vs_t, wv4, g2, BN, W)
+        for it in range(NITV):
+            nxt = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h, tbase, tstart + (it + 1) * BN, tend, vs_b, vs_h, vs_t,
+                             wv4, g2, BN, W)
+            tok = tstart + it * BN + tl.arange(0, BN)
+            s = tl.load(scr_ptr + tbase + tok, mask=tok < tend, other=float("-inf"))
+            pr = tl.exp2(s - m)  # 0 for tokens past the end
+            l_i += pr
+            corr -= pr[:, None] * vzp
+            ps4 = (pr[:, None] * vsc)[:, :, None, None]
+            acc_lo += _codes(vw, maskv, ASM) * ps4
+            acc_hi += _codes(vw >> 16, maskv, ASM) * ps4
+            vw, vsc, vzp = nxt
+
+        l_sum = tl.sum(l_i, 0)
+        has = l_sum > 0
+        inv = tl.where(has, 1.0 / tl.where(has, l_sum, 1.0), 0.0)
+        corr4 = tl.sum(corr, 0)[None, :, None, None]
+        orow = (row * NS + split) * D
+        tl.store(o_ptr + orow + chan_lo, (tl.sum(acc_lo, 0)[None] * inv_posv - corr4) * inv)
+        tl.store(o_ptr + orow + chan_lo + 2, (tl.sum(acc_hi, 0)[None] * inv_posv - corr4) * inv)
+        lse = tl.where(has, (m + tl.log2(tl.where(has, l_sum, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(lse_ptr + row * NS + split, lse)
+
+
+def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling, *, bits, group_size,
+                    max_len=None, num_splits=None, groups_per_tile=None, block_n=64, num_warps=4, splits_per_sm=4):
+    """Partials over KIVI's quantized tokens [0, nq[b]) for q [B, H, D] (one query head per KV
+    head); the layouts of `decode_attention.decode_kivi`."""
+    from kvbench.kernels.decode_attention import _out, _require_triton, default_splits, interpreting, split_plan
+
+    _require_triton()
+    b, hq, d = q.shape
+    hkv, capg = k_codes.shape[1], k_codes.shape[2]
+    capt = v_codes.shape[2]
+    g = group_size
+    if hq != hkv or not supports(1, d, bits, g):
+        raise ValueError(f"decode_kivi_mha: unsupported shape (heads {hq}/{hkv}, D {d}, bits {bits}, group {g})")
+    wk = g * bits // 32
+    # one word position of a group per KEY_LANES threads: GT groups fill the program's threads
+    gt = groups_per_tile or max(1, 32 * num_warps // (wk * KEY_LANES))
+    bn = math.gcd(block_n, gt * g)  # value tiles of a power of two that divides the key tile
+    total_groups = -(-(capt if max_len is None else max_len) // g)
+    ns, nit = split_plan(total_groups, gt, num_splits or default_splits(b * hkv, total_groups * g, gt * g, q.device,
+                                                                        per_sm=splits_per_sm))
+    o, lse = _out(q, ns)
+    scratch = torch.empty(b * hkv * capt, dtype=torch.float32, device=q.device)  # scores, token by token
+    _kivi_mha_kernel[(b * hkv, ns)](
+        q.contiguous(), k_codes.view(torch.int32), k_scale, k_zero, v_codes.view(torch.int32), v_scale, v_zero, nq,
+        scratch, o, lse, scaling * LOG2E, capg, capt, v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
+        NIT=nit, HKV=hkv, D=d, BITS=bits, G=g, GT=gt, CT=KEY_LANES, BN=bn, NS=ns, ASM=not interpreting(),
+        num_warps=num_warps,
+    )  # fmt: skip
+    return o, lse

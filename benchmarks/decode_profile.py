@@ -63,6 +63,10 @@ def profile_method(label: str, batch: int, context: int, steps: int) -> dict:
     name, params = METHODS[label]
     method = P.build(methods.get(name), params, label)
     lm = load_model("llama-2-7b", "random:llama-2-7b", device="cuda", dtype="float16")
+    if method.needs_calibration:  # as `kvbench run` does (needs the calibration text: KVBENCH_DATA_DIR)
+        from kvbench.calibration import calibrate
+
+        calibrate(lm, method)
     engine = DecodeEngine(lm, method, batch, context + 16, seed=0)
     try:
         engine.fill(context)

@@ -312,7 +312,11 @@ def main():
         try:
             from kvbench.kernels import checks
 
-            res = checks.run_all(device, small=args.smoke) + checks.check_write(device) + checks.check_fused_append(device)
+            from kvbench.kernels import rotatekv_write as rw
+
+            res = (checks.run_all(device, small=args.smoke) + checks.check_write(device)
+                   + checks.check_fused_append(device) + rw.check_rotatekv_write(device)
+                   + rw.check_rotatekv_append(device) + rw.check_rotatekv_append(device, dtype=torch.float16))
             RESULT["correctness"] = res
             print("correctness:", "all ok" if all(r["ok"] for r in res) else [r for r in res if not r["ok"]], flush=True)
         except Exception:  # noqa: BLE001

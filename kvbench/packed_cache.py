@@ -504,6 +504,45 @@ class RotateKVPackedCache(PackedPerTokenCache):
             self._dev[key] = (self.perm.to(device), self.inv.to(device))
         return self._dev[key]
 
+    def _write_fused(self, new, dest):
+        """On CUDA with triton (same gating as the base class): rotated keys in torch (the very
+        `rotated_keys` of the torch path), then kvbench.kernels.rotatekv_write quantizes them in
+        the permuted groups and packs each head group's row into its slot (one launch: codes,
+        scales and zeros bit-identical to `quantize_new` + `PerTokenStore.write`); values through
+        quant_write.quantize_pack_rows with the per-head Hadamard in the kernel, as quarot's (rare
+        one-step code differences from the torch Hadamard). Every token is written at its `dest`
+        slot, scratch slots of padding and sinks included, as the torch path does."""
+        if not _kernels_enabled(new.k):
+            return False
+        from kvbench.kernels import rotatekv_write as rw
+        from kvbench.kernels.quant_write import quantize_pack_rows
+
+        g, spec, ks, vs = self.g, self.spec, self.kstore, self.vstore
+        c, d = g.kv_channels, g.head_dim
+        if d & (d - 1) or not rw.supports(c, c // spec.group_size, self.key_block, spec.bits):
+            return False
+        dev = dest.device
+        b, t = dest.shape
+        key = ("fused", str(dev), b, ks.codes.shape[2], vs.codes.shape[2])
+        if self._dev.get("fused") is None or self._dev["fused"][0] != key:
+            # Device tables, built once per (device, batch, capacity): the kernel's channel order
+            # and group map, and the first flattened value row of each (batch row, head).
+            vbase = (torch.arange(b, device=dev)[:, None] * vs.streams + torch.arange(vs.streams, device=dev))
+            self._dev["fused"] = (key, self.perm.to(device=dev, dtype=torch.int32), self.key_group_of_channel.to(dev),
+                                  (vbase * vs.codes.shape[2])[:, :, None])
+        _, order, gid, vbase = self._dev["fused"]
+        rot = self.m.rotated_keys(new, g)  # [B, T, C] float32, as quantize_new computes it
+        # Key rows from the slots in the kernel: codes (b * Hg + kb) * cap + dest, scales b * cap + dest.
+        rw.quantize_pack_grouped(rot.reshape(b * t, c), gid, order=order, bits=spec.bits, num_qgroups=ks.ng,
+                                 clip_ratio=spec.clip_ratio, integer_zero=spec.integer_zero, key_block=self.key_block,
+                                 codes_out=ks.codes.view(-1, ks.row_bytes), scale_out=ks.scale.view(-1, ks.ng),
+                                 zero_out=ks.zero.view(-1, ks.ng), dest=dest, capacity=ks.codes.shape[2])
+        rows = (vbase + dest[:, None, :]).view(-1)  # [B, H, T] flattened, the order of new.v's rows
+        quantize_pack_rows(new.v.reshape(-1, d), bits=spec.bits, group_size=spec.group_size,
+                           clip_ratio=spec.clip_ratio, integer_zero=spec.integer_zero, rotate=True, dest=rows,
+                           out=(vs.codes.view(-1, vs.row_bytes), vs.scale.view(-1, vs.ng), vs.zero.view(-1, vs.ng)))
+        return True
+
     def quantize_new(self, new):
         m, g = self.m, self.g
         from kvbench.rotation import grouped_hadamard, heads_to_tokens

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one go on a CUDA machine (docs/gpu.md). Usage:
-#   scripts/gpu_suite.sh [all|a|b]     results and logs under $OUT (default /tmp/kvbench-gpu)
-# a: set-up, correctness checks (kernels, pytest -m cuda), peak memory, decode latency, peer rows
-# b: max batch + throughput, SmolLM2 packed-vs-simulated perplexity (needs the GGUF, see below)
-# all: a then b. Every step has its own time limit so the script ends inside 10 minutes a part.
+#   scripts/gpu_suite.sh [all|a|b|c]   results and logs under $OUT (default /tmp/kvbench-gpu)
+# a: set-up, peak memory, decode latency, peer rows, max batch + throughput (fp16, rotatekv-2)
+# b: SmolLM2 packed-vs-simulated perplexity (needs the GGUF, see below), max batch + throughput
+#    (quarot-2, kivi-2), pytest -m cuda
+# c: kernel correctness checks and timings (benchmarks/kernels_gpu.py), where a decode step's
+#    GPU time goes (benchmarks/decode_profile.py)
+# all: a, b, c. Every step has its own time limit so the script ends inside 10 minutes a part.
 # Optional inputs, when present in the repo root (ignored by git, carried by the device tool):
 #   .whl/*.whl          wheels to install first (gguf, for the SmolLM2 GGUF)
 #   .stage-gpudata/data WikiText-2 and pg-essays (else $KVBENCH_DATA_DIR or ../shared/data)
@@ -52,10 +55,15 @@ part_a() {
   step "max batch + throughput at max batch: fp16, rotatekv-2"
   timeout $(left 170) python3 -m kvbench.cli run benchmarks/gpu.yaml --output $RUN --only max-batch fp16 rotatekv-2
   cp $RUN/results.jsonl "$OUT/results_a.jsonl" 2>/dev/null
-  if [ -f benchmarks/kernels_gpu.py ] && [ -z "${SKIP_CHECKS:-}" ]; then
+}
+
+part_c() {
+  if [ -z "${SKIP_CHECKS:-}" ]; then
     step "correctness + kernel timings: benchmarks/kernels_gpu.py"
-    timeout $(left 200) python3 benchmarks/kernels_gpu.py --out "$OUT/kernels.json" 2>&1 | tail -60
+    timeout $(left 330) python3 benchmarks/kernels_gpu.py --out "$OUT/kernels.json" 2>&1 | tail -60
   fi
+  step "decode-step profile: benchmarks/decode_profile.py"
+  timeout $(left 230) python3 benchmarks/decode_profile.py --out "$OUT/decode_profile.json" 2>&1 | grep -v -i warn
 }
 
 part_b() {
@@ -87,7 +95,8 @@ setup
 case "$PART" in
   a) part_a ;;
   b) part_b ;;
-  all) BUDGET=100000; part_a; part_b ;;
+  c) part_c ;;
+  all) BUDGET=100000; part_a; part_b; part_c ;;
 esac
 tar czf "$OUT/logs_$PART.tgz" -C /tmp kvrun 2>/dev/null
 step "done"

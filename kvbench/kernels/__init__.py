@@ -8,6 +8,10 @@ TRITON_INTERPRET=1 (tests/test_kernels.py).
 * `quant_write.quantize_pack_rows`: write path. (Hadamard-rotate,) quantize group-wise and pack
   rows in one pass, straight into a packed cache's slots (`dest`, `out`); bit-identical to
   kvbench.quant + kvbench.packing without rotation. Reference: `reference_quantize_pack_rows`.
+  KIVI's decode append uses it too (keys as channel rows over the group, values as token rows).
+* `rotatekv_write.quantize_pack_grouped`: RotateKV's key write. Quantize rotated keys in the
+  groups of the calibrated permutation and pack each head group's row in rotated order, in one
+  launch, bit-identical to the torch path. Reference: `reference_quantize_pack_grouped`.
 * `decode_attention`: fused decode attention over packed caches, split over the context with a
   log-sum-exp merge, GQA in the M dimension of tl.dot:
   - `decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling,
@@ -22,6 +26,9 @@ TRITON_INTERPRET=1 (tests/test_kernels.py).
   CUDA cores (codes unpacked in place, next tile's loads in flight, lazy softmax rescaling);
   `decode_per_token` dispatches to it where `decode_mha.supports` says so, and `packed_decode`
   uses it for RotateKV with post-RoPE keys, a 1-head Hadamard and no reordering.
+* `decode_kivi_mha.decode_kivi_mha`: KIVI's read for one query head per KV head on CUDA cores, in
+  two passes (keys with in-thread channel sums, scores to an L2-resident scratch row; values as
+  decode_mha with the exact maximum); `decode_kivi` dispatches to it.
   - `packed_decode(cache, q, scaling)`: the whole decode attention of a
     `kvbench.packed_cache` cache (what `cache.attend` calls on CUDA for one query per row).
 * `reference`: the plain-torch references (`ref_decode_*`, `fp_partial`, `merge_partials`,
@@ -45,6 +52,6 @@ the group at its boundary, rows that cross it keep the result; `graph_safe = Tru
 append syncs. Warm up once before capturing. A graph keeps its grid, so
 while capturing the kernels cover the whole reserved capacity (masked tiles past each row's
 length cost ALU, not memory): capture per context bucket for the fastest replays. The kernels
-specialize on the tiles per split (a power of two), so a growing context recompiles O(log
-context) times.
+specialize on the tiles per split (`decode_attention.split_plan`: a power of two eagerly, so a
+growing context recompiles O(log context) times; the exact count while capturing).
 """

@@ -35,7 +35,7 @@ METHODS = {
 
 # kernel-name fragments -> kind (first match wins)
 KINDS = [
-    ("attention kernel", ("_decode_", "flash", "fmha", "attention")),
+    ("attention kernel", ("_decode_", "_kivi_", "flash", "fmha", "attention")),
     ("gemm", ("gemm", "gemv", "sm90_xmma", "cutlass", "nvjet", "splitk")),
     ("write (quantize/pack)", ("quant_write", "_write", "pack")),
     ("hadamard", ("hadamard",)),

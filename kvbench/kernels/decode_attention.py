@@ -602,19 +602,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def split_plan(max_len: int, block: int, ns: int) -> tuple[int, int]:
-    """(splits, tiles per split) for `max_len` units (tokens, or KIVI groups) in tiles of `block`
-    over about `ns` splits. The tile count is a compile-time constant of the kernels (a loop
-    bound read from the device measured 1-70% slower on the H100: results/gpu/experiments/).
-    Eager calls round it up to a power of two, so a context that grows step by step compiles a
-    few kernels, not one per length. While a CUDA graph is being captured (its kernels are sized
-    once, for the reserved capacity) the smallest count is taken instead: a power of two there
-    masked up to half of the work (8208 slots ran as 3 x 4096)."""
-    exact = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+def split_plan(max_len: int, block: int, programs: int, device=None, per_sm: int = 2,
+               num_splits: int | None = None) -> tuple[int, int]:
+    """(splits, tiles per split) for `max_len` units (tokens, or KIVI groups) in tiles of `block`,
+    for a grid of `programs` x splits (flash-decoding). The tile count is a compile-time constant
+    of the kernels (a loop bound read from the device was not faster on the H100:
+    results/gpu/experiments/).
+
+    Eager calls take `default_splits` and round the tiles per split up to a power of two, so a
+    context that grows step by step compiles a few kernels, not one per length. While a CUDA
+    graph is being captured (its kernels are sized once, for the reserved capacity) the tiles
+    are shared evenly instead (a power of two there masked up to half of the work: 8208 slots
+    ran as 3 x 4096) over at most one wave of `per_sm` programs an SM: the grid's wave count is
+    what the time follows (5 x 103 tiles ran 45% slower than 4 x 128 for RotateKV's kernel)."""
     tiles = -(-max(max_len, 1) // block)
-    per = -(-tiles // max(ns, 1))
-    if not exact:
-        per = _pow2(per)
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        sms = _sm_count(str(device) if device is not None else "cuda")
+        ns = num_splits or max(1, min(per_sm * sms // max(programs, 1), tiles, 64))
+        per = -(-tiles // ns)
+    else:
+        ns = num_splits or default_splits(programs, max_len, block, device, per_sm)
+        per = _pow2(-(-tiles // ns))
     return -(-tiles // per), per
 
 
@@ -642,7 +650,7 @@ def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
                                                scaling, bits=bits, group_size=group_size, integer_zero=integer_zero,
                                                max_len=max_len, num_splits=num_splits, **MHA_LAUNCH)
     max_len = cap if max_len is None else max_len
-    ns, nit = split_plan(max_len, block_n, num_splits or default_splits(b * hkv, max_len, block_n, q.device))
+    ns, nit = split_plan(max_len, block_n, b * hkv, q.device, num_splits=num_splits)
     o, lse = _out(q, ns)
     p_width = d * bits // 8
     use_fast = fast and group_size % p_width == 0
@@ -685,7 +693,7 @@ def decode_kivi(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scali
     pt = g * bits // 8
     gt = groups_per_tile or max(1, 64 // pt)
     total_groups = -(-(capt if max_len is None else max_len) // g)
-    ns, nit = split_plan(total_groups, gt, num_splits or default_splits(b * hkv, total_groups * g, gt * g, q.device))
+    ns, nit = split_plan(total_groups, gt, b * hkv, q.device, num_splits=num_splits)
     o, lse = _out(q, ns)
     _decode_kivi_kernel[(b * hkv, ns)](
         q.contiguous(), k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, o, lse,
@@ -714,7 +722,7 @@ def decode_rotatekv(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, 
     nq = k_scale.shape[-1]
     bn = block_n or max(16, 64 // hg)
     max_len = cap if max_len is None else max_len
-    ns, nit = split_plan(max_len, bn, num_splits or default_splits(b * ngrp, max_len, bn, q.device))
+    ns, nit = split_plan(max_len, bn, b * ngrp, q.device, num_splits=num_splits)
     gather = gid is not None
     if not gather:
         if group_size != d or nq != hkv:

@@ -161,7 +161,7 @@ def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, s
                     max_len=None, num_splits=None, groups_per_tile=None, block_n=64, num_warps=4, splits_per_sm=4):
     """Partials over KIVI's quantized tokens [0, nq[b]) for q [B, H, D] (one query head per KV
     head); the layouts of `decode_attention.decode_kivi`."""
-    from kvbench.kernels.decode_attention import _out, _require_triton, default_splits, interpreting, split_plan
+    from kvbench.kernels.decode_attention import _out, _require_triton, interpreting, split_plan
 
     _require_triton()
     b, hq, d = q.shape
@@ -175,8 +175,7 @@ def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, s
     gt = groups_per_tile or max(1, 32 * num_warps // (wk * KEY_LANES))
     bn = math.gcd(block_n, gt * g)  # value tiles of a power of two that divides the key tile
     total_groups = -(-(capt if max_len is None else max_len) // g)
-    ns, nit = split_plan(total_groups, gt, num_splits or default_splits(b * hkv, total_groups * g, gt * g, q.device,
-                                                                        per_sm=splits_per_sm))
+    ns, nit = split_plan(total_groups, gt, b * hkv, q.device, per_sm=splits_per_sm, num_splits=num_splits)
     o, lse = _out(q, ns)
     scratch = torch.empty(b * hkv * capt, dtype=torch.float32, device=q.device)  # scores, token by token
     _kivi_mha_kernel[(b * hkv, ns)](

@@ -201,7 +201,7 @@ def decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     packed K/V; same contract and layouts as `decode_attention.decode_per_token`.
     `k_scale_heads_last`: key scales/zeros are [B, 1, cap, Hkv] (one group a head, RotateKV's
     layout without reordering) instead of [B, Hkv, cap, D/G]."""
-    from kvbench.kernels.decode_attention import _out, _require_triton, default_splits, interpreting, split_plan
+    from kvbench.kernels.decode_attention import _out, _require_triton, interpreting, split_plan
 
     _require_triton()
     b, hq, d = q.shape
@@ -210,8 +210,7 @@ def decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
         raise ValueError(f"decode_per_token_mha: unsupported shape (heads {hq}/{hkv}, D {d}, bits {bits}, "
                          f"group {group_size})")
     max_len = cap if max_len is None else max_len
-    ns, nit = split_plan(max_len, block_n,
-                         num_splits or default_splits(b * hkv, max_len, block_n, q.device, per_sm=splits_per_sm))
+    ns, nit = split_plan(max_len, block_n, b * hkv, q.device, per_sm=splits_per_sm, num_splits=num_splits)
     o, lse = _out(q, ns)
     if k_scale_heads_last:
         if group_size != d or k_scale.shape[-1] != hkv:

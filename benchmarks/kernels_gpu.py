@@ -212,7 +212,7 @@ def methods(b, h, d, L, device, smoke):
     kivi_bytes = b * h * nq_tok * (d * bits // 8 + 4 * d // G) * 2 + b * h * (L - nq_tok) * d * 2 * 2
     # "tc": the tensor-core kernel (decode_attention); "mha": CUDA cores in two passes (decode_kivi_mha)
     kcfgs = [dict(kernel="mha", num_warps=nw, splits_per_sm=sp, block_n=bn)
-             for nw, sp, bn in ((4, 4, 64), (4, 8, 64), (4, 2, 64), (8, 4, 64), (2, 8, 64), (4, 4, 32))]
+             for nw, sp, bn in ((2, 8, 64), (4, 4, 64), (4, 8, 64), (2, 4, 64), (2, 16, 64), (2, 8, 32))]
     kcfgs += [dict(kernel="tc", groups_per_tile=8, num_warps=4), dict(kernel="tc", groups_per_tile=16, num_warps=8)]
     if smoke:
         kcfgs = [dict(kernel="tc", groups_per_tile=2, num_warps=4, num_splits=2),

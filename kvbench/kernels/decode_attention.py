@@ -670,7 +670,7 @@ MHA_LAUNCH = dict(block_n=64, num_warps=4, splits_per_sm=4)
 
 
 # Launch settings of KIVI's MHA kernel (decode_kivi_mha): H100, batch 8 x 8192, 32 heads of 128.
-KIVI_MHA_LAUNCH = dict(block_n=64, num_warps=4, splits_per_sm=4)
+KIVI_MHA_LAUNCH = dict(block_n=64, num_warps=2, splits_per_sm=8)
 
 
 def decode_kivi(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling, *, bits, group_size,

@@ -508,10 +508,10 @@ class RotateKVPackedCache(PackedPerTokenCache):
         """On CUDA with triton (same gating as the base class): rotated keys in torch (the very
         `rotated_keys` of the torch path), then kvbench.kernels.rotatekv_write quantizes them in
         the permuted groups and packs each head group's row into its slot (one launch: codes,
-        scales and zeros bit-identical to `quantize_new` + `PerTokenStore.write`); values through
-        quant_write.quantize_pack_rows with the per-head Hadamard in the kernel, as quarot's (rare
-        one-step code differences from the torch Hadamard). Every token is written at its `dest`
-        slot, scratch slots of padding and sinks included, as the torch path does."""
+        scales and zeros bit-identical to `quantize_new` + `PerTokenStore.write`); values rotated
+        as `quantize_new` rotates them, then quant_write.quantize_pack_rows (bit-identical too).
+        Every token is written at its `dest` slot, scratch slots of padding and sinks included, as
+        the torch path does."""
         if not _kernels_enabled(new.k):
             return False
         from kvbench.kernels import rotatekv_write as rw
@@ -538,8 +538,11 @@ class RotateKVPackedCache(PackedPerTokenCache):
                                  codes_out=ks.codes.view(-1, ks.row_bytes), scale_out=ks.scale.view(-1, ks.ng),
                                  zero_out=ks.zero.view(-1, ks.ng), dest=dest, capacity=ks.codes.shape[2])
         rows = (vbase + dest[:, None, :]).view(-1)  # [B, H, T] flattened, the order of new.v's rows
-        quantize_pack_rows(new.v.reshape(-1, d), bits=spec.bits, group_size=spec.group_size,
-                           clip_ratio=spec.clip_ratio, integer_zero=spec.integer_zero, rotate=True, dest=rows,
+        # Values rotated by the torch path's own Hadamard, not the kernel's: an in-kernel rotation
+        # rounds differently (1e-4 of the fp16 scales one ulp apart on the H100), and at 2 bits
+        # that moved SmolLM2's packed perplexity 1.2% off the simulated mode's.
+        quantize_pack_rows(self._rotated_values(new).reshape(-1, d), bits=spec.bits, group_size=spec.group_size,
+                           clip_ratio=spec.clip_ratio, integer_zero=spec.integer_zero, rotate=False, dest=rows,
                            out=(vs.codes.view(-1, vs.row_bytes), vs.scale.view(-1, vs.ng), vs.zero.view(-1, vs.ng)))
         return True
 
@@ -555,10 +558,16 @@ class RotateKVPackedCache(PackedPerTokenCache):
         b, t, c = stored.shape
         codes = kq.codes[..., inv].reshape(b, t, self.num_groups, self.key_block).transpose(1, 2)
         kq = Quantized(codes=codes, scale=kq.scale.unsqueeze(1), zero=kq.zero.unsqueeze(1))
+        return kq, quantize(self._rotated_values(new), self.spec)
+
+    def _rotated_values(self, new) -> torch.Tensor:
+        """[B, H, T, D] float32: values rotated by the per-head Hadamard."""
+        from kvbench.rotation import grouped_hadamard, heads_to_tokens
+
+        g = self.g
         v = grouped_hadamard(heads_to_tokens(new.v.float()), g.head_dim)  # [B, T, C]
         b, t, _ = v.shape
-        v = v.reshape(b, t, g.num_kv_heads, g.head_dim).transpose(1, 2)  # [B, H, T, D]
-        return kq, quantize(v, self.spec)
+        return v.reshape(b, t, g.num_kv_heads, g.head_dim).transpose(1, 2)
 
     def dequantize_rotated_keys(self, kq: Quantized) -> torch.Tensor:
         """[B, S, C] float32 dequantized keys in rotated order (what the simulated cache gets

@@ -311,16 +311,14 @@ def check_rotatekv_write(device, results=None):
 
 def check_rotatekv_append(device, results=None, dtype=torch.float32):
     """A RotateKVPackedCache append through the fused write (CUDA; forced on under the interpreter)
-    against its torch write: keys (codes of every slot, scales, zeros) bit for bit; values (in-kernel
-    Hadamard, as quarot's fused write) up to rare one-step code differences (<= 0.5%, the bound of
-    checks.check_write), scales within 0.2%. Left-padded prefill with sinks, then decode steps;
-    Llama-like (4 KV heads, head_group 2, permuted) and SmolLM2-like (3 heads, head_group 3, C = 192)
-    geometries. `dtype`: of the new tokens (fp16 on a GPU takes the tensor-core Hadamard for values)."""
+    against its torch write: keys and values (codes of every slot, scales, zeros) bit for bit.
+    Left-padded prefill with sinks, then decode steps; Llama-like (4 KV heads, head_group 2,
+    permuted) and SmolLM2-like (3 heads, head_group 3, C = 192) geometries. `dtype`: of the new
+    tokens."""
     import os
 
     from kvbench import packed_cache as pc
     from kvbench.method import KVGeometry, NewTokens
-    from kvbench.packing import unpack
     from kvbench.rope import apply_rope, rope_tables
     from methods.rotatekv import RotateKV
 
@@ -378,19 +376,13 @@ def check_rotatekv_append(device, results=None, dtype=torch.float32):
         keys_exact = (torch.equal(ks_a.codes.cpu(), ks_b.codes.cpu()) and torch.equal(ks_a.scale.cpu(), ks_b.scale.cpu())
                       and torch.equal(ks_a.zero.cpu(), ks_b.zero.cpu()))
         vs_a, vs_b = plain.vstore, fused.vstore
-        bits = method.bits
-        a = unpack(vs_a.codes.cpu(), bits, d).int()
-        c = unpack(vs_b.codes.cpu(), bits, d).int()
-        frac = float((a != c).float().mean())
-        step = int((a - c).abs().max())
-        sa, sb = vs_a.scale.cpu().float(), vs_b.scale.cpu().float()
-        srel = float(((sa - sb).abs() / sa.abs().clamp_min(2.0**-14)).max())
-        zdiff = float((vs_a.zero.cpu().float() - vs_b.zero.cpu().float()).abs().max())
+        values_exact = (torch.equal(vs_a.codes.cpu(), vs_b.codes.cpu()) and torch.equal(vs_a.scale.cpu(), vs_b.scale.cpu())
+                        and torch.equal(vs_a.zero.cpu(), vs_b.zero.cpu()))
         same_meta = torch.equal(plain.positions.cpu(), fused.positions.cpu()) and torch.equal(
             plain.lengths.cpu(), fused.lengths.cpu())
-        ok = keys_exact and same_meta and len(calls) == len(news) and frac <= 5e-3 and step <= 1 and srel <= 2e-3 \
-            and zdiff <= (1.0 if plain.spec.integer_zero else 1e-2)
-        results.append({"kernel": f"rotatekv fused append {name} {str(dtype)[6:]}", "ok": bool(ok), "keys_exact": bool(keys_exact),
-                        "fused_calls": len(calls), "value_codes_differing": frac, "value_max_step": step,
-                        "value_scale_rel_err": srel, "values_exact": frac == 0.0 and srel == 0.0 and zdiff == 0.0})
+        # Bit for bit, values too (rotated by the torch path's Hadamard): at 2 bits one fp16 ulp of
+        # a scale in 1e-4 of the groups moved SmolLM2's perplexity 1.2% on the H100.
+        ok = keys_exact and values_exact and same_meta and len(calls) == len(news)
+        results.append({"kernel": f"rotatekv fused append {name} {str(dtype)[6:]}", "ok": bool(ok),
+                        "keys_exact": bool(keys_exact), "values_exact": bool(values_exact), "fused_calls": len(calls)})
     return results

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from kvbench.kernels.decode_attention import interpreting
 from kvbench.packing import pack
 from kvbench.quant import QuantSpec, quantize
 
@@ -46,10 +47,20 @@ if triton is not None:
         return (v + 12582912.0) - 12582912.0
 
     @triton.jit
+    def _mul_rn(a, b, ASM: tl.constexpr):
+        """a * b rounded on its own: `mul.rn` is never contracted into an FMA with a following add
+        (PTX ISA). ptxas fused `xmax * clip - xmin * clip`, which rounds differently from torch's
+        separate kernels and put 3e-4 of the fp16 scales one ulp off on the H100."""
+        if ASM:
+            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b + tl.zeros_like(a)],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        return a * b  # the interpreter computes in numpy: nothing to contract
+
+    @triton.jit
     def _quant_pack_kernel(
         x_ptr, h_ptr, dest_ptr, codes_ptr, scale_ptr, zero_ptr, num_rows, clip, inv_sqrt_n,
         N: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, INT_ZERO: tl.constexpr,
-        ROTATE: tl.constexpr, HAS_DEST: tl.constexpr, BR: tl.constexpr,
+        ROTATE: tl.constexpr, HAS_DEST: tl.constexpr, BR: tl.constexpr, ASM: tl.constexpr,
     ):
         P: tl.constexpr = N * BITS // 8
         NPL: tl.constexpr = 8 // BITS
@@ -72,8 +83,8 @@ if triton is not None:
                 x = tl.dot(x, ht.to(x.dtype)) * inv_sqrt_n
         x = x.to(tl.float32)
         g = tl.reshape(x, (BR, NG, G))
-        xmax = tl.max(g, 2) * clip
-        xmin = tl.min(g, 2) * clip
+        xmax = _mul_rn(tl.max(g, 2), clip, ASM)
+        xmin = _mul_rn(tl.min(g, 2), clip, ASM)
         scale = tl.maximum(tl.div_rn(xmax - xmin, MAXC * 1.0), 2.0**-14).to(tl.float16).to(tl.float32)
         if INT_ZERO:
             zero = _round_even(tl.div_rn(-xmin, scale)).to(tl.float16).to(tl.float32)
@@ -134,7 +145,7 @@ def quantize_pack_rows(x: torch.Tensor, *, bits: int, group_size: int, clip_rati
             x, h if h is not None else x, dest if dest is not None else x, out[0], out[1], out[2], rows,
             clip_ratio, 1.0 / math.sqrt(n),
             N=n, BITS=bits, G=group_size, INT_ZERO=integer_zero, ROTATE=rotate, HAS_DEST=dest is not None,
-            BR=block_rows,
+            BR=block_rows, ASM=not interpreting(),
         )  # fmt: skip
     return out
 

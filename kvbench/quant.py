@@ -74,7 +74,12 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> Quantized:
     g = _grouped(x.float(), spec.group_size)
     xmax = g.amax(dim=-1, keepdim=True) * spec.clip_ratio
     xmin = g.amin(dim=-1, keepdim=True) * spec.clip_ratio
-    scale = ((xmax - xmin) / spec.max_code).clamp_min(_MIN_SCALE).half().float()
+    # Divided by a 0-d tensor on x's device, not by a Python number: on CUDA, torch turns division
+    # by a host scalar into multiplication by its reciprocal (not correctly rounded; on CPU it
+    # divides), so the same inputs gave other fp16 scales on the GPU than here and than the fused
+    # write kernels' IEEE division (1e-4 of the groups on SmolLM2).
+    max_code = torch.full((), float(spec.max_code), device=g.device)
+    scale = ((xmax - xmin) / max_code).clamp_min(_MIN_SCALE).half().float()
     if spec.integer_zero:
         zero = torch.round(-xmin / scale).half().float()
         codes = torch.round(g / scale) + zero

@@ -103,7 +103,7 @@ def profile_method(label: str, batch: int, context: int, steps: int) -> dict:
         return out
     finally:
         engine.close()
-        del engine, lm
+        engine = lm = None  # drop the model and caches before freeing
         free_cuda()
 
 

@@ -478,7 +478,6 @@ class RotateKVPackedCache(PackedPerTokenCache):
         self.head_group = method.resolved_head_group(g)
         self.key_block = self.head_group * g.head_dim
         self.num_groups = g.num_kv_heads // self.head_group
-        c = g.kv_channels
         if g.head_dim % spec.group_size:
             from kvbench.params import ParamError
 
@@ -548,8 +547,6 @@ class RotateKVPackedCache(PackedPerTokenCache):
 
     def quantize_new(self, new):
         m, g = self.m, self.g
-        from kvbench.rotation import grouped_hadamard, heads_to_tokens
-
         perm, inv = self._on(new.k.device)
         stored = m.rotated_keys(new, g)[..., perm]  # [B, T, C]
         kq = quantize(stored, self.spec)

@@ -25,12 +25,13 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 _SCRIPT = r"""
 import json, sys
-from kvbench.kernels import checks
+from kvbench.kernels import checks, rotatekv_write
 what = sys.argv[1]
 fn = {"per_token": checks.check_per_token, "per_token_mha": checks.check_per_token_mha, "kivi": checks.check_kivi,
       "kivi_mha": checks.check_kivi_mha, "rotatekv": checks.check_rotatekv,
       "packed": checks.check_packed_caches, "write": checks.check_write,
-      "append": checks.check_fused_append}[what]
+      "append": checks.check_fused_append, "rotatekv_write": rotatekv_write.check_rotatekv_write,
+      "rotatekv_append": rotatekv_write.check_rotatekv_append}[what]
 print("RESULTS" + json.dumps(fn("cpu")))
 """
 
@@ -45,7 +46,8 @@ def _interpret(what: str) -> list[dict]:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("what", ["per_token", "per_token_mha", "kivi", "kivi_mha", "rotatekv", "packed", "write", "append"])
+@pytest.mark.parametrize("what", ["per_token", "per_token_mha", "kivi", "kivi_mha", "rotatekv", "packed", "write", "append",
+                                  "rotatekv_write", "rotatekv_append"])
 def test_kernels_interpreted(what):
     results = _interpret(what)
     assert results
@@ -84,8 +86,30 @@ def test_merge_partials_is_exact():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs a CUDA GPU and triton")
 def test_kernels_on_gpu():
-    from kvbench.kernels import checks
+    from kvbench.kernels import checks, rotatekv_write
 
     results = checks.run_all("cuda", small=False) + checks.check_write("cuda") + checks.check_fused_append("cuda")
+    results += rotatekv_write.check_rotatekv_write("cuda") + rotatekv_write.check_rotatekv_append("cuda")
+    results += rotatekv_write.check_rotatekv_append("cuda", dtype=torch.float16)
     bad = [r for r in results if not r["ok"]]
     assert not bad, json.dumps(bad, indent=1)
+
+
+def test_rotatekv_write_reference_layout():
+    """RotateKV's write reference on its own (no triton): codes in natural channel order, quantized
+    in the groups of the permuted order, as RotateKVPackedCache stores them."""
+    from kvbench.kernels.rotatekv_write import reference_quantize_pack_grouped
+    from kvbench.packing import unpack
+    from kvbench.quant import QuantSpec, quantize
+
+    gen = torch.Generator().manual_seed(0)
+    c, group, kb = 192, 64, 96
+    x = torch.randn(5, c, generator=gen)
+    perm = torch.randperm(c, generator=gen)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(c)
+    gid = (inv // group).to(torch.int32)  # stored channel i = rotated perm[i], group i // G
+    codes, scale, zero = reference_quantize_pack_grouped(x, gid, bits=2, num_qgroups=c // group, key_block=kb)
+    q = quantize(x[:, perm], QuantSpec(2, group))
+    assert torch.equal(unpack(codes, 2, kb).reshape(5, c), q.codes[:, inv])
+    assert torch.equal(scale, q.scale) and torch.equal(zero, q.zero)

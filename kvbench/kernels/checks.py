@@ -103,19 +103,25 @@ def check_per_token_mha(device, small=True, results=None):
     return results
 
 
+def _kivi_store(gen, b, hkv, capg, d, bits, group, device):
+    """Random KIVI packed K (channel-major per group of tokens, an outlier channel) and V."""
+    pt = group * bits // 8
+    kc = torch.randint(0, 256, (b, hkv, capg, d, pt), generator=gen, dtype=torch.uint8).to(device)
+    ks = ((torch.rand(b, hkv, capg, d, generator=gen) * 0.5 + 0.05) * 4 / (1 << bits))
+    ks[:, :, :, 3] *= 8.0  # outlier channel
+    ks = ks.half().to(device)
+    kz = (torch.randn(b, hkv, capg, d, generator=gen) * 2).half().to(device)
+    v = _store(gen, b, hkv, capg * group, d, bits, group, device, float_zero=True)
+    return kc, ks, kz, v
+
+
 def check_kivi(device, small=True, results=None):
     results = [] if results is None else results
     gen = torch.Generator().manual_seed(1)
     b, hkv, gq, d = (2, 2, 2, 64) if small else (4, 8, 4, 128)
     for bits, group in ((2, 32), (4, 16), (2, 16)):
         capg = 5 if small else 40
-        pt = group * bits // 8
-        kc = torch.randint(0, 256, (b, hkv, capg, d, pt), generator=gen, dtype=torch.uint8).to(device)
-        ks = ((torch.rand(b, hkv, capg, d, generator=gen) * 0.5 + 0.05) * 4 / (1 << bits))
-        ks[:, :, :, 3] *= 8.0  # outlier channel
-        ks = ks.half().to(device)
-        kz = (torch.randn(b, hkv, capg, d, generator=gen) * 2).half().to(device)
-        v = _store(gen, b, hkv, capg * group, d, bits, group, device, float_zero=True)
+        kc, ks, kz, v = _kivi_store(gen, b, hkv, capg, d, bits, group, device)
         q = _query(gen, b, hkv * gq, d, device)
         nq = torch.tensor([capg * group, 2 * group] + [group] * (b - 2)).to(device)
         o, lse = da.decode_kivi(q, kc, ks, kz, *v, nq, d**-0.5, bits=bits, group_size=group,
@@ -137,13 +143,7 @@ def check_kivi_mha(device, small=True, results=None):
         if not km.supports(1, d, bits, group):
             continue
         capg = 7 if small else 100
-        pt = group * bits // 8
-        kc = torch.randint(0, 256, (b, h, capg, d, pt), generator=gen, dtype=torch.uint8).to(device)
-        ks = ((torch.rand(b, h, capg, d, generator=gen) * 0.5 + 0.05) * 4 / (1 << bits))
-        ks[:, :, :, 3] *= 8.0  # outlier channel
-        ks = ks.half().to(device)
-        kz = (torch.randn(b, h, capg, d, generator=gen) * 2).half().to(device)
-        v = _store(gen, b, h, capg * group, d, bits, group, device, float_zero=True)
+        kc, ks, kz, v = _kivi_store(gen, b, h, capg, d, bits, group, device)
         q = _query(gen, b, h, d, device)
         nq = torch.tensor([capg * group, 2 * group, 0] + [(capg - 1) * group] * (b - 3)).to(device)
         o, lse = km.decode_kivi_mha(q, kc, ks, kz, *v, nq, d**-0.5, bits=bits, group_size=group,
@@ -327,12 +327,35 @@ def check_write(device, results=None):
     return results
 
 
+def torch_and_fused_appends(make, news, device):
+    """Two caches from `make()` fed the same appends: the first through the torch write (kernels
+    off), the second through the fused Triton write (on CUDA; forced on under the interpreter)."""
+    import os
+
+    from kvbench import packed_cache as pc
+
+    plain, fused = make(), make()
+    os.environ["KVBENCH_PACKED_KERNELS"] = "0"
+    try:
+        for new in news:
+            plain.append(new)
+    finally:
+        del os.environ["KVBENCH_PACKED_KERNELS"]
+    saved = pc._kernels_enabled
+    if device == "cpu":  # the interpreter runs the kernels on CPU tensors
+        pc._kernels_enabled = lambda x: True
+    try:
+        for new in news:
+            fused.append(new)
+    finally:
+        pc._kernels_enabled = saved
+    return plain, fused
+
+
 def check_fused_append(device, results=None):
     """A packed cache's fused Triton write (CUDA; forced on under the interpreter) stores the
     same codes, scales and zeros as its torch write: exactly for rtn, and for quarot (rotation
     in the kernel) up to rare one-step code differences."""
-    import os
-
     from kvbench import packed_cache as pc
     from kvbench.method import NewTokens
     from kvbench.packing import unpack
@@ -355,19 +378,7 @@ def check_fused_append(device, results=None):
     for name, make, exact in (("rtn-2", lambda: pc.RTNPackedCache(QuantSpec(2, 32), False, hkv, d), True),
                               ("rtn-4 pre-RoPE", lambda: pc.RTNPackedCache(QuantSpec(4, 64, 0.9), True, hkv, d), True),
                               ("quarot-2", lambda: pc.QuaRotPackedCache(QuantSpec(2, 64), hkv, d), False)):
-        plain, fused = make(), make()
-        os.environ["KVBENCH_PACKED_KERNELS"] = "0"
-        try:
-            plain.append(new)
-        finally:
-            del os.environ["KVBENCH_PACKED_KERNELS"]
-        saved = pc._kernels_enabled
-        if device == "cpu":  # the interpreter runs the kernel on CPU tensors
-            pc._kernels_enabled = lambda x: True
-        try:
-            fused.append(new)
-        finally:
-            pc._kernels_enabled = saved
+        plain, fused = torch_and_fused_appends(make, [new], device)
         ok = True
         info = {}
         for sa, sb in ((plain.kstore, fused.kstore), (plain.vstore, fused.vstore)):
@@ -390,8 +401,6 @@ def check_fused_append(device, results=None):
 def check_fused_kivi_decode(device, results=None):
     """KIVI's decode append through the fused row writer stores exactly what its torch path
     stores, over decode steps that move some rows' quantization boundary and not others'."""
-    import os
-
     from kvbench import packed_cache as pc
     from kvbench.method import NewTokens
     from kvbench.quant import QuantSpec
@@ -407,24 +416,10 @@ def check_fused_kivi_decode(device, results=None):
         k, v = torch.randn(b, hkv, 1, d, generator=gen), torch.randn(b, hkv, 1, d, generator=gen)
         k[..., 5] *= 25
         steps.append((k, v, torch.tensor(lengths)[:, None] + s, False))
-    caches = {}
-    for fused in (False, True):
-        cache = pc.KIVIPackedCache(QuantSpec(2, g, integer_zero=False), 8, hkv, d, capacity=t + len(steps))
-        saved = pc._kernels_enabled
-        if fused and device == "cpu":  # the interpreter runs the kernel on CPU tensors
-            pc._kernels_enabled = lambda x: True
-        if not fused:
-            os.environ["KVBENCH_PACKED_KERNELS"] = "0"
-        try:
-            for k, v, p, prefill in steps:
-                k, v = k.half().to(device), v.half().to(device)
-                cache.append(NewTokens(k_pre=k, k=k, v=v, cos=None, sin=None, positions=p.to(device),
-                                       layer_input=None, is_prefill=prefill))
-        finally:
-            pc._kernels_enabled = saved
-            os.environ.pop("KVBENCH_PACKED_KERNELS", None)
-        caches[fused] = cache
-    a, c = caches[False], caches[True]
+    news = [NewTokens(k_pre=k.half().to(device), k=k.half().to(device), v=v.half().to(device), cos=None, sin=None,
+                      positions=p.to(device), layer_input=None, is_prefill=prefill) for k, v, p, prefill in steps]
+    a, c = torch_and_fused_appends(
+        lambda: pc.KIVIPackedCache(QuantSpec(2, g, integer_zero=False), 8, hkv, d, capacity=t + len(steps)), news, device)
     same = [torch.equal(x.cpu(), y.cpu()) for x, y in (
         (a.k_codes, c.k_codes), (a.k_scale, c.k_scale), (a.k_zero, c.k_zero), (a.vstore.codes, c.vstore.codes),
         (a.vstore.scale, c.vstore.scale), (a.vstore.zero, c.vstore.zero), (a.nq, c.nq), (a.n, c.n),

@@ -712,8 +712,6 @@ def decode_rotatekv(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, 
     `exact`: float32 arithmetic throughout (q promoted; IEEE float32 tensor-core products), the
     simulated mode's arithmetic, for checking what the fp16 path's rounding costs (slower)."""
     _require_triton()
-    from kvbench.hadamard import hadamard_matrix
-
     b, hq, d = q.shape
     ngrp, cap = k_codes.shape[1], k_codes.shape[2]
     hkv = v_codes.shape[1]

@@ -24,7 +24,7 @@ kvbench.packing.pack on the permuted row) bit for bit: the only floating-point o
 the quantizer's, in the same order (min/max are exact in any order).
 
 `check_rotatekv_write` and `check_rotatekv_append` are the correctness checks (interpreter in
-tests/test_rotatekv_write.py, CUDA via benchmarks or by hand).
+tests/test_kernels.py, CUDA in benchmarks/kernels_gpu.py and `pytest -m cuda`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ try:
     import triton
     import triton.language as tl
 
-    from kvbench.kernels.quant_write import _mul_rn
+    from kvbench.kernels.quant_write import _mul_rn, _round_even
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
@@ -64,11 +64,6 @@ def supports(channels: int, num_qgroups: int, key_block: int, bits: int) -> bool
 
 
 if triton is not None:
-
-    @triton.jit
-    def _round_even(v):
-        v = tl.minimum(tl.maximum(v, -4194304.0), 4194304.0)
-        return (v + 12582912.0) - 12582912.0
 
     @triton.jit
     def _quant_pack_grouped_kernel(
@@ -320,9 +315,7 @@ def check_rotatekv_append(device, results=None, dtype=torch.float32):
     Left-padded prefill with sinks, then decode steps; Llama-like (4 KV heads, head_group 2,
     permuted) and SmolLM2-like (3 heads, head_group 3, C = 192) geometries. `dtype`: of the new
     tokens."""
-    import os
-
-    from kvbench import packed_cache as pc
+    from kvbench.kernels.checks import torch_and_fused_appends
     from kvbench.method import KVGeometry, NewTokens
     from kvbench.rope import apply_rope, rope_tables
     from methods.rotatekv import RotateKV
@@ -340,7 +333,6 @@ def check_rotatekv_append(device, results=None, dtype=torch.float32):
         method = RotateKV(mode="packed", **kw)
         if method.reorder:
             method.load_calibration_state({"perm.0": torch.randperm(hkv * d, generator=gen)})
-        plain, fused = method.new_cache(0, geom), method.new_cache(0, geom)
         t = max(lengths)
         pos = torch.tensor([[-1] * (t - n) + list(range(n)) for n in lengths])
         news = []
@@ -359,23 +351,12 @@ def check_rotatekv_append(device, results=None, dtype=torch.float32):
                                   v=v.to(device, dtype), cos=cos.to(device, dtype), sin=sin.to(device, dtype),
                                   positions=pos.to(device), layer_input=li.to(device, dtype), is_prefill=step == 0))
             pos = torch.tensor(lengths)[:, None] + step
-        os.environ["KVBENCH_PACKED_KERNELS"] = "0"
-        try:
-            for new in news:
-                plain.append(new)
-        finally:
-            del os.environ["KVBENCH_PACKED_KERNELS"]
-        saved = pc._kernels_enabled
-        if device == "cpu":  # the interpreter runs the kernels on CPU tensors
-            pc._kernels_enabled = lambda x: True
-        calls = []
+        calls = []  # the fused write must really have run
         inner = quantize_pack_grouped
         globals()["quantize_pack_grouped"] = lambda *a, **k: (calls.append(1), inner(*a, **k))[1]
         try:
-            for new in news:
-                fused.append(new)
+            plain, fused = torch_and_fused_appends(lambda: method.new_cache(0, geom), news, device)
         finally:
-            pc._kernels_enabled = saved
             globals()["quantize_pack_grouped"] = inner
         ks_a, ks_b = plain.kstore, fused.kstore
         keys_exact = (torch.equal(ks_a.codes.cpu(), ks_b.codes.cpu()) and torch.equal(ks_a.scale.cpu(), ks_b.scale.cpu())

@@ -21,7 +21,8 @@ TRITON_INTERPRET=1 (tests/test_kernels.py).
   - `decode_rotatekv(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths,
     positions, cos, sin, scaling, bits=, group_size=, head_group=, pre_rope=)`;
   each returns partials (o [B, Hq, S, D] fp32, lse [B, Hq, S]); `reference.merge_partials`
-  merges them with the full-precision tokens' `reference.fp_partial`.
+  merges them with the full-precision tokens' partial (`fp_partial.fp_partial_fused`: one launch
+  for sinks or KIVI's window; reference `reference.fp_partial`).
 * `decode_mha.decode_per_token_mha`: the per-token read for one query head per KV head (MHA) on
   CUDA cores (codes unpacked in place, next tile's loads in flight, lazy softmax rescaling);
   `decode_per_token` dispatches to it where `decode_mha.supports` says so, and `packed_decode`

@@ -281,6 +281,7 @@ def run_all(device, small=True):
     check_kivi_mha(device, small, results)
     check_rotatekv(device, small, results)
     check_packed_caches(device, results)
+    check_fp_partial(device, results)
     return results
 
 
@@ -324,6 +325,36 @@ def check_write(device, results=None):
             srel = float(((scale.float() - rs.float()).abs() / rs.float()).max())
             results.append({"kernel": name, "ok": frac <= 5e-3 and step <= 1 and srel <= 2e-3,
                             "codes_differing": frac, "max_step": step, "scale_rel_err": srel})
+    return results
+
+
+def check_fp_partial(device, results=None):
+    """`fp_partial.fp_partial_fused` against `reference.fp_partial`: MHA and GQA (3 and 4 query
+    heads a KV head), 1 to 160 tokens, random validity with an empty row, fp16 K/V viewed out of a
+    bigger buffer (strided), an outlier channel. Bound: 1e-5 of the largest |output| (float32)."""
+    from kvbench.kernels.fp_partial import fp_partial_fused
+
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(8)
+    for b, hkv, gq, s, d in ((3, 4, 1, 20, 128), (2, 3, 3, 160, 64), (4, 2, 4, 37, 64), (2, 2, 1, 1, 64)):
+        buf_k = torch.randn(b, hkv, s + 5, d, generator=gen)
+        buf_k[..., 7] *= 30
+        k = buf_k.half().to(device)[:, :, 2 : 2 + s]
+        v = torch.randn(b, hkv, s + 5, d, generator=gen).half().to(device)[:, :, 3 : 3 + s]
+        q = torch.randn(b, hkv * gq, d, generator=gen).to(device)
+        valid = torch.rand(b, s, generator=gen) < 0.7
+        valid[0] = True
+        valid[-1] = False  # no full-precision token in this row
+        valid = valid.to(device)
+        o, lse = fp_partial_fused(q, k, v, valid, d**-0.5)
+        ro, rl = ref.fp_partial(q, k, v, valid, d**-0.5)
+        err = float((o - ro).abs().max())
+        bound = 1e-5 * max(1.0, float(ro.abs().max()))
+        seen = torch.isfinite(rl)
+        lse_err = float(((lse[seen] - rl[seen]).abs() / rl[seen].abs().clamp_min(1.0)).max()) if bool(seen.any()) else 0.0
+        empty_ok = bool(torch.isneginf(lse[~seen]).all())
+        results.append({"kernel": f"fp_partial B={b} Hkv={hkv} GQ={gq} S={s}", "max_abs_err": err, "bound": bound,
+                        "lse_rel_err": lse_err, "ok": err <= bound and lse_err <= 1e-5 and empty_ok})
     return results
 
 

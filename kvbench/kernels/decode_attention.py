@@ -4,8 +4,8 @@ One query token per row (decode). Each kernel reads packed codes and fp16 scales
 and dequantizes in registers, and runs an online softmax over its slice of the context
 (flash-decoding: grid = (batch x KV head [group], splits)); it writes per-split partial outputs
 and log-sum-exps, which `merge_partials` combines exactly, together with the partials of the
-full-precision tokens (sinks, KIVI's window) from `reference.fp_partial`. GQA: the query heads of
-one KV head are the rows (M) of every `tl.dot` (padded to 16), so a K/V tile is read once.
+full-precision tokens (sinks, KIVI's window) from `fp_partial.fp_partial_fused`. GQA: the query
+heads of one KV head are the rows (M) of every `tl.dot` (padded to 16), so a K/V tile is read once.
 
 Layouts are those of `kvbench.packed_cache` (plane layout of `kvbench.packing` for 2/4/8 bits):
 
@@ -41,7 +41,8 @@ import math
 
 import torch
 
-from kvbench.kernels.reference import fp_partial, merge_partials
+from kvbench.kernels.fp_partial import fp_partial_fused
+from kvbench.kernels.reference import merge_partials
 
 try:  # torchao-style guard
     import triton
@@ -793,7 +794,7 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
         w = cache.W
         slot = torch.arange(w, device=q.device)
         valid = ((slot[None] - cache.nq[:, None]) % w) < (cache.n - cache.nq)[:, None]
-        parts.append(fp_partial(q3, cache.win_k, cache.win_v, valid, scaling))
+        parts.append(fp_partial_fused(q3, cache.win_k, cache.win_v, valid, scaling))
     else:
         spec = cache.spec
         ks, vs = cache.kstore, cache.vstore
@@ -838,5 +839,5 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
         fp = cache.fp.view()
         if fp is not None:
             k, v, pos = fp
-            parts.append(fp_partial(q3, k, v, pos >= 0, scaling))
+            parts.append(fp_partial_fused(q3, k, v, pos >= 0, scaling))
     return merge_partials(parts).to(q.dtype)[:, :, None]

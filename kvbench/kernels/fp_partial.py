@@ -1,0 +1,87 @@
+"""Partial decode attention over a few full-precision tokens (RotateKV's sinks, KIVI's window), in
+one Triton launch.
+
+`reference.fp_partial` does it in about ten torch ops (two einsums, masking, log-sum-exp, ...),
+which in a decode step cost ~0.1 ms a layer for 20-160 tokens: more than half of KIVI's packed
+kernel. Here one program per (batch row, KV head) reads the tokens' K and V once, in chunks with
+an online softmax, for all of its query heads at once, in float32. Same contract as `reference.fp_partial`: q [B, Hq, D], k, v [B, Hkv, S, D], valid [B, S]
+-> (o [B, Hq, 1, D] fp32, lse [B, Hq, 1]); a row with no valid token gets o = 0, lse = -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvbench.kernels.reference import fp_partial
+
+try:  # torchao-style guard: importable without triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+MAX_TOKENS = 4096  # more than this: the torch reference
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fp_partial_kernel(
+        q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, lse_ptr, scaling, S,
+        k_b, k_h, k_s, v_b, v_h, v_s, valid_b,
+        HKV: tl.constexpr, GQ: tl.constexpr, GQP: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
+        NC: tl.constexpr,
+    ):
+        # One program per (batch row, KV head); its GQ query heads are the rows of [GQP, ...] tiles;
+        # the tokens go by in chunks of BC with an online softmax (no S x D tile in registers).
+        pid = tl.program_id(0)
+        b = pid // HKV
+        h = pid % HKV
+        r = tl.arange(0, GQP)
+        d = tl.arange(0, D)
+        rows = (b * HKV + h) * GQ + r
+        q = tl.load(q_ptr + rows[:, None] * D + d[None, :], mask=(r < GQ)[:, None], other=0.0).to(tl.float32)
+        m = tl.full([GQP], float("-inf"), tl.float32)
+        l_sum = tl.zeros([GQP], tl.float32)
+        acc = tl.zeros([GQP, D], tl.float32)
+        for c in range(NC):  # a loop, not unrolled: unrolled, the loads of all chunks spilled
+            s = c * BC + tl.arange(0, BC)
+            ok = (s < S) & (tl.load(valid_ptr + b * valid_b + s, mask=s < S, other=0) != 0)
+            k = tl.load(k_ptr + b * k_b + h * k_h + s[:, None] * k_s + d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(v_ptr + b * v_b + h * v_h + s[:, None] * v_s + d[None, :], mask=ok[:, None], other=0.0)
+            score = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scaling  # [GQP, BC]
+            score = tl.where(ok[None, :], score, float("-inf"))
+            m_new = tl.maximum(m, tl.max(score, 1))
+            live = m_new > float("-inf")
+            ref = tl.where(live, m_new, 0.0)
+            alpha = tl.where(live, tl.exp(m - ref), 1.0)
+            p = tl.where(ok[None, :], tl.exp(score - ref[:, None]), 0.0)
+            l_sum = l_sum * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+            m = m_new
+        has = l_sum > 0
+        inv = tl.where(has, 1.0 / tl.where(has, l_sum, 1.0), 0.0)
+        tl.store(o_ptr + rows[:, None] * D + d[None, :], acc * inv[:, None], mask=(r < GQ)[:, None])
+        tl.store(lse_ptr + rows, tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf")), mask=r < GQ)
+
+
+def fp_partial_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scaling: float):
+    """`reference.fp_partial` in one launch (CUDA, or CPU tensors under TRITON_INTERPRET=1);
+    falls back to it without triton or beyond MAX_TOKENS tokens."""
+    b, hq, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    if triton is None or s > MAX_TOKENS or d & (d - 1) or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return fp_partial(q, k, v, valid, scaling)
+    o = torch.empty(b, hq, 1, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, 1, dtype=torch.float32, device=q.device)
+    valid = valid.to(torch.int8)
+    gq = hq // hkv
+    gqp = 1 << max(0, (gq - 1).bit_length())
+    bc = max(2, min(64, 4096 // (gqp * d)))  # [GQP, BC, D] product tiles of <= 4096 elements: no spills
+    _fp_partial_kernel[(b * hkv,)](
+        q.contiguous(), k, v, valid, o, lse, scaling, s, k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), valid.stride(0),
+        HKV=hkv, GQ=gq, GQP=gqp, D=d, BC=bc, NC=max(1, -(-s // bc)),
+    )  # fmt: skip
+    return o, lse

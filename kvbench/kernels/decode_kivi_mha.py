@@ -178,6 +178,8 @@ def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, s
     ns, nit = split_plan(total_groups, gt, b * hkv, q.device, per_sm=splits_per_sm, num_splits=num_splits)
     o, lse = _out(q, ns)
     scratch = torch.empty(b * hkv * capt, dtype=torch.float32, device=q.device)  # scores, token by token
+    # the key tensors are indexed as contiguous (no-ops for a cache's own tensors)
+    k_codes, k_scale, k_zero = k_codes.contiguous(), k_scale.contiguous(), k_zero.contiguous()
     _kivi_mha_kernel[(b * hkv, ns)](
         q.contiguous(), k_codes.view(torch.int32), k_scale, k_zero, v_codes.view(torch.int32), v_scale, v_zero, nq,
         scratch, o, lse, scaling * LOG2E, capg, capt, v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),

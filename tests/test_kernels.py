@@ -113,3 +113,18 @@ def test_rotatekv_write_reference_layout():
     q = quantize(x[:, perm], QuantSpec(2, group))
     assert torch.equal(unpack(codes, 2, kb).reshape(5, c), q.codes[:, inv])
     assert torch.equal(scale, q.scale) and torch.equal(zero, q.zero)
+
+
+def test_split_plan_covers_the_context():
+    """Splits x tiles per split x block covers max_len, with no empty split; eagerly the tiles per
+    split are a power of two (few recompiles as a context grows). No CUDA graph is being captured
+    here, so this is the eager plan; the capture plan is exercised on the GPU."""
+    from kvbench.kernels.decode_attention import split_plan
+
+    for max_len, block, programs, per_sm in ((8192, 64, 256, 4), (8208, 64, 256, 4), (8192, 16, 64, 2), (1, 64, 8, 2),
+                                             (100_000, 64, 1, 2), (257, 16, 256, 4)):
+        ns, per = split_plan(max_len, block, programs, per_sm=per_sm)
+        tiles = -(-max_len // block)
+        assert per & (per - 1) == 0 and ns * per >= tiles and (ns - 1) * per < tiles
+    assert split_plan(8192, 64, 256, per_sm=4) == (2, 64)  # the MHA kernel's plan at the benchmark shape
+    assert split_plan(1000, 64, 8, num_splits=3) == (2, 8)  # 16 tiles: 3 splits of 6 round up to 2 of 8

@@ -748,12 +748,13 @@ _SIGNS: dict = {}
 
 
 def _sign_matrix_on(d, dtype, device):
-    """The +-1 H_D in `dtype` on `device`, cached (no host-to-device copy at decode time)."""
+    """The +-1 H_D in `dtype` on `device`, cached (no host-to-device copy at decode time). Rounded:
+    sqrt(d) times the orthonormal matrix is 0.99999994, not 1, for some sizes (128, 512)."""
     key = (d, dtype, str(device))
     if key not in _SIGNS:
         from kvbench.hadamard import hadamard_matrix
 
-        _SIGNS[key] = (hadamard_matrix(d, torch.float32, device) * math.sqrt(d)).to(dtype).contiguous()
+        _SIGNS[key] = (hadamard_matrix(d, torch.float32, device) * math.sqrt(d)).round().to(dtype).contiguous()
     return _SIGNS[key]
 
 

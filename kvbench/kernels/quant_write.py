@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from kvbench.kernels.decode_attention import interpreting
+from kvbench.kernels.decode_attention import _sign_matrix_on, interpreting
 from kvbench.packing import pack
 from kvbench.quant import QuantSpec, quantize
 
@@ -108,19 +108,6 @@ if triton is not None:
         tl.store(zero_ptr + row[:, None] * NG + gi[None, :], zero.to(tl.float16), mask=rmask[:, None])
 
 
-_SIGNS: dict = {}
-
-
-def _sign_matrix(n: int, device) -> torch.Tensor:
-    """The +-1 Sylvester H_n in fp32 on `device`, made once (no launch per write)."""
-    key = (n, str(device))
-    if key not in _SIGNS:
-        from kvbench.hadamard import hadamard_matrix
-
-        _SIGNS[key] = (hadamard_matrix(n, torch.float32, device) * math.sqrt(n)).round().contiguous()
-    return _SIGNS[key]
-
-
 def quantize_pack_rows(x: torch.Tensor, *, bits: int, group_size: int, clip_ratio: float = 1.0,
                        integer_zero: bool = True, rotate: bool = False, dest: torch.Tensor | None = None,
                        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, block_rows: int = 16):
@@ -138,7 +125,7 @@ def quantize_pack_rows(x: torch.Tensor, *, bits: int, group_size: int, clip_rati
         out = (torch.empty(rows, n * bits // 8, dtype=torch.uint8, device=x.device),
                torch.empty(rows, n // group_size, dtype=torch.float16, device=x.device),
                torch.empty(rows, n // group_size, dtype=torch.float16, device=x.device))
-    h = _sign_matrix(n, x.device) if rotate else None
+    h = _sign_matrix_on(n, torch.float32, x.device) if rotate else None  # made once per size and device
     x = x.contiguous()
     if rows:
         _quant_pack_kernel[(triton.cdiv(rows, block_rows),)](

@@ -259,10 +259,10 @@ def methods(b, h, d, L, device, smoke):
         rk_bytes = b * L * (c * bits // 8 + 4 * c // G) * 2 + b * L * 4 + 2 * b * h * sinks * d * 2
         if hg == 4:
             rcfgs = [dict(block_n=16, num_warps=4, num_splits=None), dict(block_n=32, num_warps=8, num_splits=None)]
-            stacked = [(16, 4, 2), (16, 4, 4), (32, 4, 2), (32, 8, 2), (64, 8, 1), (64, 8, 2)]
+            stacked = [(4, 4, 2), (4, 4, 4), (8, 4, 2), (8, 8, 2), (8, 8, 4), (16, 8, 2)]
         else:
             rcfgs = [dict(block_n=64, num_warps=4, num_splits=None), dict(block_n=64, num_warps=8, num_splits=None)]
-            stacked = [(64, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 4)]
+            stacked = [(16, 4, 2), (16, 8, 2), (32, 8, 2), (16, 4, 4)]
         rcfgs += [dict(kernel="stacked", block_n=bn, num_warps=nw, splits_per_sm=sp) for bn, nw, sp in stacked]
         if smoke:
             rcfgs = [dict(block_n=16, num_warps=4, num_splits=2), dict(kernel="stacked", block_n=16, num_splits=2)]

@@ -56,8 +56,10 @@ if triton is not None:
         float32 for the exact path."""
         c = (raw >> shift) & MASK
         if EXACT:
-            return c.to(tl.float32)
-        return ((c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
+            out = c.to(tl.float32)
+        else:
+            out = ((c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
+        return out
 
     @triton.jit
     def _rotatekv_stacked_kernel(
@@ -101,54 +103,67 @@ if triton is not None:
         else:
             q = tl.load(q_ptr + qrow[:, None] + d[None, :], mask=rmask[:, None], other=0.0).to(dt)
 
-        # Tiles are 3-D, [channel, head, token] for keys and [head, token, channel] for values, so
-        # every index below is a [D, HG, 1] or [1, 1, BN] vector: a [D, RR] index tensor would be
-        # loop-invariant and live in registers (64 a thread at RR = 64), spilling the kernel.
-        hh = tl.arange(0, HG)
+        # Codes are read as int32 words and unpacked in the thread that loaded them: tiles are 5-D,
+        # keys [plane of the head, word, byte, head, token] and values [head, token, plane, word,
+        # byte], loaded as [1, W, 1, HG, BN] / [HG, BN, 1, W, 1] words (the broadcast axes stay in
+        # the thread), then reshaped to the 2-D [D, RR] / [RR, D] operands of the products. Every
+        # index is a small broadcast vector: a full [D, RR] index tensor would be loop-invariant
+        # and live in registers (64 a thread at RR = 64), spilling the kernel.
+        NPH: tl.constexpr = D // PR if PR < D else 1  # bit planes a head spans
+        WH: tl.constexpr = D // NPH // 4  # key words of a head in one plane
+        NPV: tl.constexpr = 8 // BITS
+        WV: tl.constexpr = P // 4  # value words a row
+        kk = tl.arange(0, 4)
+        h5 = tl.arange(0, HG)[None, None, None, :, None]
         tt = tl.arange(0, BN)
-        chan = hh[None, :, None] * D + d[:, None, None]  # [D, HG, 1] channel in the group's key row
-        if PR % D == 0:  # a head's channels sit in one bit plane: contiguous bytes, one shift a head
-            kcol = ((hh * D) % PR)[None, :, None] + d[:, None, None]
-            kshift = ((hh * D) // PR * BITS)[None, :, None]
-        else:  # a head spans D // PR planes of the same bytes
-            kcol = (d % PR)[:, None, None] + 0 * hh[None, :, None]
-            kshift = (chan // PR) * BITS
+        t5 = tt[None, None, None, None, :]
+        kp = tl.arange(0, NPH)[:, None, None, None, None]
+        kw = tl.arange(0, WH)[None, :, None, None, None]
+        k5 = kk[None, None, :, None, None]
+        kword = ((h5 * D) % PR) // 4 + kw  # [1, WH, 1, HG, 1] word of the row
+        kshift = 8 * k5 + BITS * ((h5 * D) // PR + kp)  # [NPH, 1, 4, HG, 1]
+        chan = h5 * D + kp * (WH * 4) + kw * 4 + k5  # [NPH, WH, 4, HG, 1] channel in the group's key row
         if GATHER:  # calibrated permutation: the token's scale of each channel's group
-            gcol = tl.load(gid_ptr + grp * HG * D + chan)  # [D, HG, 1]
+            gcol = tl.load(gid_ptr + grp * HG * D + chan)
         else:  # groups are (token, head)
-            gcol = grp * HG + hh[None, :, None]
-        sign = _parity_sign(rhead[:, None, None], hh[None, :, None])  # [QN, HG, 1] = H_HG[head of query, head]
-        own = rhead[:, None, None] == hh[None, :, None]  # value rows of each query row's own KV head
-        vcol = (d % P)[None, None, :]  # values [HG, BN, D]: channel j is plane j // P of byte j % P
-        vshift = ((d // P) * BITS)[None, None, :]
-        vhead = (hh * cap)[:, None, None]  # [HG, 1, 1] first slot of each head, from the group's first
+            gcol = grp * HG + h5
+        sign = _parity_sign(rhead[:, None, None], tl.arange(0, HG)[None, :, None])  # [QN, HG, 1] = H_HG[query head, head]
+        own = rhead[:, None, None] == tl.arange(0, HG)[None, :, None]  # value rows of each query row's own KV head
+        vh = tl.arange(0, HG)[:, None, None, None, None]
+        vt = tt[None, :, None, None, None]
+        vp = tl.arange(0, NPV)[None, None, :, None, None]
+        vw = tl.arange(0, WV)[None, None, None, :, None]
+        vk = kk[None, None, None, None, :]
+        vshift = 8 * vk + BITS * vp  # [1, 1, NPV, 1, 4]
+        vslot = vh * cap + vt  # [HG, BN, 1, 1, 1] slot from the group's first head's row, tile start
+        kbase = (b * NGRP + grp).to(tl.int64) * cap
+        sbase = b.to(tl.int64) * cap
         vbase = (b * HKV + grp * HG).to(tl.int64) * cap
 
         m_i = tl.full([QN], float("-inf"), tl.float32)
         l_i = tl.zeros([QN], tl.float32)
         acc = tl.zeros([QN, D], tl.float32)
-        kbase = (b * NGRP + grp).to(tl.int64) * cap
-        sbase = b.to(tl.int64) * cap
         for it in range(NIT):
             n0 = start + it * BN
             tok = n0 + tt
             tmask = tok < end
-            tm3 = tmask[None, None, :]
+            tm5 = tmask[None, None, None, None, :]
             # scalar row bases (int64) plus int32 offsets: one address op an element
-            raw = tl.load(kc_ptr + (kbase + n0) * PR + ((tt * PR)[None, None, :] + kcol), mask=tm3, other=0).to(tl.int32)
-            c = _codes(raw, kshift, MASK, EXACT)  # [D, HG, BN]
-            soff = (tt * NQ)[None, None, :] + gcol
-            sc = tl.load(ks_ptr + (sbase + n0) * NQ + soff, mask=tm3, other=0.0).to(dt)
-            zc = tl.load(kz_ptr + (sbase + n0) * NQ + soff, mask=tm3, other=0.0).to(dt)
+            words = tl.load(kc_ptr + (kbase + n0) * (PR // 4) + (t5 * (PR // 4) + kword), mask=tm5, other=0)
+            c = _codes(words, kshift, MASK, EXACT)  # [NPH, WH, 4, HG, BN]
+            soff = t5 * NQ + gcol
+            sc = tl.load(ks_ptr + (sbase + n0) * NQ + soff, mask=tm5, other=0.0).to(dt)
+            zc = tl.load(kz_ptr + (sbase + n0) * NQ + soff, mask=tm5, other=0.0).to(dt)
             x = tl.reshape((c - zc) * sc, (D, RR))  # rotated keys, channel-major, un-mixed across heads
             if PRE_ROPE:
                 u_lo = _dot(h_lo, x, EXACT)  # [D/2, RR] float32
                 u_hi = _dot(h_hi, x, EXACT)
                 p_ = tl.load(pos_ptr + sbase + tok, mask=tmask, other=0) * D
-                cs = tl.load(cos_ptr + p_[None, None, :] + d2[:, None, None], mask=tm3, other=0.0).to(tl.float32)
-                sn = tl.load(sin_ptr + p_[None, None, :] + d2[:, None, None], mask=tm3, other=0.0).to(tl.float32)
-                cs = tl.reshape(tl.broadcast_to(cs, (D2, HG, BN)), (D2, RR))  # one table row serves the group's heads
-                sn = tl.reshape(tl.broadcast_to(sn, (D2, HG, BN)), (D2, RR))
+                cs = tl.load(cos_ptr + p_[None, None, :] + d2[:, None, None], mask=tmask[None, None, :], other=0.0)
+                sn = tl.load(sin_ptr + p_[None, None, :] + d2[:, None, None], mask=tmask[None, None, :], other=0.0)
+                # one table row serves the group's heads
+                cs = tl.reshape(tl.broadcast_to(cs.to(tl.float32), (D2, HG, BN)), (D2, RR))
+                sn = tl.reshape(tl.broadcast_to(sn.to(tl.float32), (D2, HG, BN)), (D2, RR))
                 sfull = (_dot(q_lo, (u_lo * cs - u_hi * sn).to(dt), EXACT)
                          + _dot(q_hi, (u_hi * cs + u_lo * sn).to(dt), EXACT))  # [QN, RR]
             else:
@@ -166,25 +181,25 @@ if triton is not None:
             acc = acc * alpha[:, None]
             # each query row's probabilities on its own head's value rows, zero elsewhere
             pb = tl.where(own, pr[:, None, :], 0.0)  # [QN, HG, BN]
-            vrow = vhead + tt[None, :, None]  # [HG, BN, 1] slot from vbase + n0
-            vm3 = tmask[None, :, None]
-            vraw = tl.load(vc_ptr + (vbase + n0) * P + (vrow * P + vcol), mask=vm3, other=0).to(tl.int32)  # [HG, BN, D]
+            vm5 = tmask[None, :, None, None, None]
+            vrow = (vbase + n0) + vslot  # [HG, BN, 1, 1, 1] value rows (int64)
+            vwords = tl.load(vc_ptr + (vbase + n0) * WV + (vslot * WV + vw), mask=vm5, other=0)  # [HG, BN, 1, WV, 1]
             if NGV == 1 and not EXACT:  # scale onto the probabilities, codes stay 1024 + c
-                vsc = tl.load(vs_ptr + (vbase + n0) + vrow, mask=vm3, other=0.0).to(tl.float32)  # [HG, BN, 1]
-                vz = tl.load(vz_ptr + (vbase + n0) + vrow, mask=vm3, other=0.0).to(tl.float32)
+                vsc = tl.load(vs_ptr + vrow, mask=vm5, other=0.0).to(tl.float32)
+                vz = tl.load(vz_ptr + vrow, mask=vm5, other=0.0).to(tl.float32)
                 ps = pb * tl.reshape(vsc, (HG, BN))[None]
-                cv = (((vraw >> vshift) & MASK) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                cv = (((vwords >> vshift) & MASK) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
                 corr = tl.sum(tl.sum(ps.to(tl.float16).to(tl.float32) * (tl.reshape(vz, (HG, BN)) + 1024.0)[None], 2), 1)
                 acc += tl.dot(tl.reshape(ps.to(tl.float16), (QN, RR)), tl.reshape(cv, (RR, D))) - corr[:, None]
             else:
                 if NGV == 1:
-                    vsc = tl.load(vs_ptr + (vbase + n0) + vrow, mask=vm3, other=0.0).to(dt)
-                    vz = tl.load(vz_ptr + (vbase + n0) + vrow, mask=vm3, other=0.0).to(dt)
+                    vsc = tl.load(vs_ptr + vrow, mask=vm5, other=0.0).to(dt)
+                    vz = tl.load(vz_ptr + vrow, mask=vm5, other=0.0).to(dt)
                 else:
-                    goff = vrow * NGV + (d // G)[None, None, :]
-                    vsc = tl.load(vs_ptr + (vbase + n0) * NGV + goff, mask=vm3, other=0.0).to(dt)
-                    vz = tl.load(vz_ptr + (vbase + n0) * NGV + goff, mask=vm3, other=0.0).to(dt)
-                v = (_codes(vraw, vshift, MASK, EXACT) - vz) * vsc
+                    goff = vrow * NGV + (vp * P + vw * 4 + vk) // G
+                    vsc = tl.load(vs_ptr + goff, mask=vm5, other=0.0).to(dt)
+                    vz = tl.load(vz_ptr + goff, mask=vm5, other=0.0).to(dt)
+                v = (_codes(vwords, vshift, MASK, EXACT) - vz) * vsc  # [HG, BN, NPV, WV, 4]
                 acc += _dot(tl.reshape(pb.to(dt), (QN, RR)), tl.reshape(v, (RR, D)), EXACT)
             m_i = m_new
 
@@ -225,7 +240,8 @@ def decode_rotatekv_stacked(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, 
         q = (q.float() @ hsign.float()).to(q.dtype)  # H_D symmetric: (H_D q) for each head
     o, lse = _out(q, ns)
     _rotatekv_stacked_kernel[(b * ngrp, ns)](
-        q.contiguous(), k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths, positions,
+        q.contiguous(), k_codes.view(torch.int32), k_scale, k_zero, gid, v_codes.view(torch.int32), v_scale, v_zero,
+        lengths, positions,
         cos, sin, hsign, o, lse,
         scaling * LOG2E * norm, cap, NIT=nit, NGRP=ngrp, HG=hg, GQ=gq, D=d, BITS=bits, NQ=nq, G=group_size,
         PRE_ROPE=pre_rope, QN=max(16, 1 << max(0, (hg * gq - 1).bit_length())), BN=bn, NS=ns, GATHER=gather,

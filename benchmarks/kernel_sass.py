@@ -106,9 +106,9 @@ def kivi_mha(bits: int, group: int, block_n: int, num_warps: int, num_stages: in
     return compile_sm90(k, sig, ce, num_warps, num_stages), gt * group * d
 
 
-def _rotatekv_sig(codes="*u8"):
-    return {"q_ptr": "*fp16", "kc_ptr": codes, "ks_ptr": "*fp16", "kz_ptr": "*fp16", "gid_ptr": "*i32",
-            "vc_ptr": codes, "vs_ptr": "*fp16", "vz_ptr": "*fp16", "len_ptr": "*i32", "pos_ptr": "*i32",
+def _rotatekv_sig():
+    return {"q_ptr": "*fp16", "kc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "gid_ptr": "*i32",
+            "vc_ptr": "*u8", "vs_ptr": "*fp16", "vz_ptr": "*fp16", "len_ptr": "*i32", "pos_ptr": "*i32",
             "cos_ptr": "*fp16", "sin_ptr": "*fp16", "h_ptr": "*fp16", "o_ptr": "*fp32", "lse_ptr": "*fp32",
             "sm_scale": "fp32", "cap": "i32"}
 
@@ -122,17 +122,7 @@ def rotatekv(bits: int, group: int, block_n: int, num_warps: int, num_stages: in
     return compile_sm90(k, _rotatekv_sig(), ce, num_warps, num_stages), 2 * hg * block_n * d
 
 
-def rotatekv_stacked(bits: int, group: int, block_n: int, num_warps: int, num_stages: int, d: int = 128,
-                     hg: int = 4):
-    from kvbench.kernels.decode_rotatekv_stacked import _rotatekv_stacked_kernel as k
-
-    ce = dict(NIT=32, NGRP=32 // hg, HG=hg, GQ=1, D=d, BITS=bits, NQ=32 * d // group, G=d, PRE_ROPE=True,
-              QN=16, BN=block_n, NS=2, GATHER=True, EXACT=False)
-    return compile_sm90(k, _rotatekv_sig("*i32"), ce, num_warps, num_stages), 2 * hg * block_n * d
-
-
-KERNELS = {"per_token_mha": per_token_mha, "kivi_mha": kivi_mha, "rotatekv": rotatekv,
-           "rotatekv_stacked": rotatekv_stacked}
+KERNELS = {"per_token_mha": per_token_mha, "kivi_mha": kivi_mha, "rotatekv": rotatekv}
 
 
 def main(argv=None) -> int:

@@ -121,7 +121,6 @@ def methods(b, h, d, L, device, smoke):
     from kvbench.hadamard import hadamard_matrix
     from kvbench.kernels import decode_attention as da
     from kvbench.kernels import decode_kivi_mha, decode_mha
-    from kvbench.kernels.decode_rotatekv_stacked import decode_rotatekv_stacked
     from kvbench.kernels import reference as ref
     from kvbench.rope import rope_tables
 
@@ -259,13 +258,10 @@ def methods(b, h, d, L, device, smoke):
         rk_bytes = b * L * (c * bits // 8 + 4 * c // G) * 2 + b * L * 4 + 2 * b * h * sinks * d * 2
         if hg == 4:
             rcfgs = [dict(block_n=16, num_warps=4, num_splits=None), dict(block_n=32, num_warps=8, num_splits=None)]
-            stacked = [(4, 4, 2), (4, 4, 4), (8, 4, 2), (8, 8, 2), (8, 8, 4), (16, 8, 2)]
         else:
             rcfgs = [dict(block_n=64, num_warps=4, num_splits=None), dict(block_n=64, num_warps=8, num_splits=None)]
-            stacked = [(16, 4, 2), (16, 8, 2), (32, 8, 2), (16, 4, 4)]
-        rcfgs += [dict(kernel="stacked", block_n=bn, num_warps=nw, splits_per_sm=sp) for bn, nw, sp in stacked]
         if smoke:
-            rcfgs = [dict(block_n=16, num_warps=4, num_splits=2), dict(kernel="stacked", block_n=16, num_splits=2)]
+            rcfgs = [dict(block_n=16, num_warps=4, num_splits=2)]
         if hg == 1 and not pre and not reorder:  # quarot's read path: the MHA kernel takes it
             rcfgs = [dict(kernel="mha", block_n=bn, num_warps=4, splits_per_sm=sp) for bn, sp in ((64, 4), (128, 4), (64, 8))]
             if smoke:
@@ -276,11 +272,8 @@ def methods(b, h, d, L, device, smoke):
                 c = {k: v for k, v in cfg.items() if k != "kernel"}
                 return decode_mha.decode_per_token_mha((q.float() @ H).half(), kc_r, ks_r, kz_r, *vv_r, lengths, scaling,
                                                        bits=bits, group_size=G, max_len=L, k_scale_heads_last=True, **c)
-            fn = da.decode_rotatekv
-            if cfg.get("kernel") == "stacked":
-                fn, cfg = decode_rotatekv_stacked, {k: v for k, v in cfg.items() if k != "kernel"}
-            return fn(q, kc_r, ks_r, kz_r, gid, *vv_r, lengths, pos, cos, sin, scaling, bits=bits,
-                      group_size=G, head_group=hg, pre_rope=pre, max_len=L, **cfg)
+            return da.decode_rotatekv(q, kc_r, ks_r, kz_r, gid, *vv_r, lengths, pos, cos, sin, scaling, bits=bits,
+                                      group_size=G, head_group=hg, pre_rope=pre, max_len=L, **cfg)
 
         def rkv_fn(cfg, kc_r=kc_r, ks_r=ks_r, kz_r=kz_r, gid=gid, vv_r=vv_r, hg=hg, pre=pre, G=G):
             def f():

@@ -19,7 +19,6 @@ import torch
 
 from kvbench.kernels import decode_attention as da
 from kvbench.kernels import reference as ref
-from kvbench.kernels.decode_rotatekv_stacked import decode_rotatekv_stacked
 from kvbench.packing import pack
 
 REL_BOUND = 2e-3
@@ -190,19 +189,19 @@ def check_rotatekv(device, small=True, results=None):
         q = _query(gen, b, hkv * gq, d, device)
         vg = min(group, d)
         ref_gid = gid if gid is not None else (torch.arange(hkv * d, device=device) // group).to(torch.int32)
+        o, lse = da.decode_rotatekv(q, kc, ks, kz, gid, vc, vs, vz, lengths, pos, cos, sin, d**-0.5, bits=bits,
+                                    group_size=vg, head_group=head_group, pre_rope=pre_rope,
+                                    num_splits=2 if small else None, block_n=16 if small else None)
         ro, rl = ref.ref_decode_rotatekv(q.float(), kc, ks, kz, ref_gid, vc, vs, vz, lengths, pos, cos, sin, d**-0.5,
                                          bits=bits, group_size=vg, head_group=head_group, pre_rope=pre_rope)
-        for kname, kernel in (("rotatekv", da.decode_rotatekv), ("rotatekv_stacked", decode_rotatekv_stacked)):
-            name = f"{kname} hg={head_group} pre_rope={pre_rope} bits={bits} G={group} permuted={perm}"
-            o, lse = kernel(q, kc, ks, kz, gid, vc, vs, vz, lengths, pos, cos, sin, d**-0.5, bits=bits,
-                            group_size=vg, head_group=head_group, pre_rope=pre_rope,
-                            num_splits=2 if small else None, block_n=16 if small else None)
-            _compare(name, o, lse, ro, rl, results)
-            # float32 arithmetic (`exact`): the reference's to float32 rounding, 1e-5 relative
-            o, lse = kernel(q.float(), kc, ks, kz, gid, vc, vs, vz, lengths, pos, cos, sin, d**-0.5, bits=bits,
-                            group_size=vg, head_group=head_group, pre_rope=pre_rope, exact=True,
-                            num_splits=2 if small else None, block_n=16 if small else None)
-            _compare(name + " exact", o, lse, ro, rl, results, rel_bound=1e-5)
+        _compare(f"rotatekv hg={head_group} pre_rope={pre_rope} bits={bits} G={group} permuted={perm}", o, lse, ro, rl,
+                 results)
+        # float32 arithmetic (`exact`): the reference's to float32 rounding, 1e-5 relative
+        o, lse = da.decode_rotatekv(q.float(), kc, ks, kz, gid, vc, vs, vz, lengths, pos, cos, sin, d**-0.5, bits=bits,
+                                    group_size=vg, head_group=head_group, pre_rope=pre_rope, exact=True,
+                                    num_splits=2 if small else None, block_n=16 if small else None)
+        _compare(f"rotatekv exact hg={head_group} pre_rope={pre_rope} bits={bits} G={group} permuted={perm}", o, lse,
+                 ro, rl, results, rel_bound=1e-5)
     return results
 
 

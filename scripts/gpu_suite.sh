@@ -89,6 +89,7 @@ part_b() {
 }
 
 part_d() {
+  [ -n "${SKIP_CHECKS:-}" ] && return
   step "pytest -m cuda"
   timeout $(left 540) python3 -m pytest -q -m cuda tests -p no:cacheprovider --durations=5 2>&1 | tail -15
 }

@@ -55,10 +55,10 @@ def resources(compiled) -> str:
 
 def summarize(sass: str) -> dict:
     """Opcode histogram of the whole kernel and of its longest backward-branch loop body."""
-    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
     ops = []
     for ln in lines:
-        m = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", ln)
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", ln)
         if m:
             ops.append((int(m.group(1), 16), m.group(3), ln))
     loops = []
@@ -122,7 +122,26 @@ def rotatekv(bits: int, group: int, block_n: int, num_warps: int, num_stages: in
     return compile_sm90(k, _rotatekv_sig(), ce, num_warps, num_stages), 2 * hg * block_n * d
 
 
-KERNELS = {"per_token_mha": per_token_mha, "kivi_mha": kivi_mha, "rotatekv": rotatekv}
+def rotatekv_mha(bits: int, group: int, block_n: int, num_warps: int, num_stages: int, d: int = 128, hg: int = 4,
+                 pre_rope: bool = True, gather: bool = True):
+    """RotateKV's MHA read (decode_rotatekv_mha): key and value codes a tile."""
+    from kvbench.kernels.decode_rotatekv_mha import _rotatekv_mha_kernel as k
+
+    sig = {**_rotatekv_sig(), "vw_ptr": "*i32", "vs_b": "i32", "vs_h": "i32", "vs_t": "i32"}
+    sig.pop("vc_ptr")
+    order = ["q_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "gid_ptr", "vw_ptr", "vs_ptr", "vz_ptr", "len_ptr", "pos_ptr",
+             "cos_ptr", "sin_ptr", "h_ptr", "o_ptr", "lse_ptr", "sm_scale", "cap", "vs_b", "vs_h", "vs_t"]
+    ce = dict(NIT=32, NGRP=32 // hg, HG=hg, D=d, BITS=bits, NQ=32 * d // group, G=group, PRE_ROPE=pre_rope,
+              BN=block_n, NS=2, GATHER=gather, TAU=8.0, ASM=True)
+    return compile_sm90(k, {n: sig[n] for n in order}, ce, num_warps, num_stages), 2 * hg * block_n * d
+
+
+def rotatekv_mha_post(bits, group, block_n, num_warps, num_stages):
+    return rotatekv_mha(bits, group, block_n, num_warps, num_stages, pre_rope=False)
+
+
+KERNELS = {"per_token_mha": per_token_mha, "kivi_mha": kivi_mha, "rotatekv": rotatekv, "rotatekv_mha": rotatekv_mha,
+           "rotatekv_mha_post": rotatekv_mha_post}
 
 
 def main(argv=None) -> int:

@@ -121,6 +121,7 @@ def methods(b, h, d, L, device, smoke):
     from kvbench.hadamard import hadamard_matrix
     from kvbench.kernels import decode_attention as da
     from kvbench.kernels import decode_kivi_mha, decode_mha
+    from kvbench.kernels.decode_rotatekv_mha import decode_rotatekv_mha
     from kvbench.kernels import reference as ref
     from kvbench.rope import rope_tables
 
@@ -256,12 +257,15 @@ def methods(b, h, d, L, device, smoke):
         gid = (inv // G).to(torch.int32) if reorder else None
         vv_r = store(h, L, d, bits, G)
         rk_bytes = b * L * (c * bits // 8 + 4 * c // G) * 2 + b * L * 4 + 2 * b * h * sinks * d * 2
-        if hg == 4:
-            rcfgs = [dict(block_n=16, num_warps=4, num_splits=None), dict(block_n=32, num_warps=8, num_splits=None)]
+        if hg == 4:  # the MHA read (decode_rotatekv_mha: a byte holds the group's four heads), then the first kernel
+            rcfgs = [dict(kernel="cc", block_n=bn, num_warps=nw, splits_per_sm=sp)
+                     for bn, nw, sp in ((16, 4, 2), (16, 8, 2), (16, 4, 4), (32, 8, 2))]
+            rcfgs += [dict(block_n=16, num_warps=4, num_splits=None)]
         else:
             rcfgs = [dict(block_n=64, num_warps=4, num_splits=None), dict(block_n=64, num_warps=8, num_splits=None)]
         if smoke:
-            rcfgs = [dict(block_n=16, num_warps=4, num_splits=2)]
+            rcfgs = [dict(block_n=16, num_warps=4, num_splits=2)] + ([dict(kernel="cc", block_n=16, num_warps=4, num_splits=2)]
+                                                                     if hg == 4 else [])
         if hg == 1 and not pre and not reorder:  # quarot's read path: the MHA kernel takes it
             rcfgs = [dict(kernel="mha", block_n=bn, num_warps=4, splits_per_sm=sp) for bn, sp in ((64, 4), (128, 4), (64, 8))]
             if smoke:
@@ -272,6 +276,10 @@ def methods(b, h, d, L, device, smoke):
                 c = {k: v for k, v in cfg.items() if k != "kernel"}
                 return decode_mha.decode_per_token_mha((q.float() @ H).half(), kc_r, ks_r, kz_r, *vv_r, lengths, scaling,
                                                        bits=bits, group_size=G, max_len=L, k_scale_heads_last=True, **c)
+            if cfg.get("kernel") == "cc":
+                c = {k: v for k, v in cfg.items() if k != "kernel"}
+                return decode_rotatekv_mha(q, kc_r, ks_r, kz_r, gid, *vv_r, lengths, pos, cos, sin, scaling, bits=bits,
+                                           group_size=G, head_group=hg, pre_rope=pre, max_len=L, **c)
             return da.decode_rotatekv(q, kc_r, ks_r, kz_r, gid, *vv_r, lengths, pos, cos, sin, scaling, bits=bits,
                                       group_size=G, head_group=hg, pre_rope=pre, max_len=L, **cfg)
 

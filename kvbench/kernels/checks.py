@@ -205,6 +205,36 @@ def check_rotatekv(device, small=True, results=None):
     return results
 
 
+def check_rotatekv_mha(device, small=True, results=None):
+    """decode_rotatekv_mha (one query head per KV head, a byte holding every head of the group)
+    against the reference: permuted and per-head groups, pre- and post-RoPE, 2/4/8 bits."""
+    from kvbench.kernels.decode_rotatekv_mha import decode_rotatekv_mha
+
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(3)
+    b, hkv, d = (2, 4, 64) if small else (4, 8, 128)
+    cap = 45 if small else 700
+    lengths = torch.tensor([45, 23] if small else [700, 699, 311, 2]).to(device)
+    for head_group, pre_rope, bits, group, perm in ((4, True, 2, d, True), (4, False, 2, d, True),
+                                                    (4, True, 2, d, False), (4, True, 2, d // 2, True),
+                                                    (2, True, 4, d, True), (2, False, 4, d, False),
+                                                    (1, True, 8, d, True)):
+        args = rotatekv_inputs(gen, b, hkv, 1, d, cap, bits, group, head_group, device)
+        kc, ks, kz, gid, vc, vs, vz, pos, cos, sin = args
+        if not perm:
+            gid = None
+        q = _query(gen, b, hkv, d, device)
+        ref_gid = gid if gid is not None else (torch.arange(hkv * d, device=device) // group).to(torch.int32)
+        o, lse = decode_rotatekv_mha(q, kc, ks, kz, gid, vc, vs, vz, lengths, pos, cos, sin, d**-0.5, bits=bits,
+                                     group_size=group, head_group=head_group, pre_rope=pre_rope,
+                                     num_splits=2 if small else None)
+        ro, rl = ref.ref_decode_rotatekv(q.float(), kc, ks, kz, ref_gid, vc, vs, vz, lengths, pos, cos, sin, d**-0.5,
+                                         bits=bits, group_size=group, head_group=head_group, pre_rope=pre_rope)
+        _compare(f"rotatekv_mha hg={head_group} pre_rope={pre_rope} bits={bits} G={group} permuted={perm}", o, lse,
+                 ro, rl, results)
+    return results
+
+
 def check_packed_caches(device, results=None):
     """packed_decode (kernels + fp partials + LSE merge + rotations) against the packed caches'
     own torch read path, after a left-padded prefill and decode steps."""
@@ -280,6 +310,7 @@ def run_all(device, small=True):
     check_kivi(device, small, results)
     check_kivi_mha(device, small, results)
     check_rotatekv(device, small, results)
+    check_rotatekv_mha(device, small, results)
     check_packed_caches(device, results)
     check_fp_partial(device, results)
     return results

@@ -140,8 +140,12 @@ def rotatekv_mha_post(bits, group, block_n, num_warps, num_stages):
     return rotatekv_mha(bits, group, block_n, num_warps, num_stages, pre_rope=False)
 
 
+def rotatekv_mha_post_noreorder(bits, group, block_n, num_warps, num_stages):
+    return rotatekv_mha(bits, group, block_n, num_warps, num_stages, pre_rope=False, gather=False)
+
+
 KERNELS = {"per_token_mha": per_token_mha, "kivi_mha": kivi_mha, "rotatekv": rotatekv, "rotatekv_mha": rotatekv_mha,
-           "rotatekv_mha_post": rotatekv_mha_post}
+           "rotatekv_mha_post": rotatekv_mha_post, "rotatekv_mha_post_noreorder": rotatekv_mha_post_noreorder}
 
 
 def main(argv=None) -> int:

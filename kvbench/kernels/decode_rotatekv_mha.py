@@ -51,71 +51,121 @@ if triton is not None:
     from kvbench.kernels.decode_mha import _codes, _load_rows
 
     @triton.jit
-    def _deq_head(kraw, hp: tl.constexpr, s_row, zs_row, gid_ptr, gbase, d, D: tl.constexpr,
+    def _deq_head(kraw, hp: tl.constexpr, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask,
                   BITS: tl.constexpr, GATHER: tl.constexpr):
-        """Dequantized keys [BN, D] (fp32) of head slot hp of the group from the byte tile.
-        s_row / zs_row: the tile's scales and scale * zero, [BN, NQ] (GATHER: indexed by each
-        channel's quantization group, a warp shuffle an element) or [BN, HG]-wide per-head
-        columns picked by hp (one group per (token, head))."""
+        """Dequantized keys (fp32) of head slot hp of the group from a byte tile [BN, DH].
+        GATHER: s_row / zs_row are the tile's scales and scale * zero [BN, NQ], indexed by each
+        channel's quantization group (gid at goff + channel: one warp shuffle an element);
+        otherwise one group per (token, head), loaded here ([BN], goff its column of head 0)."""
         x = (kraw >> (hp * BITS)) & ((1 << BITS) - 1)
         c = (x | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exact: code < 2**23
         if GATHER:
-            g = tl.load(gid_ptr + gbase + hp * D + d)
-            idx = tl.broadcast_to(g[None, :], (kraw.shape[0], D))
-            return c * tl.gather(s_row, idx, 1) - tl.gather(zs_row, idx, 1)
-        sel = tl.arange(0, s_row.shape[1])[None, :] == hp
-        s = tl.sum(tl.where(sel, s_row, 0.0), 1)
-        zs = tl.sum(tl.where(sel, zs_row, 0.0), 1)
-        return c * s[:, None] - zs[:, None]
+            g = tl.load(gid_ptr + goff)
+            idx = tl.broadcast_to(g[None, :], kraw.shape)
+            y = c * tl.gather(s_row, idx, 1) - tl.gather(zs_row, idx, 1)
+        else:
+            off = srow + goff + hp
+            s = tl.load(ks_ptr + off, mask=tmask, other=0.0).to(tl.float32)
+            z = tl.load(kz_ptr + off, mask=tmask, other=0.0).to(tl.float32)
+            y = c * s[:, None] - (z * s)[:, None]
+        return y
 
     @triton.jit
-    def _score(y, q_ptr, qrow, d, d2, cs, sn, h_lo, h_hi, PRE_ROPE: tl.constexpr, D: tl.constexpr):
-        """Scores [BN] of one head: y [BN, D] are its mixed (H_hg) dequantized keys."""
-        if PRE_ROPE:
-            y16 = y.to(tl.float16)
-            u_lo = tl.dot(y16, h_lo)  # [BN, D/2] = y @ H_D[:, :D/2]
-            u_hi = tl.dot(y16, h_hi)
-            q_lo = tl.load(q_ptr + qrow + d2).to(tl.float32)
-            q_hi = tl.load(q_ptr + qrow + D // 2 + d2).to(tl.float32)
-            r_lo = u_lo * cs - u_hi * sn
-            r_hi = u_hi * cs + u_lo * sn
-            return tl.sum(r_lo * q_lo[None, :] + r_hi * q_hi[None, :], 1)
-        q = tl.load(q_ptr + qrow + d).to(tl.float32)  # H_D q (the caller's)
-        return tl.sum(y * q[None, :], 1)
+    def _mixed(kraw, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask, DH: tl.constexpr,
+               HG: tl.constexpr, BITS: tl.constexpr, GATHER: tl.constexpr):
+        """H_hg across the group's heads of one channel half, in-thread: y_h = sum_h' H[h, h'] x_h'
+        (a butterfly; heads past HG come back as 0)."""
+        STEP: tl.constexpr = 2 * DH if GATHER else 0  # gid offset of the next head slot's channels
+        x0 = _deq_head(kraw, 0, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER)
+        if HG == 1:
+            return x0, 0.0, 0.0, 0.0
+        x1 = _deq_head(kraw, 1, s_row, zs_row, gid_ptr, goff + STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER)
+        if HG == 2:
+            return x0 + x1, x0 - x1, 0.0, 0.0
+        e0 = x0 + x1
+        e1 = x0 - x1
+        x2 = _deq_head(kraw, 2, s_row, zs_row, gid_ptr, goff + 2 * STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER)
+        x3 = _deq_head(kraw, 3, s_row, zs_row, gid_ptr, goff + 3 * STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER)
+        e2 = x2 + x3
+        e3 = x2 - x3
+        return e0 + e2, e1 + e3, e0 - e2, e1 - e3
 
     @triton.jit
-    def _head_step(s, m, l, acc_lo, acc_hi, corr, vw, vsc, vzp, mask4, TAU: tl.constexpr, ASM: tl.constexpr):
-        """Online softmax and value accumulation of one head over one tile (log2-scaled scores s,
-        -inf where masked). The running maximum is raised only when a tile exceeds it by TAU
-        (probabilities stay below 2**TAU), so the accumulators are rarely rescaled."""
-        mx = tl.max(s, 0)
-        if mx - m > TAU:
-            alpha = tl.exp2(m - mx)
-            acc_lo = acc_lo * alpha
-            acc_hi = acc_hi * alpha
-            corr = corr * alpha
-            l = l * alpha
-            m = mx
-        p = tl.exp2(s - m)  # [BN]
-        l += tl.sum(p, 0)
-        ps = p[:, None] * vsc  # [BN, NG]
+    def _dot_rows(y, q):
+        return tl.sum(y * q[None, :].to(tl.float32), 1)
+
+    @triton.jit
+    def _rope_score(a, bb, cs, sn, qa, qb):
+        """Score of pre-RoPE keys from the halves' products a = y_lo H', bb = y_hi H' (H_D =
+        [[H', H'], [H', -H']]): k = [a + bb, a - bb], RoPE at the keys' positions, dot with q."""
+        u_lo = a + bb
+        u_hi = a - bb
+        r_lo = u_lo * cs - u_hi * sn
+        r_hi = u_hi * cs + u_lo * sn
+        return tl.sum(r_lo * qa[None, :].to(tl.float32) + r_hi * qb[None, :].to(tl.float32), 1)
+
+    @triton.jit
+    def _rescale(s, m, l, acc_lo, acc_hi, corr):
+        m_new = tl.maximum(m, s)
+        alpha = tl.exp2(m - m_new)
+        a4 = alpha[:, None, None, None]
+        return m_new, l * alpha, acc_lo * a4, acc_hi * a4, corr * alpha[:, None]
+
+    @triton.jit
+    def _accumulate(s, m, l, acc_lo, acc_hi, corr, vw, vsc, vzp, mask4, ASM: tl.constexpr):
+        """Probabilities of one head's tile (per row slot, below 2**TAU) into its value sums."""
+        p = tl.exp2(s - m)
+        l += p
+        ps = p[:, None] * vsc
         corr += ps * vzp
         ps4 = ps[:, :, None, None]
         acc_lo += _codes(vw, mask4, ASM) * ps4
         acc_hi += _codes(vw >> 16, mask4, ASM) * ps4
-        return m, l, acc_lo, acc_hi, corr
+        return l, acc_lo, acc_hi, corr
 
     @triton.jit
-    def _store_head(o_ptr, lse_ptr, row, split, m, l, acc_lo, acc_hi, corr, inv_pos, chan_lo, chan_hi,
+    def _store_head(o_ptr, lse_ptr, row, split, m_i, l_i, acc_lo, acc_hi, corr, inv_pos, chan_lo, chan_hi,
                     NS: tl.constexpr, D: tl.constexpr):
-        has = l > 0
-        inv = tl.where(has, 1.0 / tl.where(has, l, 1.0), 0.0)
-        corr4 = tl.sum(corr, 0)[None, :, None, None]
+        """Merge the row slots (weights 2**(m_slot - m), exactly as merging splits) and store."""
+        m = tl.max(m_i, 0)
+        wgt = tl.exp2(m_i - m)
+        l_sum = tl.sum(l_i * wgt, 0)
+        has = l_sum > 0
+        inv = tl.where(has, 1.0 / tl.where(has, l_sum, 1.0), 0.0)
+        w4 = wgt[:, None, None, None]
+        corr4 = tl.sum(corr * wgt[:, None], 0)[None, :, None, None]
         orow = (row.to(tl.int64) * NS + split) * D
-        tl.store(o_ptr + orow + chan_lo, (tl.sum(acc_lo, 0)[None] * inv_pos - corr4) * inv)
-        tl.store(o_ptr + orow + chan_hi, (tl.sum(acc_hi, 0)[None] * inv_pos - corr4) * inv)
-        lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(o_ptr + orow + chan_lo, (tl.sum(acc_lo * w4, 0)[None] * inv_pos - corr4) * inv)
+        tl.store(o_ptr + orow + chan_hi, (tl.sum(acc_hi * w4, 0)[None] * inv_pos - corr4) * inv)
+        lse = tl.where(has, (m + tl.log2(tl.where(has, l_sum, 1.0))) / 1.4426950408889634, float("-inf"))
         tl.store(lse_ptr + row * NS + split, lse)
+
+    @triton.jit
+    def _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase, gbase, t0, end, dh,
+                   D: tl.constexpr, NQ: tl.constexpr, HG: tl.constexpr, BN: tl.constexpr, PRE_ROPE: tl.constexpr,
+                   GATHER: tl.constexpr):
+        """A tile's key bytes (two channel halves, raw), its scale rows (GATHER) and cos/sin rows."""
+        DH: tl.constexpr = D // 2
+        tok = t0 + tl.arange(0, BN)
+        tmask = tok < end
+        kp = kc_ptr + (kbase + tok)[:, None] * D + dh[None, :]
+        k_lo = tl.load(kp, mask=tmask[:, None], other=0)
+        k_hi = tl.load(kp + DH, mask=tmask[:, None], other=0)
+        if GATHER:
+            soff = (sbase + tok)[:, None] * NQ + tl.arange(0, NQ)[None, :]
+            s_row = tl.load(ks_ptr + soff, mask=tmask[:, None], other=0.0)
+            z_row = tl.load(kz_ptr + soff, mask=tmask[:, None], other=0.0)
+        else:
+            s_row = 0.0
+            z_row = 0.0
+        if PRE_ROPE:
+            p_ = tl.load(pos_ptr + sbase + tok, mask=tmask, other=0).to(tl.int64) * D
+            cs = tl.load(cos_ptr + p_[:, None] + dh[None, :], mask=tmask[:, None], other=0.0)
+            sn = tl.load(sin_ptr + p_[:, None] + dh[None, :], mask=tmask[:, None], other=0.0)
+        else:
+            cs = 0.0
+            sn = 0.0
+        return k_lo, k_hi, s_row, z_row, cs, sn
 
     @triton.jit
     def _rotatekv_mha_kernel(
@@ -126,7 +176,7 @@ if triton is not None:
         GATHER: tl.constexpr, TAU: tl.constexpr, ASM: tl.constexpr,
     ):
         HKV: tl.constexpr = NGRP * HG
-        D2: tl.constexpr = D // 2
+        DH: tl.constexpr = D // 2
         # values: decode_mha's word tiles [BN, NG, KG, W] (see its kernel for the index algebra)
         P: tl.constexpr = D * BITS // 8
         W: tl.constexpr = P // 4
@@ -142,8 +192,7 @@ if triton is not None:
         start = split * (NIT * BN)
         end = tl.minimum(start + NIT * BN, length)
 
-        d = tl.arange(0, D)
-        d2 = tl.arange(0, D2)
+        dh = tl.arange(0, DH)
         k4 = tl.arange(0, NG)[None, :, None, None] * KG + tl.arange(0, KG)[None, None, :, None]
         w4 = tl.arange(0, W)[None, None, None, :]
         pos4 = 8 * (k4 % 2) + BITS * (k4 // 2)
@@ -152,102 +201,136 @@ if triton is not None:
         chan_hi = chan_lo + 2
         inv_pos = tl.exp2(-pos4.to(tl.float32))
         g2 = tl.arange(0, NG)[None, :]
-        if PRE_ROPE:  # H_D (symmetric, +-1) split into its two column halves, [D, D/2] each
-            h_lo = tl.load(h_ptr + d[:, None] * D + d2[None, :])
-            h_hi = tl.load(h_ptr + d[:, None] * D + D2 + d2[None, :])
+        if PRE_ROPE:  # H_{D/2} (+-1, fp16): H_D = [[H', H'], [H', -H']] takes it twice a head
+            h_half = tl.load(h_ptr + dh[:, None] * DH + dh[None, :])
         else:
-            h_lo = 0
-            h_hi = 0
+            h_half = 0
 
         h0 = grp * HG
-        q0 = (b * HKV + h0).to(tl.int64) * D
-        gbase = grp * HG * D if GATHER else grp * HG
+        qrow = (b * HKV + h0).to(tl.int64) * D
+        # query halves of each head: H_D q (post-RoPE) or q (pre-RoPE), fp16
+        qa0 = tl.load(q_ptr + qrow + dh)
+        qb0 = tl.load(q_ptr + qrow + DH + dh)
+        if HG >= 2:
+            qa1 = tl.load(q_ptr + qrow + D + dh)
+            qb1 = tl.load(q_ptr + qrow + D + DH + dh)
+        if HG >= 4:
+            qa2 = tl.load(q_ptr + qrow + 2 * D + dh)
+            qb2 = tl.load(q_ptr + qrow + 2 * D + DH + dh)
+            qa3 = tl.load(q_ptr + qrow + 3 * D + dh)
+            qb3 = tl.load(q_ptr + qrow + 3 * D + DH + dh)
+        # gid offsets of the low half of head slot 0 (slot h' adds h' * D, the high half DH)
+        goff_lo = grp * HG * D + dh if GATHER else grp * HG
+        goff_hi = goff_lo + DH if GATHER else goff_lo
         kbase = (b * NGRP + grp).to(tl.int64) * cap
         sbase = b.to(tl.int64) * cap
-        vbase0 = (b * HKV + h0).to(tl.int64) * cap
+        vb = (b * HKV + h0).to(tl.int64) * cap
 
-        m0 = tl.full([], -1e30, tl.float32)
-        l0 = tl.full([], 0.0, tl.float32)
+        # Softmax state per row slot of the tile (decode_mha's scheme), per head.
+        m0 = tl.full([BN], -1e30, tl.float32)
+        l0 = tl.zeros([BN], tl.float32)
         a_lo0 = tl.zeros([BN, NG, KG, W], tl.float32)
         a_hi0 = tl.zeros([BN, NG, KG, W], tl.float32)
         c0 = tl.zeros([BN, NG], tl.float32)
-        m1 = tl.full([], -1e30, tl.float32)
-        l1 = tl.full([], 0.0, tl.float32)
+        m1 = tl.full([BN], -1e30, tl.float32)
+        l1 = tl.zeros([BN], tl.float32)
         a_lo1 = tl.zeros([BN, NG, KG, W], tl.float32)
         a_hi1 = tl.zeros([BN, NG, KG, W], tl.float32)
         c1 = tl.zeros([BN, NG], tl.float32)
-        m2 = tl.full([], -1e30, tl.float32)
-        l2 = tl.full([], 0.0, tl.float32)
+        m2 = tl.full([BN], -1e30, tl.float32)
+        l2 = tl.zeros([BN], tl.float32)
         a_lo2 = tl.zeros([BN, NG, KG, W], tl.float32)
         a_hi2 = tl.zeros([BN, NG, KG, W], tl.float32)
         c2 = tl.zeros([BN, NG], tl.float32)
-        m3 = tl.full([], -1e30, tl.float32)
-        l3 = tl.full([], 0.0, tl.float32)
+        m3 = tl.full([BN], -1e30, tl.float32)
+        l3 = tl.zeros([BN], tl.float32)
         a_lo3 = tl.zeros([BN, NG, KG, W], tl.float32)
         a_hi3 = tl.zeros([BN, NG, KG, W], tl.float32)
         c3 = tl.zeros([BN, NG], tl.float32)
 
+        # register double-buffering, as decode_mha: the next tile's loads are issued first
+        k_lo, k_hi, s_row, z_row, cs, sn = _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase,
+                                                      0, start, end, dh, D, NQ, HG, BN, PRE_ROPE, GATHER)
         for it in range(NIT):
             t0 = start + it * BN
             tok = t0 + tl.arange(0, BN)
             tmask = tok < end
-            kraw = tl.load(kc_ptr + (kbase + tok)[:, None] * D + d[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-            # the tile's key scales and scale * zero in fp32, once a token (GATHER: all NQ groups;
-            # else the group's HG heads); each element then picks its own
+            nk = _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase, 0, t0 + BN, end, dh,
+                            D, NQ, HG, BN, PRE_ROPE, GATHER)
+            srow = (sbase + tok) * NQ
             if GATHER:
-                soff = (sbase + tok)[:, None] * NQ + tl.arange(0, NQ)[None, :]
+                s_f = s_row.to(tl.float32)
+                zs_f = z_row.to(tl.float32) * s_f
             else:
-                soff = (sbase + tok)[:, None] * NQ + gbase + tl.arange(0, HG)[None, :]
-            s_row = tl.load(ks_ptr + soff, mask=tmask[:, None], other=0.0).to(tl.float32)
-            zs_row = tl.load(kz_ptr + soff, mask=tmask[:, None], other=0.0).to(tl.float32) * s_row
-            if PRE_ROPE:  # cos/sin rows at each key's position, shared by the group's heads
-                p_ = tl.load(pos_ptr + sbase + tok, mask=tmask, other=0).to(tl.int64) * D
-                cs = tl.load(cos_ptr + p_[:, None] + d2[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-                sn = tl.load(sin_ptr + p_[:, None] + d2[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+                s_f = 0.0
+                zs_f = 0.0
+            # low channel half, then high: the group's heads mixed in-thread
+            y0, y1, y2, y3 = _mixed(k_lo.to(tl.int32), s_f, zs_f, gid_ptr, goff_lo, srow, ks_ptr, kz_ptr, tmask, DH,
+                                    HG, BITS, GATHER)
+            if PRE_ROPE:
+                p0 = tl.dot(y0.to(tl.float16), h_half)
+                if HG >= 2:
+                    p1 = tl.dot(y1.to(tl.float16), h_half)
+                if HG >= 4:
+                    p2 = tl.dot(y2.to(tl.float16), h_half)
+                    p3 = tl.dot(y3.to(tl.float16), h_half)
             else:
-                cs = 0.0
-                sn = 0.0
-            x0 = _deq_head(kraw, 0, s_row, zs_row, gid_ptr, gbase, d, D, BITS, GATHER)
-            if HG == 1:
-                y0 = x0
+                s0 = _dot_rows(y0, qa0)
+                if HG >= 2:
+                    s1 = _dot_rows(y1, qa1)
+                if HG >= 4:
+                    s2 = _dot_rows(y2, qa2)
+                    s3 = _dot_rows(y3, qa3)
+            y0, y1, y2, y3 = _mixed(k_hi.to(tl.int32), s_f, zs_f, gid_ptr, goff_hi, srow, ks_ptr, kz_ptr, tmask, DH,
+                                    HG, BITS, GATHER)
+            if PRE_ROPE:
+                csf = cs.to(tl.float32)
+                snf = sn.to(tl.float32)
+                s0 = _rope_score(p0, tl.dot(y0.to(tl.float16), h_half), csf, snf, qa0, qb0)
+                if HG >= 2:
+                    s1 = _rope_score(p1, tl.dot(y1.to(tl.float16), h_half), csf, snf, qa1, qb1)
+                if HG >= 4:
+                    s2 = _rope_score(p2, tl.dot(y2.to(tl.float16), h_half), csf, snf, qa2, qb2)
+                    s3 = _rope_score(p3, tl.dot(y3.to(tl.float16), h_half), csf, snf, qa3, qb3)
             else:
-                x1 = _deq_head(kraw, 1, s_row, zs_row, gid_ptr, gbase, d, D, BITS, GATHER)
-                if HG == 2:
-                    y0 = x0 + x1
-                    y1 = x0 - x1
-                else:  # H_4 (Sylvester) as a butterfly, in-thread
-                    x2 = _deq_head(kraw, 2, s_row, zs_row, gid_ptr, gbase, d, D, BITS, GATHER)
-                    x3 = _deq_head(kraw, 3, s_row, zs_row, gid_ptr, gbase, d, D, BITS, GATHER)
-                    e0 = x0 + x1
-                    e1 = x0 - x1
-                    e2 = x2 + x3
-                    e3 = x2 - x3
-                    y0 = e0 + e2
-                    y1 = e1 + e3
-                    y2 = e0 - e2
-                    y3 = e1 - e3
+                s0 += _dot_rows(y0, qb0)
+                if HG >= 2:
+                    s1 += _dot_rows(y1, qb1)
+                if HG >= 4:
+                    s2 += _dot_rows(y2, qb2)
+                    s3 += _dot_rows(y3, qb3)
 
-            s = _score(y0, q_ptr, q0, d, d2, cs, sn, h_lo, h_hi, PRE_ROPE, D)
-            s = tl.where(tmask, s * sm_scale, float("-inf"))
-            vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h0, vbase0, t0, end, vs_b, vs_h, vs_t, w4, g2, BN, W)
-            m0, l0, a_lo0, a_hi0, c0 = _head_step(s, m0, l0, a_lo0, a_hi0, c0, vw, vsc, vzp, mask4, TAU, ASM)
+            s0 = tl.where(tmask, s0 * sm_scale, float("-inf"))
+            gap = s0 - m0
             if HG >= 2:
-                s = _score(y1, q_ptr, q0 + D, d, d2, cs, sn, h_lo, h_hi, PRE_ROPE, D)
-                s = tl.where(tmask, s * sm_scale, float("-inf"))
-                vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h0 + 1, vbase0 + cap, t0, end, vs_b, vs_h, vs_t,
-                                          w4, g2, BN, W)
-                m1, l1, a_lo1, a_hi1, c1 = _head_step(s, m1, l1, a_lo1, a_hi1, c1, vw, vsc, vzp, mask4, TAU, ASM)
+                s1 = tl.where(tmask, s1 * sm_scale, float("-inf"))
+                gap = tl.maximum(gap, s1 - m1)
             if HG >= 4:
-                s = _score(y2, q_ptr, q0 + 2 * D, d, d2, cs, sn, h_lo, h_hi, PRE_ROPE, D)
-                s = tl.where(tmask, s * sm_scale, float("-inf"))
-                vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h0 + 2, vbase0 + 2 * cap, t0, end, vs_b, vs_h,
-                                          vs_t, w4, g2, BN, W)
-                m2, l2, a_lo2, a_hi2, c2 = _head_step(s, m2, l2, a_lo2, a_hi2, c2, vw, vsc, vzp, mask4, TAU, ASM)
-                s = _score(y3, q_ptr, q0 + 3 * D, d, d2, cs, sn, h_lo, h_hi, PRE_ROPE, D)
-                s = tl.where(tmask, s * sm_scale, float("-inf"))
-                vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h0 + 3, vbase0 + 3 * cap, t0, end, vs_b, vs_h,
-                                          vs_t, w4, g2, BN, W)
-                m3, l3, a_lo3, a_hi3, c3 = _head_step(s, m3, l3, a_lo3, a_hi3, c3, vw, vsc, vzp, mask4, TAU, ASM)
+                s2 = tl.where(tmask, s2 * sm_scale, float("-inf"))
+                s3 = tl.where(tmask, s3 * sm_scale, float("-inf"))
+                gap = tl.maximum(gap, tl.maximum(s2 - m2, s3 - m3))
+            if tl.max(gap, 0) > TAU:  # raise the slots' reference maxima (rare after the first tiles)
+                m0, l0, a_lo0, a_hi0, c0 = _rescale(s0, m0, l0, a_lo0, a_hi0, c0)
+                if HG >= 2:
+                    m1, l1, a_lo1, a_hi1, c1 = _rescale(s1, m1, l1, a_lo1, a_hi1, c1)
+                if HG >= 4:
+                    m2, l2, a_lo2, a_hi2, c2 = _rescale(s2, m2, l2, a_lo2, a_hi2, c2)
+                    m3, l3, a_lo3, a_hi3, c3 = _rescale(s3, m3, l3, a_lo3, a_hi3, c3)
+
+            vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h0, vb, t0, end, vs_b, vs_h, vs_t, w4, g2, BN, W)
+            l0, a_lo0, a_hi0, c0 = _accumulate(s0, m0, l0, a_lo0, a_hi0, c0, vw, vsc, vzp, mask4, ASM)
+            if HG >= 2:
+                vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h0 + 1, vb + cap, t0, end, vs_b, vs_h, vs_t, w4,
+                                          g2, BN, W)
+                l1, a_lo1, a_hi1, c1 = _accumulate(s1, m1, l1, a_lo1, a_hi1, c1, vw, vsc, vzp, mask4, ASM)
+            if HG >= 4:
+                vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h0 + 2, vb + 2 * cap, t0, end, vs_b, vs_h, vs_t,
+                                          w4, g2, BN, W)
+                l2, a_lo2, a_hi2, c2 = _accumulate(s2, m2, l2, a_lo2, a_hi2, c2, vw, vsc, vzp, mask4, ASM)
+                vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h0 + 3, vb + 3 * cap, t0, end, vs_b, vs_h, vs_t,
+                                          w4, g2, BN, W)
+                l3, a_lo3, a_hi3, c3 = _accumulate(s3, m3, l3, a_lo3, a_hi3, c3, vw, vsc, vzp, mask4, ASM)
+            k_lo, k_hi, s_row, z_row, cs, sn = nk
 
         row0 = b * HKV + h0
         _store_head(o_ptr, lse_ptr, row0, split, m0, l0, a_lo0, a_hi0, c0, inv_pos, chan_lo, chan_hi, NS, D)
@@ -279,9 +362,10 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
         raise ValueError("decode_rotatekv_mha without gid (no channel permutation) needs one key group a head")
     max_len = cap if max_len is None else max_len
     ns, nit = split_plan(max_len, block_n, b * ngrp, q.device, per_sm=splits_per_sm, num_splits=num_splits)
-    hsign = _sign_matrix_on(d, torch.float16, q.device)
+    hsign = _sign_matrix_on(d // 2 if pre_rope else d, torch.float16, q.device)
     if not pre_rope:  # H_D q for each head (H_D symmetric): the key path is then dequantize + dot
-        q = (q.float() @ hsign.float()).to(q.dtype)
+        q = (q.float() @ hsign.float()).to(torch.float16)
+    q = q.to(torch.float16)
     o, lse = _out(q, ns)
     v_strides = (v_scale.stride(0), v_scale.stride(1), v_scale.stride(2))
     _rotatekv_mha_kernel[(b * ngrp, ns)](

@@ -136,6 +136,11 @@ def rotatekv_mha(bits: int, group: int, block_n: int, num_warps: int, num_stages
     return compile_sm90(k, {n: sig[n] for n in order}, ce, num_warps, num_stages), 2 * hg * block_n * d
 
 
+def rotatekv_mha_4bit(bits, group, block_n, num_warps, num_stages):
+    """The 2-head group at 4 bits (compiles the HG == 2 branches)."""
+    return rotatekv_mha(4, group, block_n, num_warps, num_stages, hg=2)
+
+
 def rotatekv_mha_post(bits, group, block_n, num_warps, num_stages):
     return rotatekv_mha(bits, group, block_n, num_warps, num_stages, pre_rope=False)
 
@@ -145,7 +150,7 @@ def rotatekv_mha_post_noreorder(bits, group, block_n, num_warps, num_stages):
 
 
 KERNELS = {"per_token_mha": per_token_mha, "kivi_mha": kivi_mha, "rotatekv": rotatekv, "rotatekv_mha": rotatekv_mha,
-           "rotatekv_mha_post": rotatekv_mha_post, "rotatekv_mha_post_noreorder": rotatekv_mha_post_noreorder}
+           "rotatekv_mha_post": rotatekv_mha_post, "rotatekv_mha_4bit": rotatekv_mha_4bit, "rotatekv_mha_post_noreorder": rotatekv_mha_post_noreorder}
 
 
 def main(argv=None) -> int:

@@ -52,43 +52,54 @@ if triton is not None:
 
     @triton.jit
     def _deq_head(kraw, hp: tl.constexpr, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask,
-                  BITS: tl.constexpr, GATHER: tl.constexpr):
-        """Dequantized keys (fp32) of head slot hp of the group from a byte tile [BN, DH].
-        GATHER: s_row / zs_row are the tile's scales and scale * zero [BN, NQ], indexed by each
-        channel's quantization group (gid at goff + channel: one warp shuffle an element);
-        otherwise one group per (token, head), loaded here ([BN], goff its column of head 0)."""
-        x = (kraw >> (hp * BITS)) & ((1 << BITS) - 1)
-        c = (x | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exact: code < 2**23
+                  BITS: tl.constexpr, GATHER: tl.constexpr, ASM: tl.constexpr):
+        """Dequantized keys (fp32) of head slot hp of the group from a byte tile [BN, DH] (int32).
+        The code is read in place as code * 2**(hp*BITS) (decode_mha's one-LOP3 unpack), the
+        2**-(hp*BITS) goes into the scale. GATHER: s_row / zs_row are the tile's scales and
+        scale * zero [BN, NQ], indexed by each channel's quantization group (gid at goff +
+        channel: one warp shuffle an element); otherwise one group per (token, head), loaded
+        here ([BN], goff its column of head slot 0)."""
+        c = _codes(kraw, tl.full([1, 1], ((1 << BITS) - 1) << (hp * BITS), tl.int32), ASM)
+        down = 1.0 / (1 << (hp * BITS))
         if GATHER:
             g = tl.load(gid_ptr + goff)
             idx = tl.broadcast_to(g[None, :], kraw.shape)
-            y = c * tl.gather(s_row, idx, 1) - tl.gather(zs_row, idx, 1)
+            y = c * tl.gather(s_row * down, idx, 1) - tl.gather(zs_row, idx, 1)
         else:
             off = srow + goff + hp
             s = tl.load(ks_ptr + off, mask=tmask, other=0.0).to(tl.float32)
             z = tl.load(kz_ptr + off, mask=tmask, other=0.0).to(tl.float32)
-            y = c * s[:, None] - (z * s)[:, None]
+            y = c * (s * down)[:, None] - (z * s)[:, None]
         return y
 
     @triton.jit
     def _mixed(kraw, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask, DH: tl.constexpr,
-               HG: tl.constexpr, BITS: tl.constexpr, GATHER: tl.constexpr):
+               HG: tl.constexpr, BITS: tl.constexpr, GATHER: tl.constexpr, ASM: tl.constexpr):
         """H_hg across the group's heads of one channel half, in-thread: y_h = sum_h' H[h, h'] x_h'
-        (a butterfly; heads past HG come back as 0)."""
+        (a butterfly)."""
         STEP: tl.constexpr = 2 * DH if GATHER else 0  # gid offset of the next head slot's channels
-        x0 = _deq_head(kraw, 0, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER)
-        if HG == 1:
-            return x0, 0.0, 0.0, 0.0
-        x1 = _deq_head(kraw, 1, s_row, zs_row, gid_ptr, goff + STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER)
+        x0 = _deq_head(kraw, 0, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, ASM)
+        y0 = x0
+        y1 = x0
+        y2 = x0
+        y3 = x0
         if HG == 2:
-            return x0 + x1, x0 - x1, 0.0, 0.0
-        e0 = x0 + x1
-        e1 = x0 - x1
-        x2 = _deq_head(kraw, 2, s_row, zs_row, gid_ptr, goff + 2 * STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER)
-        x3 = _deq_head(kraw, 3, s_row, zs_row, gid_ptr, goff + 3 * STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER)
-        e2 = x2 + x3
-        e3 = x2 - x3
-        return e0 + e2, e1 + e3, e0 - e2, e1 - e3
+            x1 = _deq_head(kraw, 1, s_row, zs_row, gid_ptr, goff + STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, ASM)
+            y0 = x0 + x1
+            y1 = x0 - x1
+        if HG == 4:
+            x1 = _deq_head(kraw, 1, s_row, zs_row, gid_ptr, goff + STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, ASM)
+            e0 = x0 + x1
+            e1 = x0 - x1
+            x2 = _deq_head(kraw, 2, s_row, zs_row, gid_ptr, goff + 2 * STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, ASM)
+            x3 = _deq_head(kraw, 3, s_row, zs_row, gid_ptr, goff + 3 * STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, ASM)
+            e2 = x2 + x3
+            e3 = x2 - x3
+            y0 = e0 + e2
+            y1 = e1 + e3
+            y2 = e0 - e2
+            y3 = e1 - e3
+        return y0, y1, y2, y3  # slots past HG are unused (and dead code)
 
     @triton.jit
     def _dot_rows(y, q):
@@ -266,7 +277,7 @@ if triton is not None:
                 zs_f = 0.0
             # low channel half, then high: the group's heads mixed in-thread
             y0, y1, y2, y3 = _mixed(k_lo.to(tl.int32), s_f, zs_f, gid_ptr, goff_lo, srow, ks_ptr, kz_ptr, tmask, DH,
-                                    HG, BITS, GATHER)
+                                    HG, BITS, GATHER, ASM)
             if PRE_ROPE:
                 p0 = tl.dot(y0.to(tl.float16), h_half)
                 if HG >= 2:
@@ -282,7 +293,7 @@ if triton is not None:
                     s2 = _dot_rows(y2, qa2)
                     s3 = _dot_rows(y3, qa3)
             y0, y1, y2, y3 = _mixed(k_hi.to(tl.int32), s_f, zs_f, gid_ptr, goff_hi, srow, ks_ptr, kz_ptr, tmask, DH,
-                                    HG, BITS, GATHER)
+                                    HG, BITS, GATHER, ASM)
             if PRE_ROPE:
                 csf = cs.to(tl.float32)
                 snf = sn.to(tl.float32)

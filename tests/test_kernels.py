@@ -29,7 +29,7 @@ from kvbench.kernels import checks, rotatekv_write
 what = sys.argv[1]
 fn = {"per_token": checks.check_per_token, "per_token_mha": checks.check_per_token_mha, "kivi": checks.check_kivi,
       "kivi_mha": checks.check_kivi_mha, "rotatekv": checks.check_rotatekv,
-      "packed": checks.check_packed_caches, "write": checks.check_write,
+      "rotatekv_mha": checks.check_rotatekv_mha, "packed": checks.check_packed_caches, "write": checks.check_write,
       "append": checks.check_fused_append, "rotatekv_write": rotatekv_write.check_rotatekv_write,
       "rotatekv_append": rotatekv_write.check_rotatekv_append}[what]
 print("RESULTS" + json.dumps(fn("cpu")))
@@ -46,8 +46,8 @@ def _interpret(what: str) -> list[dict]:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("what", ["per_token", "per_token_mha", "kivi", "kivi_mha", "rotatekv", "packed", "write", "append",
-                                  "rotatekv_write", "rotatekv_append"])
+@pytest.mark.parametrize("what", ["per_token", "per_token_mha", "kivi", "kivi_mha", "rotatekv", "rotatekv_mha", "packed",
+                                  "write", "append", "rotatekv_write", "rotatekv_append"])
 def test_kernels_interpreted(what):
     results = _interpret(what)
     assert results

@@ -262,8 +262,13 @@ def check_packed_caches(device, results=None):
              ("rotatekv-2-post", RotateKV(mode="packed", head_group=1, pre_rope=False, reorder=False, sinks=0)),
              ("rotatekv-4-noperm", RotateKV(mode="packed", bits=4, head_group=4, reorder=False, sinks=2))]
     # MHA (one query head per KV head) takes decode_mha's kernel where the layout allows
+    # and RotateKV's 4-head groups at 2 bits decode_rotatekv_mha's (pre-RoPE permuted; post-RoPE per-head groups)
+    rkv_mha = RotateKV(mode="packed", head_group=4, sinks=3)
+    rkv_mha.load_calibration_state({"perm.0": torch.randperm(4 * d, generator=gen)})
     mha = [("rtn-2 MHA", RTN(mode="packed", bits=2, group_size=16)), ("quarot-2 MHA", QuaRot(mode="packed", bits=2)),
            ("rotatekv-2-post MHA", RotateKV(mode="packed", head_group=1, pre_rope=False, reorder=False, sinks=2)),
+           ("rotatekv-2 hg4 MHA", rkv_mha),
+           ("rotatekv-2-post hg4 MHA", RotateKV(mode="packed", head_group=4, pre_rope=False, reorder=False, sinks=0)),
            ("kivi-2 MHA", KIVI(mode="packed", bits=2, group_size=16, residual=8))]
     lengths = [40, 29, 7]
     runs = ([(n, m, 8, 4) for n, m in cases] + [(n, m, 4, 4) for n, m in mha]

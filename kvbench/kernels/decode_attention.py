@@ -670,6 +670,11 @@ def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
 MHA_LAUNCH = dict(block_n=64, num_warps=4, splits_per_sm=4)
 
 
+# Launch settings of RotateKV's MHA read (decode_rotatekv_mha): H100, batch 8 x 8192, 32 heads of
+# 128, 2 bits, 4-head groups (results/gpu/experiments/kernels-rotatekv-mha-*.json).
+ROTATEKV_MHA_LAUNCH = dict(block_n=16, num_warps=4, splits_per_sm=4)
+
+
 # Launch settings of KIVI's MHA kernel (decode_kivi_mha): H100, batch 8 x 8192, 32 heads of 128.
 KIVI_MHA_LAUNCH = dict(block_n=64, num_warps=2, splits_per_sm=8)
 
@@ -779,7 +784,7 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
     fused kernels; returns [B, Hq, 1, D] in q's dtype. Host-sync free for rtn/quarot/rotatekv
     (the split size comes from the host-side bound `cache.used`)."""
     from kvbench import packed_cache as pc
-    from kvbench.kernels import decode_mha
+    from kvbench.kernels import decode_mha, decode_rotatekv_mha
 
     q3 = q[:, :, 0]
     qk = q3.half() if q3.dtype == torch.float32 else q3
@@ -816,6 +821,15 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
                     qq, ks.codes, ks.scale, ks.zero, vs.codes, vs.scale, vs.zero, cache.lengths, scaling,
                     bits=spec.bits, group_size=spec.group_size, integer_zero=spec.integer_zero,
                     max_len=ks.codes.shape[2] if capturing else cache.used, k_scale_heads_last=True, **MHA_LAUNCH)
+                parts.append((rotate_partials(o), lse))
+            elif not ROTATEKV_EXACT and decode_rotatekv_mha.supports(q.shape[1] // vs.codes.shape[1], q.shape[-1],
+                                                                      spec.bits, spec.group_size, cache.head_group):
+                # one query head per KV head and a byte holding the group's heads (4 at 2 bits)
+                o, lse = decode_rotatekv_mha.decode_rotatekv_mha(
+                    qk, ks.codes, ks.scale, ks.zero, gid, vs.codes, vs.scale, vs.zero, cache.lengths, cache.positions,
+                    cos, sin, scaling, bits=spec.bits, group_size=spec.group_size, head_group=cache.head_group,
+                    pre_rope=cache.m.pre_rope, max_len=ks.codes.shape[2] if capturing else cache.used,
+                    **ROTATEKV_MHA_LAUNCH)
                 parts.append((rotate_partials(o), lse))
             else:
                 o, lse = decode_rotatekv(q3.float() if ROTATEKV_EXACT else qk, ks.codes, ks.scale, ks.zero, gid, vs.codes, vs.scale, vs.zero,

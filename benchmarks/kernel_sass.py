@@ -131,7 +131,8 @@ def rotatekv_mha(bits: int, group: int, block_n: int, num_warps: int, num_stages
     sig.pop("vc_ptr")
     order = ["q_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "gid_ptr", "vw_ptr", "vs_ptr", "vz_ptr", "len_ptr", "pos_ptr",
              "cos_ptr", "sin_ptr", "h_ptr", "o_ptr", "lse_ptr", "sm_scale", "cap", "vs_b", "vs_h", "vs_t"]
-    ce = dict(NIT=32, NGRP=32 // hg, HG=hg, D=d, BITS=bits, NQ=32 * d // group, G=group, PRE_ROPE=pre_rope,
+    ce = dict(NIT=32, NGRP=32 // hg, HG=hg, D=d, BITS=bits, NQ=32 * d // group, NQP=max(8, 32 * d // group), G=group,
+              PRE_ROPE=pre_rope,
               BN=block_n, NS=2, GATHER=gather, TAU=8.0, ASM=True)
     return compile_sm90(k, {n: sig[n] for n in order}, ce, num_warps, num_stages), 2 * hg * block_n * d
 

@@ -173,8 +173,8 @@ if triton is not None:
 
     @triton.jit
     def _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase, gbase, t0, end, dh,
-                   D: tl.constexpr, NQ: tl.constexpr, HG: tl.constexpr, BN: tl.constexpr, PRE_ROPE: tl.constexpr,
-                   GATHER: tl.constexpr):
+                   D: tl.constexpr, NQ: tl.constexpr, NQP: tl.constexpr, HG: tl.constexpr, BN: tl.constexpr,
+                   PRE_ROPE: tl.constexpr, GATHER: tl.constexpr):
         """A tile's key bytes (two channel halves, raw), its scale rows (GATHER) and cos/sin rows."""
         DH: tl.constexpr = D // 2
         tok = t0 + tl.arange(0, BN)
@@ -182,10 +182,12 @@ if triton is not None:
         kp = kc_ptr + (kbase + tok)[:, None] * D + dh[None, :]
         k_lo = tl.load(kp, mask=tmask[:, None], other=0)
         k_hi = tl.load(kp + DH, mask=tmask[:, None], other=0)
-        if GATHER:
-            soff = (sbase + tok)[:, None] * NQ + tl.arange(0, NQ)[None, :]
-            s_row = tl.load(ks_ptr + soff, mask=tmask[:, None], other=0.0)
-            z_row = tl.load(kz_ptr + soff, mask=tmask[:, None], other=0.0)
+        if GATHER:  # NQP: NQ padded to a power of two >= 8 (Triton 3.6 failed to compile narrower gathers)
+            col = tl.arange(0, NQP)
+            soff = (sbase + tok)[:, None] * NQ + col[None, :]
+            smask = tmask[:, None] & (col < NQ)[None, :]
+            s_row = tl.load(ks_ptr + soff, mask=smask, other=0.0)
+            z_row = tl.load(kz_ptr + soff, mask=smask, other=0.0)
         else:
             s_row = 0.0
             z_row = 0.0
@@ -203,8 +205,8 @@ if triton is not None:
         q_ptr, kc_ptr, ks_ptr, kz_ptr, gid_ptr, vw_ptr, vs_ptr, vz_ptr, len_ptr, pos_ptr, cos_ptr, sin_ptr, h_ptr,
         o_ptr, lse_ptr, sm_scale, cap, vs_b, vs_h, vs_t,
         NIT: tl.constexpr, NGRP: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-        NQ: tl.constexpr, G: tl.constexpr, PRE_ROPE: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
-        GATHER: tl.constexpr, TAU: tl.constexpr, ASM: tl.constexpr,
+        NQ: tl.constexpr, NQP: tl.constexpr, G: tl.constexpr, PRE_ROPE: tl.constexpr, BN: tl.constexpr,
+        NS: tl.constexpr, GATHER: tl.constexpr, TAU: tl.constexpr, ASM: tl.constexpr,
     ):
         HKV: tl.constexpr = NGRP * HG
         DH: tl.constexpr = D // 2
@@ -281,13 +283,13 @@ if triton is not None:
 
         # register double-buffering, as decode_mha: the next tile's loads are issued first
         k_lo, k_hi, s_row, z_row, cs, sn = _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase,
-                                                      0, start, end, dh, D, NQ, HG, BN, PRE_ROPE, GATHER)
+                                                      0, start, end, dh, D, NQ, NQP, HG, BN, PRE_ROPE, GATHER)
         for it in range(NIT):
             t0 = start + it * BN
             tok = t0 + tl.arange(0, BN)
             tmask = tok < end
             nk = _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase, 0, t0 + BN, end, dh,
-                            D, NQ, HG, BN, PRE_ROPE, GATHER)
+                            D, NQ, NQP, HG, BN, PRE_ROPE, GATHER)
             srow = (sbase + tok) * NQ
             if GATHER:
                 s_f = s_row.to(tl.float32)
@@ -406,7 +408,7 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
     _rotatekv_mha_kernel[(b * ngrp, ns)](
         q.contiguous(), k_codes, k_scale, k_zero, gid if gather else k_scale, v_codes.view(torch.int32), v_scale,
         v_zero, lengths, positions, cos, sin, hsign, o, lse, scaling * LOG2E / math.sqrt(hg * d), cap, *v_strides,
-        NIT=nit, NGRP=ngrp, HG=hg, D=d, BITS=bits, NQ=nq, G=group_size, PRE_ROPE=pre_rope, BN=block_n, NS=ns,
+        NIT=nit, NGRP=ngrp, HG=hg, D=d, BITS=bits, NQ=nq, NQP=max(8, 1 << (nq - 1).bit_length()), G=group_size, PRE_ROPE=pre_rope, BN=block_n, NS=ns,
         GATHER=gather, TAU=8.0, ASM=not interpreting(), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return o, lse

@@ -9,7 +9,8 @@
 3. Decode attention, one layer, Llama-2-7B shape (32 heads of 128, MHA), batch 8, context 8192:
    fp16 SDPA (torch, flash backend when it takes it) against the fused packed kernels of kivi-2,
    quarot-2, rtn-2, rotatekv-2 (pre-RoPE, 4-head Hadamard, calibrated-permutation scales, 20
-   sink tokens) and faster RotateKV variants (post-RoPE keys; 1-head Hadamard), plus the unfused
+   sink tokens; read by decode_rotatekv_mha, "cc" configurations, and by the first kernel,
+   decode_rotatekv) and faster RotateKV variants (post-RoPE keys; 1-head Hadamard), plus the unfused
    path (dequantize to fp16, then SDPA) for rtn-2. Each method's time covers its whole decode
    attention (query rotation, kernel, full-precision tokens, log-sum-exp merge, output rotation),
    timed eagerly and replayed from a CUDA graph (CUDA events, warm-up, median and p90 of many

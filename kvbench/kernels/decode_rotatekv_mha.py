@@ -7,16 +7,23 @@ Llama-2 default; 2 at 4 bits; 1 at 8 bits) byte j of a key row holds channel j o
 the group, one head a bit plane. So a tile is one [tokens, D] byte load, and each head's codes
 are a shift and a mask of it:
 
-* dequantize per head (the calibrated permutation: each element's scale and zero are gathered
-  by the channel's group, `gid`), then mix the heads with H_hg in-thread (adds, all heads of a
-  (token, channel) sit in one thread);
+* each channel half of the tile separately (fewer live registers): dequantize per head (the
+  calibrated permutation: each element's scale and scale * zero are picked from the tile's fp32
+  scale rows by `tl.gather`, a warp shuffle an element, no address arithmetic), then mix the heads
+  with H_hg in-thread (adds: all heads of a (token, channel) sit in one thread);
 * post-RoPE keys: the caller's query is H_D q, so a score is a CUDA-core dot of the mixed tile;
-* pre-RoPE keys: one [tokens, D] x [D, D] tensor-core product per head applies H_D (the two
-  halves of H_D as two products hand RoPE its rotate-half pairs in one thread), RoPE at each
-  key's position (cos/sin rows loaded once a tile, shared by the heads), then the dot;
+* pre-RoPE keys: H_D = [[H', H'], [H', -H']] with H' = H_{D/2}, so each head takes one
+  [tokens, D/2] x [D/2, D/2] tensor-core product a half, the two combine by an add and a
+  subtract into the rotate-half pairs, RoPE at each key's position (cos/sin rows loaded once a
+  tile, shared by the heads), then the dot; the heads' score terms are reduced in one pass;
 * values per head as `decode_mha` reads them (codes unpacked in place, the scale on the
-  probabilities, per-token products summed after the loop), one online softmax per head with
-  lazy rescaling.
+  probabilities, per-token products summed after the loop), one online softmax per head with its
+  state per row slot and lazy rescaling (one block-wide check a tile for all heads);
+* the next tile's key bytes, scale rows and cos/sin rows are loaded before this tile's arithmetic.
+
+Measured on an H100 (docs/kernel-notes.md, fifth session): 0.86 ms for the Llama-2 default at
+batch 8 x 8192 against the tensor-core kernel's 0.96; 0.45 / 0.26 ms with post-RoPE keys
+(permuted / per-head groups) against 0.74 / 0.59.
 
 Same contract as `decode_attention.decode_rotatekv` (partials o [B, H, S, D] fp32 in the
 value-rotated space, lse [B, H, S]); `supports` says which shapes it takes.
@@ -172,9 +179,9 @@ if triton is not None:
         tl.store(lse_ptr + row * NS + split, lse)
 
     @triton.jit
-    def _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase, gbase, t0, end, dh,
-                   D: tl.constexpr, NQ: tl.constexpr, NQP: tl.constexpr, HG: tl.constexpr, BN: tl.constexpr,
-                   PRE_ROPE: tl.constexpr, GATHER: tl.constexpr):
+    def _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase, t0, end, dh, D: tl.constexpr,
+                   NQ: tl.constexpr, NQP: tl.constexpr, BN: tl.constexpr, PRE_ROPE: tl.constexpr,
+                   GATHER: tl.constexpr):
         """A tile's key bytes (two channel halves, raw), its scale rows (GATHER) and cos/sin rows."""
         DH: tl.constexpr = D // 2
         tok = t0 + tl.arange(0, BN)
@@ -283,13 +290,13 @@ if triton is not None:
 
         # register double-buffering, as decode_mha: the next tile's loads are issued first
         k_lo, k_hi, s_row, z_row, cs, sn = _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase,
-                                                      0, start, end, dh, D, NQ, NQP, HG, BN, PRE_ROPE, GATHER)
+                                                      start, end, dh, D, NQ, NQP, BN, PRE_ROPE, GATHER)
         for it in range(NIT):
             t0 = start + it * BN
             tok = t0 + tl.arange(0, BN)
             tmask = tok < end
-            nk = _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase, 0, t0 + BN, end, dh,
-                            D, NQ, NQP, HG, BN, PRE_ROPE, GATHER)
+            nk = _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase, t0 + BN, end, dh,
+                            D, NQ, NQP, BN, PRE_ROPE, GATHER)
             srow = (sbase + tok) * NQ
             if GATHER:
                 s_f = s_row.to(tl.float32)

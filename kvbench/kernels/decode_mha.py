@@ -84,6 +84,24 @@ if triton is not None:
         return kw, vw, ksc, kzp, vsc, vzp
 
     @triton.jit
+    def _store_slots(o_ptr, lse_ptr, row, split, m_i, l_i, acc_lo, acc_hi, corr, inv_pos, chan_lo, chan_hi,
+                     NS: tl.constexpr, D: tl.constexpr):
+        """A split's output row and log-sum-exp from per-row-slot softmax state: the slots are
+        merged with weights 2**(m_slot - m), exactly as splits are merged."""
+        m = tl.max(m_i, 0)
+        wgt = tl.exp2(m_i - m)
+        l_sum = tl.sum(l_i * wgt, 0)
+        has = l_sum > 0
+        inv = tl.where(has, 1.0 / tl.where(has, l_sum, 1.0), 0.0)
+        w4s = wgt[:, None, None, None]
+        corr4 = tl.sum(corr * wgt[:, None], 0)[None, :, None, None]
+        orow = (row.to(tl.int64) * NS + split) * D
+        tl.store(o_ptr + orow + chan_lo, (tl.sum(acc_lo * w4s, 0)[None] * inv_pos - corr4) * inv)
+        tl.store(o_ptr + orow + chan_hi, (tl.sum(acc_hi * w4s, 0)[None] * inv_pos - corr4) * inv)
+        lse = tl.where(has, (m + tl.log2(tl.where(has, l_sum, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(lse_ptr + row * NS + split, lse)
+
+    @triton.jit
     def _decode_per_token_mha_kernel(
         q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, len_ptr, o_ptr, lse_ptr,
         sm_scale, cap, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t,
@@ -179,19 +197,8 @@ if triton is not None:
             if PREFETCH:
                 kw, vw, ksc, kzp, vsc, vzp = nxt
 
-        # merge the row slots: weights 2**(m_slot - m), exactly as merging splits
-        m = tl.max(m_i, 0)
-        wgt = tl.exp2(m_i - m)
-        l_sum = tl.sum(l_i * wgt, 0)
-        has = l_sum > 0
-        inv = tl.where(has, 1.0 / tl.where(has, l_sum, 1.0), 0.0)
-        w4s = wgt[:, None, None, None]
-        corr4 = tl.sum(corr * wgt[:, None], 0)[None, :, None, None]
-        orow = ((b * HKV + h).to(tl.int64) * NS + split) * D
-        tl.store(o_ptr + orow + chan_lo, (tl.sum(acc_lo * w4s, 0)[None] * inv_pos - corr4) * inv)
-        tl.store(o_ptr + orow + chan_hi, (tl.sum(acc_hi * w4s, 0)[None] * inv_pos - corr4) * inv)
-        lse = tl.where(has, (m + tl.log2(tl.where(has, l_sum, 1.0))) / 1.4426950408889634, float("-inf"))
-        tl.store(lse_ptr + (b * HKV + h) * NS + split, lse)
+        _store_slots(o_ptr, lse_ptr, b * HKV + h, split, m_i, l_i, acc_lo, acc_hi, corr, inv_pos, chan_lo, chan_hi,
+                     NS, D)
 
 
 def decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, *,

@@ -55,7 +55,7 @@ def supports(gq: int, head_dim: int, bits: int, value_group: int, head_group: in
 
 
 if triton is not None:
-    from kvbench.kernels.decode_mha import _codes, _load_rows
+    from kvbench.kernels.decode_mha import _codes, _load_rows, _store_slots
 
     @triton.jit
     def _deq_head(kraw, hp: tl.constexpr, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask,
@@ -160,23 +160,6 @@ if triton is not None:
         acc_lo += _codes(vw, mask4, ASM) * ps4
         acc_hi += _codes(vw >> 16, mask4, ASM) * ps4
         return l, acc_lo, acc_hi, corr
-
-    @triton.jit
-    def _store_head(o_ptr, lse_ptr, row, split, m_i, l_i, acc_lo, acc_hi, corr, inv_pos, chan_lo, chan_hi,
-                    NS: tl.constexpr, D: tl.constexpr):
-        """Merge the row slots (weights 2**(m_slot - m), exactly as merging splits) and store."""
-        m = tl.max(m_i, 0)
-        wgt = tl.exp2(m_i - m)
-        l_sum = tl.sum(l_i * wgt, 0)
-        has = l_sum > 0
-        inv = tl.where(has, 1.0 / tl.where(has, l_sum, 1.0), 0.0)
-        w4 = wgt[:, None, None, None]
-        corr4 = tl.sum(corr * wgt[:, None], 0)[None, :, None, None]
-        orow = (row.to(tl.int64) * NS + split) * D
-        tl.store(o_ptr + orow + chan_lo, (tl.sum(acc_lo * w4, 0)[None] * inv_pos - corr4) * inv)
-        tl.store(o_ptr + orow + chan_hi, (tl.sum(acc_hi * w4, 0)[None] * inv_pos - corr4) * inv)
-        lse = tl.where(has, (m + tl.log2(tl.where(has, l_sum, 1.0))) / 1.4426950408889634, float("-inf"))
-        tl.store(lse_ptr + row * NS + split, lse)
 
     @triton.jit
     def _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase, t0, end, dh, D: tl.constexpr,
@@ -377,12 +360,12 @@ if triton is not None:
             k_lo, k_hi, s_row, z_row, cs, sn = nk
 
         row0 = b * HKV + h0
-        _store_head(o_ptr, lse_ptr, row0, split, m0, l0, a_lo0, a_hi0, c0, inv_pos, chan_lo, chan_hi, NS, D)
+        _store_slots(o_ptr, lse_ptr, row0, split, m0, l0, a_lo0, a_hi0, c0, inv_pos, chan_lo, chan_hi, NS, D)
         if HG >= 2:
-            _store_head(o_ptr, lse_ptr, row0 + 1, split, m1, l1, a_lo1, a_hi1, c1, inv_pos, chan_lo, chan_hi, NS, D)
+            _store_slots(o_ptr, lse_ptr, row0 + 1, split, m1, l1, a_lo1, a_hi1, c1, inv_pos, chan_lo, chan_hi, NS, D)
         if HG >= 4:
-            _store_head(o_ptr, lse_ptr, row0 + 2, split, m2, l2, a_lo2, a_hi2, c2, inv_pos, chan_lo, chan_hi, NS, D)
-            _store_head(o_ptr, lse_ptr, row0 + 3, split, m3, l3, a_lo3, a_hi3, c3, inv_pos, chan_lo, chan_hi, NS, D)
+            _store_slots(o_ptr, lse_ptr, row0 + 2, split, m2, l2, a_lo2, a_hi2, c2, inv_pos, chan_lo, chan_hi, NS, D)
+            _store_slots(o_ptr, lse_ptr, row0 + 3, split, m3, l3, a_lo3, a_hi3, c3, inv_pos, chan_lo, chan_hi, NS, D)
 
 
 def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths, positions, cos, sin,

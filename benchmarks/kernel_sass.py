@@ -123,7 +123,7 @@ def rotatekv(bits: int, group: int, block_n: int, num_warps: int, num_stages: in
 
 
 def rotatekv_mha(bits: int, group: int, block_n: int, num_warps: int, num_stages: int, d: int = 128, hg: int = 4,
-                 pre_rope: bool = True, gather: bool = True):
+                 pre_rope: bool = True, gather: bool = True, stack: bool = False):
     """RotateKV's MHA read (decode_rotatekv_mha): key and value codes a tile."""
     from kvbench.kernels.decode_rotatekv_mha import _rotatekv_mha_kernel as k
 
@@ -133,8 +133,13 @@ def rotatekv_mha(bits: int, group: int, block_n: int, num_warps: int, num_stages
              "cos_ptr", "sin_ptr", "h_ptr", "o_ptr", "lse_ptr", "sm_scale", "cap", "vs_b", "vs_h", "vs_t"]
     ce = dict(NIT=32, NGRP=32 // hg, HG=hg, D=d, BITS=bits, NQ=32 * d // group, NQP=max(8, 32 * d // group), G=group,
               PRE_ROPE=pre_rope,
-              BN=block_n, NS=2, GATHER=gather, TAU=8.0, ASM=True)
+              BN=block_n, NS=2, GATHER=gather, TAU=8.0, ASM=True, STACK=stack)
     return compile_sm90(k, {n: sig[n] for n in order}, ce, num_warps, num_stages), 2 * hg * block_n * d
+
+
+def rotatekv_mha_stacked(bits, group, block_n, num_warps, num_stages):
+    """Pre-RoPE with the four heads stacked as the rows of one H_{D/2} product a half."""
+    return rotatekv_mha(bits, group, block_n, num_warps, num_stages, stack=True)
 
 
 def rotatekv_mha_4bit(bits, group, block_n, num_warps, num_stages):
@@ -151,7 +156,8 @@ def rotatekv_mha_post_noreorder(bits, group, block_n, num_warps, num_stages):
 
 
 KERNELS = {"per_token_mha": per_token_mha, "kivi_mha": kivi_mha, "rotatekv": rotatekv, "rotatekv_mha": rotatekv_mha,
-           "rotatekv_mha_post": rotatekv_mha_post, "rotatekv_mha_4bit": rotatekv_mha_4bit, "rotatekv_mha_post_noreorder": rotatekv_mha_post_noreorder}
+           "rotatekv_mha_post": rotatekv_mha_post, "rotatekv_mha_4bit": rotatekv_mha_4bit,
+           "rotatekv_mha_stacked": rotatekv_mha_stacked, "rotatekv_mha_post_noreorder": rotatekv_mha_post_noreorder}
 
 
 def main(argv=None) -> int:

@@ -115,12 +115,13 @@ if triton is not None:
     @triton.jit
     def _rope_terms(a, bb, cs, sn, qa, qb):
         """Score terms [BN, DH] of pre-RoPE keys from the halves' products a = y_lo H', bb = y_hi H'
-        (H_D = [[H', H'], [H', -H']]): k = [a + bb, a - bb], RoPE at the keys' positions, times q."""
+        (H_D = [[H', H'], [H', -H']]): k = [a + bb, a - bb], RoPE at the keys' positions, times q
+        (qa, qb: the query halves, broadcastable to the tile)."""
         u_lo = a + bb
         u_hi = a - bb
         r_lo = u_lo * cs - u_hi * sn
         r_hi = u_hi * cs + u_lo * sn
-        return r_lo * qa[None, :].to(tl.float32) + r_hi * qb[None, :].to(tl.float32)
+        return r_lo * qa.to(tl.float32) + r_hi * qb.to(tl.float32)
 
     @triton.jit
     def _row_sums(t0, t1, t2, t3, HG: tl.constexpr):
@@ -140,6 +141,22 @@ if triton is not None:
             p01, p23 = tl.split(r)
             s0, s1 = tl.split(p01)
             s2, s3 = tl.split(p23)
+        return s0, s1, s2, s3
+
+    @triton.jit
+    def _stack4(a, b, c, d):
+        """Four [BN, X] tiles as the rows of one [4 BN, X] tile (row h * BN + t is tile h's row t)."""
+        j = tl.join(tl.join(a, b), tl.join(c, d))  # [BN, X, 2 (a|b, c|d), 2 (first pair|second)]
+        j = tl.permute(j, (3, 2, 0, 1))  # [pair, member, BN, X]: tile 2 * pair + member
+        return tl.reshape(j, (4 * a.shape[0], a.shape[1]))
+
+    @triton.jit
+    def _unstack4(s, BN: tl.constexpr):
+        """[4 BN] -> the four [BN] pieces (inverse of _stack4's row order)."""
+        x = tl.permute(tl.reshape(s, (2, 2, BN)), (2, 1, 0))  # [BN, member, pair]
+        p0, p1 = tl.split(x)
+        s0, s1 = tl.split(p0)
+        s2, s3 = tl.split(p1)
         return s0, s1, s2, s3
 
     @triton.jit
@@ -196,7 +213,7 @@ if triton is not None:
         o_ptr, lse_ptr, sm_scale, cap, vs_b, vs_h, vs_t,
         NIT: tl.constexpr, NGRP: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         NQ: tl.constexpr, NQP: tl.constexpr, G: tl.constexpr, PRE_ROPE: tl.constexpr, BN: tl.constexpr,
-        NS: tl.constexpr, GATHER: tl.constexpr, TAU: tl.constexpr, ASM: tl.constexpr,
+        NS: tl.constexpr, GATHER: tl.constexpr, TAU: tl.constexpr, ASM: tl.constexpr, STACK: tl.constexpr = False,
     ):
         HKV: tl.constexpr = NGRP * HG
         DH: tl.constexpr = D // 2
@@ -242,6 +259,11 @@ if triton is not None:
             qb2 = tl.load(q_ptr + qrow + 2 * D + DH + dh)
             qa3 = tl.load(q_ptr + qrow + 3 * D + dh)
             qb3 = tl.load(q_ptr + qrow + 3 * D + DH + dh)
+        if STACK:  # the four heads' query halves as the rows of [4 BN, DH] tiles (STACK needs HG == 4)
+            qa4 = _stack4(tl.broadcast_to(qa0[None, :], (BN, DH)), tl.broadcast_to(qa1[None, :], (BN, DH)),
+                          tl.broadcast_to(qa2[None, :], (BN, DH)), tl.broadcast_to(qa3[None, :], (BN, DH))).to(tl.float32)
+            qb4 = _stack4(tl.broadcast_to(qb0[None, :], (BN, DH)), tl.broadcast_to(qb1[None, :], (BN, DH)),
+                          tl.broadcast_to(qb2[None, :], (BN, DH)), tl.broadcast_to(qb3[None, :], (BN, DH))).to(tl.float32)
         # gid offsets of the low half of head slot 0 (slot h' adds h' * D, the high half DH)
         goff_lo = grp * HG * D + dh if GATHER else grp * HG
         goff_hi = goff_lo + DH if GATHER else goff_lo
@@ -290,7 +312,9 @@ if triton is not None:
             # low channel half, then high: the group's heads mixed in-thread
             y0, y1, y2, y3 = _mixed(k_lo.to(tl.int32), s_f, zs_f, gid_ptr, goff_lo, srow, ks_ptr, kz_ptr, tmask, DH,
                                     HG, BITS, GATHER, ASM)
-            if PRE_ROPE:
+            if PRE_ROPE and STACK:  # one [4 BN, DH] x [DH, DH] product for the four heads
+                pst = tl.dot(_stack4(y0, y1, y2, y3).to(tl.float16), h_half)
+            elif PRE_ROPE:
                 p0 = tl.dot(y0.to(tl.float16), h_half)
                 if HG >= 2:
                     p1 = tl.dot(y1.to(tl.float16), h_half)
@@ -306,18 +330,24 @@ if triton is not None:
                     s3 = _dot_rows(y3, qa3)
             y0, y1, y2, y3 = _mixed(k_hi.to(tl.int32), s_f, zs_f, gid_ptr, goff_hi, srow, ks_ptr, kz_ptr, tmask, DH,
                                     HG, BITS, GATHER, ASM)
-            if PRE_ROPE:
+            if PRE_ROPE and STACK:
+                c4 = cs.to(tl.float32)
+                s4 = sn.to(tl.float32)
+                terms = _rope_terms(pst, tl.dot(_stack4(y0, y1, y2, y3).to(tl.float16), h_half), _stack4(c4, c4, c4, c4),
+                                    _stack4(s4, s4, s4, s4), qa4, qb4)
+                s0, s1, s2, s3 = _unstack4(tl.sum(terms, 1), BN)
+            elif PRE_ROPE:
                 csf = cs.to(tl.float32)
                 snf = sn.to(tl.float32)
-                sc0 = _rope_terms(p0, tl.dot(y0.to(tl.float16), h_half), csf, snf, qa0, qb0)
+                sc0 = _rope_terms(p0, tl.dot(y0.to(tl.float16), h_half), csf, snf, qa0[None, :], qb0[None, :])
                 sc1 = sc0
                 sc2 = sc0
                 sc3 = sc0
                 if HG >= 2:
-                    sc1 = _rope_terms(p1, tl.dot(y1.to(tl.float16), h_half), csf, snf, qa1, qb1)
+                    sc1 = _rope_terms(p1, tl.dot(y1.to(tl.float16), h_half), csf, snf, qa1[None, :], qb1[None, :])
                 if HG >= 4:
-                    sc2 = _rope_terms(p2, tl.dot(y2.to(tl.float16), h_half), csf, snf, qa2, qb2)
-                    sc3 = _rope_terms(p3, tl.dot(y3.to(tl.float16), h_half), csf, snf, qa3, qb3)
+                    sc2 = _rope_terms(p2, tl.dot(y2.to(tl.float16), h_half), csf, snf, qa2[None, :], qb2[None, :])
+                    sc3 = _rope_terms(p3, tl.dot(y3.to(tl.float16), h_half), csf, snf, qa3[None, :], qb3[None, :])
                 s0, s1, s2, s3 = _row_sums(sc0, sc1, sc2, sc3, HG)
             else:
                 s0 += _dot_rows(y0, qb0)
@@ -370,7 +400,7 @@ if triton is not None:
 
 def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths, positions, cos, sin,
                         scaling, *, bits, group_size, head_group, pre_rope=True, max_len=None, num_splits=None,
-                        block_n=16, num_warps=4, num_stages=2, splits_per_sm=2):
+                        block_n=16, num_warps=4, num_stages=2, splits_per_sm=2, stack_heads=False):
     """`decode_attention.decode_rotatekv`'s contract for shapes `supports` accepts: q [B, H, D]
     after RoPE and unrotated; partials whose outputs are in the value-rotated space."""
     from kvbench.kernels.decode_attention import _out, _require_triton, _sign_matrix_on, interpreting, split_plan
@@ -395,10 +425,12 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
     q = q.to(torch.float16)
     o, lse = _out(q, ns)
     v_strides = (v_scale.stride(0), v_scale.stride(1), v_scale.stride(2))
+    if stack_heads and (hg != 4 or not pre_rope):
+        raise ValueError("decode_rotatekv_mha: stack_heads needs pre-RoPE keys and a 4-head group")
     _rotatekv_mha_kernel[(b * ngrp, ns)](
         q.contiguous(), k_codes, k_scale, k_zero, gid if gather else k_scale, v_codes.view(torch.int32), v_scale,
         v_zero, lengths, positions, cos, sin, hsign, o, lse, scaling * LOG2E / math.sqrt(hg * d), cap, *v_strides,
         NIT=nit, NGRP=ngrp, HG=hg, D=d, BITS=bits, NQ=nq, NQP=max(8, 1 << (nq - 1).bit_length()), G=group_size, PRE_ROPE=pre_rope, BN=block_n, NS=ns,
-        GATHER=gather, TAU=8.0, ASM=not interpreting(), num_warps=num_warps, num_stages=num_stages,
+        GATHER=gather, TAU=8.0, ASM=not interpreting(), STACK=stack_heads, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return o, lse

@@ -13,16 +13,18 @@ are a shift and a mask of it:
   with H_hg in-thread (adds: all heads of a (token, channel) sit in one thread);
 * post-RoPE keys: the caller's query is H_D q, so a score is a CUDA-core dot of the mixed tile;
 * pre-RoPE keys: H_D = [[H', H'], [H', -H']] with H' = H_{D/2}, so each head takes one
-  [tokens, D/2] x [D/2, D/2] tensor-core product a half, the two combine by an add and a
-  subtract into the rotate-half pairs, RoPE at each key's position (cos/sin rows loaded once a
-  tile, shared by the heads), then the dot; the heads' score terms are reduced in one pass;
+  [tokens, D/2] x [D/2, D/2] tensor-core product a half (`stack_heads`: the four heads as the
+  rows of one [4 tokens, D/2] product, 7% faster with the permutation, slower without), the two
+  combine by an add and a subtract into the rotate-half pairs, RoPE at each key's position
+  (cos/sin rows loaded once a tile, shared by the heads), then the dot; the heads' score terms
+  are reduced in one pass;
 * values per head as `decode_mha` reads them (codes unpacked in place, the scale on the
   probabilities, per-token products summed after the loop), one online softmax per head with its
   state per row slot and lazy rescaling (one block-wide check a tile for all heads);
 * the next tile's key bytes, scale rows and cos/sin rows are loaded before this tile's arithmetic.
 
-Measured on an H100 (docs/kernel-notes.md, fifth session): 0.86 ms for the Llama-2 default at
-batch 8 x 8192 against the tensor-core kernel's 0.96; 0.45 / 0.26 ms with post-RoPE keys
+Measured on an H100 (docs/kernel-notes.md, fifth session): 0.80 ms for the Llama-2 default at
+batch 8 x 8192 (stacked) against the tensor-core kernel's 0.96; 0.45 / 0.26 ms with post-RoPE keys
 (permuted / per-head groups) against 0.74 / 0.59.
 
 Same contract as `decode_attention.decode_rotatekv` (partials o [B, H, S, D] fp32 in the

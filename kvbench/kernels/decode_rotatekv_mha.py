@@ -404,7 +404,9 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
                         scaling, *, bits, group_size, head_group, pre_rope=True, max_len=None, num_splits=None,
                         block_n=16, num_warps=4, num_stages=2, splits_per_sm=2, stack_heads=False):
     """`decode_attention.decode_rotatekv`'s contract for shapes `supports` accepts: q [B, H, D]
-    after RoPE and unrotated; partials whose outputs are in the value-rotated space."""
+    after RoPE and unrotated; partials whose outputs are in the value-rotated space. Queries and
+    the pre-RoPE products' operands are fp16 whatever q's dtype (bf16 queries are converted).
+    `stack_heads` (pre-RoPE, 4-head groups): one product for the group's heads a channel half."""
     from kvbench.kernels.decode_attention import _out, _require_triton, _sign_matrix_on, interpreting, split_plan
 
     _require_triton()

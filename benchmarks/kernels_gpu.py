@@ -259,7 +259,7 @@ def methods(b, h, d, L, device, smoke):
         vv_r = store(h, L, d, bits, G)
         rk_bytes = b * L * (c * bits // 8 + 4 * c // G) * 2 + b * L * 4 + 2 * b * h * sinks * d * 2
         if hg == 4:  # the MHA read (decode_rotatekv_mha: a byte holds the group's four heads), then the first kernel
-            rcfgs = [dict(kernel="cc", block_n=bn, num_warps=nw, splits_per_sm=sp)
+            rcfgs = [dict(kernel="cc", block_n=bn, num_warps=nw, splits_per_sm=sp, stack_heads=False)
                      for bn, nw, sp in ((16, 4, 2), (16, 8, 2), (16, 4, 4), (32, 8, 2), (32, 4, 2))]
             if pre:  # the four heads stacked as the rows of one H_{D/2} product a half
                 rcfgs += [dict(kernel="cc", block_n=16, num_warps=nw, splits_per_sm=4, stack_heads=True) for nw in (4, 8)]

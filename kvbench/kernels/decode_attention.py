@@ -671,9 +671,8 @@ MHA_LAUNCH = dict(block_n=64, num_warps=4, splits_per_sm=4)
 
 
 # Launch settings of RotateKV's MHA read (decode_rotatekv_mha): H100, batch 8 x 8192, 32 heads of
-# 128, 2 bits, 4-head groups (results/gpu/nvidia-h100-80gb-hbm3/session5/). Its stack_heads is on
-# for the permuted pre-RoPE read only: 0.80 ms against 0.86 there, but 0.79 against 0.54 without
-# reordering.
+# 128, 2 bits, 4-head groups (results/gpu/nvidia-h100-80gb-hbm3/session5/); it picks its own
+# stack_heads.
 ROTATEKV_MHA_LAUNCH = dict(block_n=16, num_warps=4, splits_per_sm=4)
 
 
@@ -831,7 +830,7 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
                     qk, ks.codes, ks.scale, ks.zero, gid, vs.codes, vs.scale, vs.zero, cache.lengths, cache.positions,
                     cos, sin, scaling, bits=spec.bits, group_size=spec.group_size, head_group=cache.head_group,
                     pre_rope=cache.m.pre_rope, max_len=ks.codes.shape[2] if capturing else cache.used,
-                    stack_heads=gid is not None and cache.m.pre_rope and cache.head_group == 4, **ROTATEKV_MHA_LAUNCH)
+                    **ROTATEKV_MHA_LAUNCH)
                 parts.append((rotate_partials(o), lse))
             else:
                 o, lse = decode_rotatekv(q3.float() if ROTATEKV_EXACT else qk, ks.codes, ks.scale, ks.zero, gid, vs.codes, vs.scale, vs.zero,

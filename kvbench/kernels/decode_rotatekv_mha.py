@@ -45,8 +45,7 @@ except ImportError:  # pragma: no cover
     tl = None
 
 from kvbench.kernels import decode_mha
-
-LOG2E = 1.4426950408889634
+from kvbench.kernels.decode_mha import LOG2E
 
 
 def supports(gq: int, head_dim: int, bits: int, value_group: int, head_group: int) -> bool:
@@ -83,7 +82,7 @@ if triton is not None:
 
     @triton.jit
     def _mixed(kraw, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask, DH: tl.constexpr,
-               HG: tl.constexpr, BITS: tl.constexpr, GATHER: tl.constexpr, ASM: tl.constexpr):
+               HG: tl.constexpr, BITS: tl.constexpr, GATHER: tl.constexpr):
         """H_hg across the group's heads of one channel half, in-thread: y_h = sum_h' H[h, h'] x_h'
         (a butterfly)."""
         STEP: tl.constexpr = 2 * DH if GATHER else 0  # gid offset of the next head slot's channels
@@ -313,7 +312,7 @@ if triton is not None:
                 zs_f = 0.0
             # low channel half, then high: the group's heads mixed in-thread
             y0, y1, y2, y3 = _mixed(k_lo.to(tl.int32), s_f, zs_f, gid_ptr, goff_lo, srow, ks_ptr, kz_ptr, tmask, DH,
-                                    HG, BITS, GATHER, ASM)
+                                    HG, BITS, GATHER)
             if PRE_ROPE and STACK:  # one [4 BN, DH] x [DH, DH] product for the four heads
                 pst = tl.dot(_stack4(y0, y1, y2, y3).to(tl.float16), h_half)
             elif PRE_ROPE:
@@ -331,7 +330,7 @@ if triton is not None:
                     s2 = _dot_rows(y2, qa2)
                     s3 = _dot_rows(y3, qa3)
             y0, y1, y2, y3 = _mixed(k_hi.to(tl.int32), s_f, zs_f, gid_ptr, goff_hi, srow, ks_ptr, kz_ptr, tmask, DH,
-                                    HG, BITS, GATHER, ASM)
+                                    HG, BITS, GATHER)
             if PRE_ROPE and STACK:
                 c4 = cs.to(tl.float32)
                 s4 = sn.to(tl.float32)
@@ -402,12 +401,15 @@ if triton is not None:
 
 def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths, positions, cos, sin,
                         scaling, *, bits, group_size, head_group, pre_rope=True, max_len=None, num_splits=None,
-                        block_n=16, num_warps=4, num_stages=2, splits_per_sm=2, stack_heads=False):
+                        block_n=16, num_warps=4, num_stages=2, splits_per_sm=2, stack_heads=None):
     """`decode_attention.decode_rotatekv`'s contract for shapes `supports` accepts: q [B, H, D]
     after RoPE and unrotated; partials whose outputs are in the value-rotated space. Queries and
     the pre-RoPE products' operands are fp16 whatever q's dtype (bf16 queries are converted).
-    `stack_heads` (pre-RoPE, 4-head groups): one product for the group's heads a channel half."""
-    from kvbench.kernels.decode_attention import _out, _require_triton, _sign_matrix_on, interpreting, split_plan
+    `stack_heads` (pre-RoPE, 4-head groups): one product for the group's heads a channel half.
+    None picks what measured faster on the H100: stacked for the permuted read only (0.80 vs 0.86
+    ms; without reordering 0.79 vs 0.54, results/gpu/nvidia-h100-80gb-hbm3/session5/)."""
+    from kvbench.kernels.decode_attention import (_out, _pow2, _require_triton, _sign_matrix_on, interpreting,
+                                                   split_plan)
 
     _require_triton()
     b, hq, d = q.shape
@@ -421,20 +423,24 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
     gather = gid is not None
     if not gather and nq != hkv:
         raise ValueError("decode_rotatekv_mha without gid (no channel permutation) needs one key group a head")
+    if stack_heads is None:
+        stack_heads = gather and pre_rope and hg == 4
+    if stack_heads and (hg != 4 or not pre_rope):
+        raise ValueError("decode_rotatekv_mha: stack_heads needs pre-RoPE keys and a 4-head group")
     max_len = cap if max_len is None else max_len
     ns, nit = split_plan(max_len, block_n, b * ngrp, q.device, per_sm=splits_per_sm, num_splits=num_splits)
-    hsign = _sign_matrix_on(d // 2 if pre_rope else d, torch.float16, q.device)
-    if not pre_rope:  # H_D q for each head (H_D symmetric): the key path is then dequantize + dot
-        q = (q.float() @ hsign.float()).to(torch.float16)
+    if pre_rope:  # the kernel's H_{D/2}, +-1 in fp16
+        hsign = _sign_matrix_on(d // 2, torch.float16, q.device)
+    else:  # H_D q for each head (H_D symmetric): the key path is then dequantize + dot
+        hsign = _sign_matrix_on(d, torch.float32, q.device)
+        q = q.float() @ hsign
     q = q.to(torch.float16)
     o, lse = _out(q, ns)
     v_strides = (v_scale.stride(0), v_scale.stride(1), v_scale.stride(2))
-    if stack_heads and (hg != 4 or not pre_rope):
-        raise ValueError("decode_rotatekv_mha: stack_heads needs pre-RoPE keys and a 4-head group")
     _rotatekv_mha_kernel[(b * ngrp, ns)](
         q.contiguous(), k_codes, k_scale, k_zero, gid if gather else k_scale, v_codes.view(torch.int32), v_scale,
         v_zero, lengths, positions, cos, sin, hsign, o, lse, scaling * LOG2E / math.sqrt(hg * d), cap, *v_strides,
-        NIT=nit, NGRP=ngrp, HG=hg, D=d, BITS=bits, NQ=nq, NQP=max(8, 1 << (nq - 1).bit_length()), G=group_size, PRE_ROPE=pre_rope, BN=block_n, NS=ns,
+        NIT=nit, NGRP=ngrp, HG=hg, D=d, BITS=bits, NQ=nq, NQP=max(8, _pow2(nq)), G=group_size, PRE_ROPE=pre_rope, BN=block_n, NS=ns,
         GATHER=gather, TAU=8.0, ASM=not interpreting(), STACK=stack_heads, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return o, lse

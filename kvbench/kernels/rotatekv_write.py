@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.kernels.decode_attention import interpreting
+from kvbench.kernels.decode_attention import _pow2, interpreting
 from kvbench.packing import pack
 from kvbench.quant import QuantSpec, quantize
 
@@ -43,14 +43,6 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
-
-
-def is_available() -> bool:
-    return triton is not None
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 #: Largest row the one-program-per-row kernel takes (Llama-2-7B's C = 4096 uses 4 warps, no spills).

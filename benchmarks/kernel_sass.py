@@ -155,9 +155,39 @@ def rotatekv_mha_post_noreorder(bits, group, block_n, num_warps, num_stages):
     return rotatekv_mha(bits, group, block_n, num_warps, num_stages, pre_rope=False, gather=False)
 
 
+def rotatekv_scores(bits: int, group: int, block_n: int, num_warps: int, num_stages: int, d: int = 128, hg: int = 4,
+                    pre_rope: bool = True, gather: bool = True, stack: bool = True):
+    """The key pass of RotateKV's two-pass MHA read (pre-RoPE, permuted, stacked heads): key codes a tile."""
+    from kvbench.kernels.decode_rotatekv_mha import _rotatekv_scores_kernel as k
+
+    sig = _rotatekv_sig()
+    order = ["q_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "gid_ptr", "len_ptr", "pos_ptr", "cos_ptr", "sin_ptr", "h_ptr",
+             "scr_ptr", "sm_scale", "cap"]
+    sig["scr_ptr"] = "*fp32"
+    ce = dict(NIT=32, NGRP=32 // hg, HG=hg, D=d, BITS=bits, NQ=32 * d // group, NQP=max(8, 32 * d // group),
+              PRE_ROPE=pre_rope, BN=block_n, GATHER=gather, STACK=stack)
+    return compile_sm90(k, {n: sig[n] for n in order}, ce, num_warps, num_stages), hg * block_n * d
+
+
+def rotatekv_scores_post_noreorder(bits, group, block_n, num_warps, num_stages):
+    return rotatekv_scores(bits, group, block_n, num_warps, num_stages, pre_rope=False, gather=False, stack=False)
+
+
+def values_from_scores(bits: int, group: int, block_n: int, num_warps: int, num_stages: int, d: int = 128):
+    """The values pass of a two-pass read (decode_mha.values_from_scores): value codes a tile."""
+    from kvbench.kernels.decode_mha import _values_from_scores_kernel as k
+
+    sig = {"scr_ptr": "*fp32", "vw_ptr": "*i32", "vs_ptr": "*fp16", "vz_ptr": "*fp16", "len_ptr": "*i32",
+           "o_ptr": "*fp32", "lse_ptr": "*fp32", "cap": "i32", "vs_b": "i32", "vs_h": "i32", "vs_t": "i32"}
+    ce = dict(NIT=32, HKV=32, D=d, BITS=bits, G=group, INT_ZERO=True, BN=block_n, NS=2, ASM=True)
+    return compile_sm90(k, sig, ce, num_warps, num_stages), block_n * d
+
+
 KERNELS = {"per_token_mha": per_token_mha, "kivi_mha": kivi_mha, "rotatekv": rotatekv, "rotatekv_mha": rotatekv_mha,
            "rotatekv_mha_post": rotatekv_mha_post, "rotatekv_mha_4bit": rotatekv_mha_4bit,
-           "rotatekv_mha_stacked": rotatekv_mha_stacked, "rotatekv_mha_post_noreorder": rotatekv_mha_post_noreorder}
+           "rotatekv_mha_stacked": rotatekv_mha_stacked, "rotatekv_mha_post_noreorder": rotatekv_mha_post_noreorder,
+           "rotatekv_scores": rotatekv_scores, "rotatekv_scores_post_noreorder": rotatekv_scores_post_noreorder,
+           "values_from_scores": values_from_scores}
 
 
 def main(argv=None) -> int:

@@ -263,11 +263,17 @@ def methods(b, h, d, L, device, smoke):
                      for bn, nw, sp in ((16, 4, 2), (16, 8, 2), (16, 4, 4), (32, 8, 2), (32, 4, 2))]
             if pre:  # the four heads stacked as the rows of one H_{D/2} product a half
                 rcfgs += [dict(kernel="cc", block_n=16, num_warps=nw, splits_per_sm=4, stack_heads=True) for nw in (4, 8)]
+            # two passes: scores into a scratch row, then the values (decode_mha.values_from_scores)
+            rcfgs += [dict(kernel="cc", block_n=bn, num_warps=nw, splits_per_sm=sp, stack_heads=st, two_pass=True)
+                      for bn, nw, sp in ((16, 8, 4), (16, 4, 4), (32, 8, 4), (16, 8, 8), (16, 4, 8))
+                      for st in ((True, False) if pre else (False,))]
             rcfgs += [dict(block_n=16, num_warps=4, num_splits=None)]
         else:
             rcfgs = [dict(block_n=64, num_warps=4, num_splits=None), dict(block_n=64, num_warps=8, num_splits=None)]
         if smoke:
-            rcfgs = [dict(block_n=16, num_warps=4, num_splits=2)] + ([dict(kernel="cc", block_n=16, num_warps=4, num_splits=2)]
+            rcfgs = [dict(block_n=16, num_warps=4, num_splits=2)] + ([dict(kernel="cc", block_n=16, num_warps=4, num_splits=2),
+                                                                      dict(kernel="cc", block_n=16, num_warps=4, num_splits=2,
+                                                                           two_pass=True)]
                                                                      if hg == 4 else [])
         if hg == 1 and not pre and not reorder:  # quarot's read path: the MHA kernel takes it
             rcfgs = [dict(kernel="mha", block_n=bn, num_warps=4, splits_per_sm=sp) for bn, sp in ((64, 4), (128, 4), (64, 8))]

@@ -32,7 +32,7 @@ try:  # torchao-style guard: importable without triton
     import triton
     import triton.language as tl
 
-    from kvbench.kernels.decode_mha import _codes, _load_rows
+    from kvbench.kernels.decode_mha import _codes, _value_pass
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
@@ -63,10 +63,6 @@ if triton is not None:
         PT: tl.constexpr = G * BITS // 8  # key bytes per (group, channel)
         WK: tl.constexpr = PT // 4  # key words per (group, channel)
         CI: tl.constexpr = D // CT  # channels a thread sums in-thread
-        P: tl.constexpr = D * BITS // 8  # value bytes per token
-        W: tl.constexpr = P // 4
-        NG: tl.constexpr = D // G  # value groups per token
-        KG: tl.constexpr = K // NG
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // HKV
@@ -117,44 +113,10 @@ if triton is not None:
             m = tl.maximum(m, tl.max(tl.max(tl.max(tl.where(gm3, tl.maximum(s_lo, s_hi), -1e30), 2), 1), 0))
         tl.debug_barrier()  # the scores written by other threads of this program are read below
 
-        # ---- pass 2: values of tokens [gstart * G, gend * G), tiles [BN, NG, KG, W] as decode_mha
-        kv4 = tl.arange(0, NG)[None, :, None, None] * KG + tl.arange(0, KG)[None, None, :, None]
-        wv4 = tl.arange(0, W)[None, None, None, :]
-        posv = 8 * (kv4 % 2) + BITS * (kv4 // 2)
-        maskv = ((1 << BITS) - 1) << posv
-        inv_posv = tl.exp2(-posv.to(tl.float32))
-        chan_lo = (kv4 // 2) * P + 4 * wv4 + (kv4 % 2)
-        g2 = tl.arange(0, NG)[None, :]
-        tstart = gstart * G
-        tend = gend * G
+        # ---- pass 2: values of tokens [gstart * G, gend * G), decode_mha's value read with the exact maximum
         NITV: tl.constexpr = NIT * GT * G // BN
-        l_i = tl.zeros([BN], tl.float32)
-        corr = tl.zeros([BN, NG], tl.float32)  # -sum over the slot's tokens of p * z, per group
-        acc_lo = tl.zeros([BN, NG, KG, W], tl.float32)
-        acc_hi = tl.zeros([BN, NG, KG, W], tl.float32)
-        vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h, tbase, tstart, tend, vs_b, vs_h, vs_t, wv4, g2, BN, W)
-        for it in range(NITV):
-            nxt = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h, tbase, tstart + (it + 1) * BN, tend, vs_b, vs_h, vs_t,
-                             wv4, g2, BN, W)
-            tok = tstart + it * BN + tl.arange(0, BN)
-            s = tl.load(scr_ptr + tbase + tok, mask=tok < tend, other=float("-inf"))
-            pr = tl.exp2(s - m)  # 0 for tokens past the end
-            l_i += pr
-            corr -= pr[:, None] * vzp
-            ps4 = (pr[:, None] * vsc)[:, :, None, None]
-            acc_lo += _codes(vw, maskv, ASM) * ps4
-            acc_hi += _codes(vw >> 16, maskv, ASM) * ps4
-            vw, vsc, vzp = nxt
-
-        l_sum = tl.sum(l_i, 0)
-        has = l_sum > 0
-        inv = tl.where(has, 1.0 / tl.where(has, l_sum, 1.0), 0.0)
-        corr4 = tl.sum(corr, 0)[None, :, None, None]
-        orow = (row * NS + split) * D
-        tl.store(o_ptr + orow + chan_lo, (tl.sum(acc_lo, 0)[None] * inv_posv - corr4) * inv)
-        tl.store(o_ptr + orow + chan_lo + 2, (tl.sum(acc_hi, 0)[None] * inv_posv - corr4) * inv)
-        lse = tl.where(has, (m + tl.log2(tl.where(has, l_sum, 1.0))) / 1.4426950408889634, float("-inf"))
-        tl.store(lse_ptr + row * NS + split, lse)
+        _value_pass(scr_ptr, m, vw_ptr, vs_ptr, vz_ptr, b, h, row, gstart * G, gend * G, capt, vs_b, vs_h, vs_t,
+                    o_ptr, lse_ptr, split, NITV, D, BITS, G, False, BN, NS, ASM)
 
 
 def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling, *, bits, group_size,

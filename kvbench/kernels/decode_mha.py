@@ -102,6 +102,83 @@ if triton is not None:
         tl.store(lse_ptr + row * NS + split, lse)
 
     @triton.jit
+    def _value_pass(scr_ptr, m, vw_ptr, vs_ptr, vz_ptr, b, h, row, tstart, tend, cap, vs_b, vs_h, vs_t, o_ptr,
+                    lse_ptr, split, NIT: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                    INT_ZERO: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, ASM: tl.constexpr):
+        """A split's partial (o, lse) over tokens [tstart, tend) of row (b, h) from scores already
+        computed: log2-domain scores at scr_ptr + row * cap + token, m their exact maximum over
+        the split (so nothing is ever rescaled). Values are this kernel's word tiles, read as in
+        its main loop (NIT tiles of BN tokens, the next tile's loads in flight)."""
+        P: tl.constexpr = D * BITS // 8
+        W: tl.constexpr = P // 4
+        NPL: tl.constexpr = 8 // BITS
+        K: tl.constexpr = 2 * NPL
+        NG: tl.constexpr = D // G
+        KG: tl.constexpr = K // NG
+        k4 = tl.arange(0, NG)[None, :, None, None] * KG + tl.arange(0, KG)[None, None, :, None]
+        w4 = tl.arange(0, W)[None, None, None, :]
+        pos4 = 8 * (k4 % 2) + BITS * (k4 // 2)
+        mask4 = ((1 << BITS) - 1) << pos4
+        inv_pos = tl.exp2(-pos4.to(tl.float32))
+        chan_lo = (k4 // 2) * P + 4 * w4 + (k4 % 2)
+        g2 = tl.arange(0, NG)[None, :]
+        base = row.to(tl.int64) * cap
+        l_i = tl.zeros([BN], tl.float32)
+        corr = tl.zeros([BN, NG], tl.float32)  # sum of p * s * z (integer zero) or -sum of p * z (float zero)
+        acc_lo = tl.zeros([BN, NG, KG, W], tl.float32)
+        acc_hi = tl.zeros([BN, NG, KG, W], tl.float32)
+        vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h, base, tstart, tend, vs_b, vs_h, vs_t, w4, g2, BN, W)
+        for it in range(NIT):
+            nxt = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h, base, tstart + (it + 1) * BN, tend, vs_b, vs_h, vs_t,
+                             w4, g2, BN, W)
+            tok = tstart + it * BN + tl.arange(0, BN)
+            s = tl.load(scr_ptr + base + tok, mask=tok < tend, other=float("-inf"))
+            pr = tl.exp2(s - m)  # 0 for tokens past the end
+            l_i += pr
+            ps = pr[:, None] * vsc
+            if INT_ZERO:
+                corr += ps * vzp
+            else:
+                corr -= pr[:, None] * vzp
+            ps4 = ps[:, :, None, None]
+            acc_lo += _codes(vw, mask4, ASM) * ps4
+            acc_hi += _codes(vw >> 16, mask4, ASM) * ps4
+            vw, vsc, vzp = nxt
+
+        l_sum = tl.sum(l_i, 0)
+        has = l_sum > 0
+        inv = tl.where(has, 1.0 / tl.where(has, l_sum, 1.0), 0.0)
+        corr4 = tl.sum(corr, 0)[None, :, None, None]
+        orow = (row.to(tl.int64) * NS + split) * D
+        tl.store(o_ptr + orow + chan_lo, (tl.sum(acc_lo, 0)[None] * inv_pos - corr4) * inv)
+        tl.store(o_ptr + orow + chan_lo + 2, (tl.sum(acc_hi, 0)[None] * inv_pos - corr4) * inv)
+        lse = tl.where(has, (m + tl.log2(tl.where(has, l_sum, 1.0))) / 1.4426950408889634, float("-inf"))
+        tl.store(lse_ptr + row * NS + split, lse)
+
+    @triton.jit
+    def _values_from_scores_kernel(scr_ptr, vw_ptr, vs_ptr, vz_ptr, len_ptr, o_ptr, lse_ptr, cap, vs_b, vs_h, vs_t,
+                                   NIT: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                                   G: tl.constexpr, INT_ZERO: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
+                                   ASM: tl.constexpr):
+        """Second pass of a two-pass read (`values_from_scores`): a scan of the split's scores for
+        their maximum, then `_value_pass`."""
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // HKV
+        h = pid % HKV
+        row = b * HKV + h
+        length = tl.load(len_ptr + b).to(tl.int32)
+        start = split * (NIT * BN)
+        end = tl.minimum(start + NIT * BN, length)
+        base = row.to(tl.int64) * cap
+        mv = tl.full([BN], -1e30, tl.float32)  # -1e30, not -inf: an empty split's exp2(-inf - m) is 0, not nan
+        for it in range(NIT):
+            tok = start + it * BN + tl.arange(0, BN)
+            mv = tl.maximum(mv, tl.load(scr_ptr + base + tok, mask=tok < end, other=-1e30))
+        _value_pass(scr_ptr, tl.max(mv, 0), vw_ptr, vs_ptr, vz_ptr, b, h, row, start, end, cap, vs_b, vs_h, vs_t,
+                    o_ptr, lse_ptr, split, NIT, D, BITS, G, INT_ZERO, BN, NS, ASM)
+
+    @triton.jit
     def _decode_per_token_mha_kernel(
         q_ptr, kw_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, len_ptr, o_ptr, lse_ptr,
         sm_scale, cap, ks_b, ks_h, ks_t, vs_b, vs_h, vs_t,
@@ -233,3 +310,28 @@ def decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     )  # fmt: skip
     return o, lse
 
+
+
+def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, bits, group_size, integer_zero=True,
+                       max_len=None, num_splits=None, block_n=64, num_warps=4, splits_per_sm=4):
+    """The values pass of a two-pass decode read: partials (o [B, H, S, D] fp32, lse [B, H, S]) of
+    softmax(scores) @ V for per-token packed values in this module's layout, where scores
+    [B, H, cap] fp32 are in the log2 domain (scaled by softmax scale * log2 e) and valid below
+    each row's length. The key pass that wrote them can then use its own tiling and registers."""
+    from kvbench.kernels.decode_attention import _require_triton, interpreting, split_plan
+
+    _require_triton()
+    b, h, cap = scores.shape
+    d = v_codes.shape[-1] * 8 // bits
+    if not supports(1, d, bits, group_size):
+        raise ValueError(f"values_from_scores: unsupported values (D {d}, bits {bits}, group {group_size})")
+    max_len = cap if max_len is None else max_len
+    ns, nit = split_plan(max_len, block_n, b * h, scores.device, per_sm=splits_per_sm, num_splits=num_splits)
+    o = torch.empty(b, h, ns, d, dtype=torch.float32, device=scores.device)
+    lse = torch.empty(b, h, ns, dtype=torch.float32, device=scores.device)
+    _values_from_scores_kernel[(b * h, ns)](
+        scores, v_codes.view(torch.int32), v_scale, v_zero, lengths, o, lse, cap, v_scale.stride(0),
+        v_scale.stride(1), v_scale.stride(2), NIT=nit, HKV=h, D=d, BITS=bits, G=group_size, INT_ZERO=integer_zero,
+        BN=block_n, NS=ns, ASM=not interpreting(), num_warps=num_warps,
+    )  # fmt: skip
+    return o, lse

@@ -209,6 +209,113 @@ if triton is not None:
         return k_lo, k_hi, s_row, z_row, cs, sn
 
     @triton.jit
+    def _query_halves(q_ptr, h_ptr, b, grp, NGRP: tl.constexpr, HG: tl.constexpr, D: tl.constexpr,
+                      BN: tl.constexpr, PRE_ROPE: tl.constexpr, STACK: tl.constexpr):
+        """H_{D/2} (pre-RoPE) and the group's query halves: H_D q (post-RoPE) or q (pre-RoPE), fp16;
+        heads past HG repeat head 0. STACK: the halves also as the rows of [4 BN, DH] fp32 tiles."""
+        DH: tl.constexpr = D // 2
+        dh = tl.arange(0, DH)
+        if PRE_ROPE:  # H_{D/2} (+-1, fp16): H_D = [[H', H'], [H', -H']] takes it twice a head
+            h_half = tl.load(h_ptr + dh[:, None] * DH + dh[None, :])
+        else:
+            h_half = 0
+        qrow = (b * NGRP * HG + grp * HG).to(tl.int64) * D
+        qa0 = tl.load(q_ptr + qrow + dh)
+        qb0 = tl.load(q_ptr + qrow + DH + dh)
+        qa1 = qa0
+        qb1 = qb0
+        qa2 = qa0
+        qb2 = qb0
+        qa3 = qa0
+        qb3 = qb0
+        if HG >= 2:
+            qa1 = tl.load(q_ptr + qrow + D + dh)
+            qb1 = tl.load(q_ptr + qrow + D + DH + dh)
+        if HG >= 4:
+            qa2 = tl.load(q_ptr + qrow + 2 * D + dh)
+            qb2 = tl.load(q_ptr + qrow + 2 * D + DH + dh)
+            qa3 = tl.load(q_ptr + qrow + 3 * D + dh)
+            qb3 = tl.load(q_ptr + qrow + 3 * D + DH + dh)
+        if STACK:  # the four heads' query halves as the rows of [4 BN, DH] tiles (STACK needs HG == 4)
+            qa4 = _stack4(tl.broadcast_to(qa0[None, :], (BN, DH)), tl.broadcast_to(qa1[None, :], (BN, DH)),
+                          tl.broadcast_to(qa2[None, :], (BN, DH)), tl.broadcast_to(qa3[None, :], (BN, DH))).to(tl.float32)
+            qb4 = _stack4(tl.broadcast_to(qb0[None, :], (BN, DH)), tl.broadcast_to(qb1[None, :], (BN, DH)),
+                          tl.broadcast_to(qb2[None, :], (BN, DH)), tl.broadcast_to(qb3[None, :], (BN, DH))).to(tl.float32)
+        else:
+            qa4 = 0
+            qb4 = 0
+        return h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3, qb3, qa4, qb4
+
+    @triton.jit
+    def _tile_scores(k_lo, k_hi, s_row, z_row, cs, sn, tmask, srow, gid_ptr, goff_lo, goff_hi, ks_ptr, kz_ptr,
+                     h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3, qb3, qa4, qb4, sm_scale, DH: tl.constexpr,
+                     HG: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, PRE_ROPE: tl.constexpr,
+                     GATHER: tl.constexpr, STACK: tl.constexpr):
+        """The group's heads' scores of one key tile, times sm_scale (log2 domain), -inf past the
+        end; heads past HG repeat head 0."""
+        if GATHER:
+            s_f = s_row.to(tl.float32)
+            zs_f = z_row.to(tl.float32) * s_f
+        else:
+            s_f = 0.0
+            zs_f = 0.0
+        # low channel half, then high: the group's heads mixed in-thread
+        y0, y1, y2, y3 = _mixed(k_lo.to(tl.int32), s_f, zs_f, gid_ptr, goff_lo, srow, ks_ptr, kz_ptr, tmask, DH,
+                                HG, BITS, GATHER)
+        if PRE_ROPE and STACK:  # one [4 BN, DH] x [DH, DH] product for the four heads
+            pst = tl.dot(_stack4(y0, y1, y2, y3).to(tl.float16), h_half)
+        elif PRE_ROPE:
+            p0 = tl.dot(y0.to(tl.float16), h_half)
+            if HG >= 2:
+                p1 = tl.dot(y1.to(tl.float16), h_half)
+            if HG >= 4:
+                p2 = tl.dot(y2.to(tl.float16), h_half)
+                p3 = tl.dot(y3.to(tl.float16), h_half)
+        else:
+            s0 = _dot_rows(y0, qa0)
+            s1 = s0
+            s2 = s0
+            s3 = s0
+            if HG >= 2:
+                s1 = _dot_rows(y1, qa1)
+            if HG >= 4:
+                s2 = _dot_rows(y2, qa2)
+                s3 = _dot_rows(y3, qa3)
+        y0, y1, y2, y3 = _mixed(k_hi.to(tl.int32), s_f, zs_f, gid_ptr, goff_hi, srow, ks_ptr, kz_ptr, tmask, DH,
+                                HG, BITS, GATHER)
+        if PRE_ROPE and STACK:
+            c4 = cs.to(tl.float32)
+            s4 = sn.to(tl.float32)
+            terms = _rope_terms(pst, tl.dot(_stack4(y0, y1, y2, y3).to(tl.float16), h_half), _stack4(c4, c4, c4, c4),
+                                _stack4(s4, s4, s4, s4), qa4, qb4)
+            s0, s1, s2, s3 = _unstack4(tl.sum(terms, 1), BN)
+        elif PRE_ROPE:
+            csf = cs.to(tl.float32)
+            snf = sn.to(tl.float32)
+            sc0 = _rope_terms(p0, tl.dot(y0.to(tl.float16), h_half), csf, snf, qa0[None, :], qb0[None, :])
+            sc1 = sc0
+            sc2 = sc0
+            sc3 = sc0
+            if HG >= 2:
+                sc1 = _rope_terms(p1, tl.dot(y1.to(tl.float16), h_half), csf, snf, qa1[None, :], qb1[None, :])
+            if HG >= 4:
+                sc2 = _rope_terms(p2, tl.dot(y2.to(tl.float16), h_half), csf, snf, qa2[None, :], qb2[None, :])
+                sc3 = _rope_terms(p3, tl.dot(y3.to(tl.float16), h_half), csf, snf, qa3[None, :], qb3[None, :])
+            s0, s1, s2, s3 = _row_sums(sc0, sc1, sc2, sc3, HG)
+        else:
+            s0 += _dot_rows(y0, qb0)
+            if HG >= 2:
+                s1 += _dot_rows(y1, qb1)
+            if HG >= 4:
+                s2 += _dot_rows(y2, qb2)
+                s3 += _dot_rows(y3, qb3)
+        s0 = tl.where(tmask, s0 * sm_scale, float("-inf"))
+        s1 = tl.where(tmask, s1 * sm_scale, float("-inf"))
+        s2 = tl.where(tmask, s2 * sm_scale, float("-inf"))
+        s3 = tl.where(tmask, s3 * sm_scale, float("-inf"))
+        return s0, s1, s2, s3
+
+    @triton.jit
     def _rotatekv_mha_kernel(
         q_ptr, kc_ptr, ks_ptr, kz_ptr, gid_ptr, vw_ptr, vs_ptr, vz_ptr, len_ptr, pos_ptr, cos_ptr, sin_ptr, h_ptr,
         o_ptr, lse_ptr, sm_scale, cap, vs_b, vs_h, vs_t,
@@ -242,29 +349,9 @@ if triton is not None:
         chan_hi = chan_lo + 2
         inv_pos = tl.exp2(-pos4.to(tl.float32))
         g2 = tl.arange(0, NG)[None, :]
-        if PRE_ROPE:  # H_{D/2} (+-1, fp16): H_D = [[H', H'], [H', -H']] takes it twice a head
-            h_half = tl.load(h_ptr + dh[:, None] * DH + dh[None, :])
-        else:
-            h_half = 0
-
+        h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3, qb3, qa4, qb4 = _query_halves(q_ptr, h_ptr, b, grp, NGRP, HG, D, BN,
+                                                                                 PRE_ROPE, STACK)
         h0 = grp * HG
-        qrow = (b * HKV + h0).to(tl.int64) * D
-        # query halves of each head: H_D q (post-RoPE) or q (pre-RoPE), fp16
-        qa0 = tl.load(q_ptr + qrow + dh)
-        qb0 = tl.load(q_ptr + qrow + DH + dh)
-        if HG >= 2:
-            qa1 = tl.load(q_ptr + qrow + D + dh)
-            qb1 = tl.load(q_ptr + qrow + D + DH + dh)
-        if HG >= 4:
-            qa2 = tl.load(q_ptr + qrow + 2 * D + dh)
-            qb2 = tl.load(q_ptr + qrow + 2 * D + DH + dh)
-            qa3 = tl.load(q_ptr + qrow + 3 * D + dh)
-            qb3 = tl.load(q_ptr + qrow + 3 * D + DH + dh)
-        if STACK:  # the four heads' query halves as the rows of [4 BN, DH] tiles (STACK needs HG == 4)
-            qa4 = _stack4(tl.broadcast_to(qa0[None, :], (BN, DH)), tl.broadcast_to(qa1[None, :], (BN, DH)),
-                          tl.broadcast_to(qa2[None, :], (BN, DH)), tl.broadcast_to(qa3[None, :], (BN, DH))).to(tl.float32)
-            qb4 = _stack4(tl.broadcast_to(qb0[None, :], (BN, DH)), tl.broadcast_to(qb1[None, :], (BN, DH)),
-                          tl.broadcast_to(qb2[None, :], (BN, DH)), tl.broadcast_to(qb3[None, :], (BN, DH))).to(tl.float32)
         # gid offsets of the low half of head slot 0 (slot h' adds h' * D, the high half DH)
         goff_lo = grp * HG * D + dh if GATHER else grp * HG
         goff_hi = goff_lo + DH if GATHER else goff_lo
@@ -303,69 +390,13 @@ if triton is not None:
             tmask = tok < end
             nk = _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase, t0 + BN, end, dh,
                             D, NQ, NQP, BN, PRE_ROPE, GATHER)
-            srow = (sbase + tok) * NQ
-            if GATHER:
-                s_f = s_row.to(tl.float32)
-                zs_f = z_row.to(tl.float32) * s_f
-            else:
-                s_f = 0.0
-                zs_f = 0.0
-            # low channel half, then high: the group's heads mixed in-thread
-            y0, y1, y2, y3 = _mixed(k_lo.to(tl.int32), s_f, zs_f, gid_ptr, goff_lo, srow, ks_ptr, kz_ptr, tmask, DH,
-                                    HG, BITS, GATHER)
-            if PRE_ROPE and STACK:  # one [4 BN, DH] x [DH, DH] product for the four heads
-                pst = tl.dot(_stack4(y0, y1, y2, y3).to(tl.float16), h_half)
-            elif PRE_ROPE:
-                p0 = tl.dot(y0.to(tl.float16), h_half)
-                if HG >= 2:
-                    p1 = tl.dot(y1.to(tl.float16), h_half)
-                if HG >= 4:
-                    p2 = tl.dot(y2.to(tl.float16), h_half)
-                    p3 = tl.dot(y3.to(tl.float16), h_half)
-            else:
-                s0 = _dot_rows(y0, qa0)
-                if HG >= 2:
-                    s1 = _dot_rows(y1, qa1)
-                if HG >= 4:
-                    s2 = _dot_rows(y2, qa2)
-                    s3 = _dot_rows(y3, qa3)
-            y0, y1, y2, y3 = _mixed(k_hi.to(tl.int32), s_f, zs_f, gid_ptr, goff_hi, srow, ks_ptr, kz_ptr, tmask, DH,
-                                    HG, BITS, GATHER)
-            if PRE_ROPE and STACK:
-                c4 = cs.to(tl.float32)
-                s4 = sn.to(tl.float32)
-                terms = _rope_terms(pst, tl.dot(_stack4(y0, y1, y2, y3).to(tl.float16), h_half), _stack4(c4, c4, c4, c4),
-                                    _stack4(s4, s4, s4, s4), qa4, qb4)
-                s0, s1, s2, s3 = _unstack4(tl.sum(terms, 1), BN)
-            elif PRE_ROPE:
-                csf = cs.to(tl.float32)
-                snf = sn.to(tl.float32)
-                sc0 = _rope_terms(p0, tl.dot(y0.to(tl.float16), h_half), csf, snf, qa0[None, :], qb0[None, :])
-                sc1 = sc0
-                sc2 = sc0
-                sc3 = sc0
-                if HG >= 2:
-                    sc1 = _rope_terms(p1, tl.dot(y1.to(tl.float16), h_half), csf, snf, qa1[None, :], qb1[None, :])
-                if HG >= 4:
-                    sc2 = _rope_terms(p2, tl.dot(y2.to(tl.float16), h_half), csf, snf, qa2[None, :], qb2[None, :])
-                    sc3 = _rope_terms(p3, tl.dot(y3.to(tl.float16), h_half), csf, snf, qa3[None, :], qb3[None, :])
-                s0, s1, s2, s3 = _row_sums(sc0, sc1, sc2, sc3, HG)
-            else:
-                s0 += _dot_rows(y0, qb0)
-                if HG >= 2:
-                    s1 += _dot_rows(y1, qb1)
-                if HG >= 4:
-                    s2 += _dot_rows(y2, qb2)
-                    s3 += _dot_rows(y3, qb3)
-
-            s0 = tl.where(tmask, s0 * sm_scale, float("-inf"))
+            s0, s1, s2, s3 = _tile_scores(k_lo, k_hi, s_row, z_row, cs, sn, tmask, (sbase + tok) * NQ, gid_ptr,
+                                          goff_lo, goff_hi, ks_ptr, kz_ptr, h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3,
+                                          qb3, qa4, qb4, sm_scale, DH, HG, BITS, BN, PRE_ROPE, GATHER, STACK)
             gap = s0 - m0
             if HG >= 2:
-                s1 = tl.where(tmask, s1 * sm_scale, float("-inf"))
                 gap = tl.maximum(gap, s1 - m1)
             if HG >= 4:
-                s2 = tl.where(tmask, s2 * sm_scale, float("-inf"))
-                s3 = tl.where(tmask, s3 * sm_scale, float("-inf"))
                 gap = tl.maximum(gap, tl.maximum(s2 - m2, s3 - m3))
             if tl.max(gap, 0) > TAU:  # raise the slots' reference maxima (rare after the first tiles)
                 m0, l0, a_lo0, a_hi0, c0 = _rescale(s0, m0, l0, a_lo0, a_hi0, c0)
@@ -399,15 +430,67 @@ if triton is not None:
             _store_slots(o_ptr, lse_ptr, row0 + 3, split, m3, l3, a_lo3, a_hi3, c3, inv_pos, chan_lo, chan_hi, NS, D)
 
 
+    @triton.jit
+    def _rotatekv_scores_kernel(
+        q_ptr, kc_ptr, ks_ptr, kz_ptr, gid_ptr, len_ptr, pos_ptr, cos_ptr, sin_ptr, h_ptr, scr_ptr, sm_scale, cap,
+        NIT: tl.constexpr, NGRP: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+        NQ: tl.constexpr, NQP: tl.constexpr, PRE_ROPE: tl.constexpr, BN: tl.constexpr, GATHER: tl.constexpr,
+        STACK: tl.constexpr,
+    ):
+        """Key pass of the two-pass read: the group's heads' log2-domain scores of tokens
+        [split * NIT * BN, ...) into scr [B, H, cap] (no softmax state, no value registers)."""
+        DH: tl.constexpr = D // 2
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // NGRP
+        grp = pid % NGRP
+        length = tl.load(len_ptr + b).to(tl.int32)
+        start = split * (NIT * BN)
+        end = tl.minimum(start + NIT * BN, length)
+        dh = tl.arange(0, DH)
+        h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3, qb3, qa4, qb4 = _query_halves(q_ptr, h_ptr, b, grp, NGRP, HG, D, BN,
+                                                                                 PRE_ROPE, STACK)
+        goff_lo = grp * HG * D + dh if GATHER else grp * HG
+        goff_hi = goff_lo + DH if GATHER else goff_lo
+        kbase = (b * NGRP + grp).to(tl.int64) * cap
+        sbase = b.to(tl.int64) * cap
+        orow = (b * NGRP * HG + grp * HG).to(tl.int64) * cap  # scores of head slot 0; slot h' adds h' * cap
+        k_lo, k_hi, s_row, z_row, cs, sn = _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase,
+                                                      start, end, dh, D, NQ, NQP, BN, PRE_ROPE, GATHER)
+        for it in range(NIT):
+            tok = start + it * BN + tl.arange(0, BN)
+            tmask = tok < end
+            nk = _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase, start + (it + 1) * BN,
+                            end, dh, D, NQ, NQP, BN, PRE_ROPE, GATHER)
+            s0, s1, s2, s3 = _tile_scores(k_lo, k_hi, s_row, z_row, cs, sn, tmask, (sbase + tok) * NQ, gid_ptr,
+                                          goff_lo, goff_hi, ks_ptr, kz_ptr, h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3,
+                                          qb3, qa4, qb4, sm_scale, DH, HG, BITS, BN, PRE_ROPE, GATHER, STACK)
+            tl.store(scr_ptr + orow + tok, s0, mask=tmask)
+            if HG >= 2:
+                tl.store(scr_ptr + orow + cap + tok, s1, mask=tmask)
+            if HG >= 4:
+                tl.store(scr_ptr + orow + 2 * cap + tok, s2, mask=tmask)
+                tl.store(scr_ptr + orow + 3 * cap + tok, s3, mask=tmask)
+            k_lo, k_hi, s_row, z_row, cs, sn = nk
+
+
+# The values pass of the two-pass read: decode_mha's launch settings for its values (H100).
+VALUE_LAUNCH = dict(block_n=64, num_warps=4, splits_per_sm=4)
+
+
 def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths, positions, cos, sin,
                         scaling, *, bits, group_size, head_group, pre_rope=True, max_len=None, num_splits=None,
-                        block_n=16, num_warps=4, num_stages=2, splits_per_sm=2, stack_heads=None):
+                        block_n=16, num_warps=4, num_stages=2, splits_per_sm=2, stack_heads=None, two_pass=False,
+                        value_launch=None):
     """`decode_attention.decode_rotatekv`'s contract for shapes `supports` accepts: q [B, H, D]
     after RoPE and unrotated; partials whose outputs are in the value-rotated space. Queries and
     the pre-RoPE products' operands are fp16 whatever q's dtype (bf16 queries are converted).
     `stack_heads` (pre-RoPE, 4-head groups): one product for the group's heads a channel half.
     None picks what measured faster on the H100: stacked for the permuted read only (0.80 vs 0.86
-    ms; without reordering 0.79 vs 0.54, results/gpu/nvidia-h100-80gb-hbm3/session5/)."""
+    ms; without reordering 0.79 vs 0.54, results/gpu/nvidia-h100-80gb-hbm3/session5/).
+    `two_pass`: scores first (`_rotatekv_scores_kernel`, this launch's settings) into a scratch
+    row [B, H, cap] fp32, then the values (`decode_mha.values_from_scores`, `value_launch`'s
+    settings) with the exact maximum: each pass holds only its own registers."""
     from kvbench.kernels.decode_attention import (_out, _pow2, _require_triton, _sign_matrix_on, interpreting,
                                                    split_plan)
 
@@ -429,17 +512,29 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
         raise ValueError("decode_rotatekv_mha: stack_heads needs pre-RoPE keys and a 4-head group")
     max_len = cap if max_len is None else max_len
     ns, nit = split_plan(max_len, block_n, b * ngrp, q.device, per_sm=splits_per_sm, num_splits=num_splits)
+    sm_scale = scaling * LOG2E / math.sqrt(hg * d)
     if pre_rope:  # the kernel's H_{D/2}, +-1 in fp16
         hsign = _sign_matrix_on(d // 2, torch.float16, q.device)
     else:  # H_D q for each head (H_D symmetric): the key path is then dequantize + dot
         hsign = _sign_matrix_on(d, torch.float32, q.device)
         q = q.float() @ hsign
     q = q.to(torch.float16)
+    if two_pass:
+        scores = torch.empty(b, hkv, cap, dtype=torch.float32, device=q.device)
+        _rotatekv_scores_kernel[(b * ngrp, ns)](
+            q.contiguous(), k_codes, k_scale, k_zero, gid if gather else k_scale, lengths, positions, cos, sin, hsign,
+            scores, sm_scale, cap, NIT=nit, NGRP=ngrp, HG=hg, D=d, BITS=bits, NQ=nq, NQP=max(8, _pow2(nq)),
+            PRE_ROPE=pre_rope, BN=block_n, GATHER=gather, STACK=stack_heads, num_warps=num_warps,
+            num_stages=num_stages,
+        )  # fmt: skip
+        return decode_mha.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, bits=bits,
+                                             group_size=group_size, max_len=max_len, num_splits=num_splits,
+                                             **(value_launch or VALUE_LAUNCH))
     o, lse = _out(q, ns)
     v_strides = (v_scale.stride(0), v_scale.stride(1), v_scale.stride(2))
     _rotatekv_mha_kernel[(b * ngrp, ns)](
         q.contiguous(), k_codes, k_scale, k_zero, gid if gather else k_scale, v_codes.view(torch.int32), v_scale,
-        v_zero, lengths, positions, cos, sin, hsign, o, lse, scaling * LOG2E / math.sqrt(hg * d), cap, *v_strides,
+        v_zero, lengths, positions, cos, sin, hsign, o, lse, sm_scale, cap, *v_strides,
         NIT=nit, NGRP=ngrp, HG=hg, D=d, BITS=bits, NQ=nq, NQP=max(8, _pow2(nq)), G=group_size, PRE_ROPE=pre_rope, BN=block_n, NS=ns,
         GATHER=gather, TAU=8.0, ASM=not interpreting(), STACK=stack_heads, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

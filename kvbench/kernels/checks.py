@@ -220,7 +220,8 @@ def check_rotatekv_mha(device, small=True, results=None):
             (4, True, 2, d, True, False, False), (4, True, 2, d, True, True, False), (4, False, 2, d, True, False, False),
             (4, True, 2, d, False, False, False), (4, True, 2, d // 2, True, True, False),
             (2, True, 4, d, True, False, False), (2, False, 4, d, False, False, False), (1, True, 8, d, True, False, False),
-            (4, True, 2, d, True, True, True), (4, False, 2, d, False, False, True), (2, True, 4, d, True, False, True)):
+            (4, True, 2, d, True, False, True), (4, False, 2, d, False, False, True), (2, True, 4, d, True, False, True),
+            (4, True, 2, d, True, True, True), (1, True, 8, d, True, False, True)):
         args = rotatekv_inputs(gen, b, hkv, 1, d, cap, bits, group, head_group, device)
         kc, ks, kz, gid, vc, vs, vz, pos, cos, sin = args
         if not perm:

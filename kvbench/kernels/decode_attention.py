@@ -670,8 +670,9 @@ def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
 MHA_LAUNCH = dict(block_n=64, num_warps=4, splits_per_sm=4)
 
 
-# Launch settings of RotateKV's MHA read (decode_rotatekv_mha): H100, batch 8 x 8192, 32 heads of
-# 128, 2 bits, 4-head groups (results/gpu/nvidia-h100-80gb-hbm3/session5/); it picks its own
+# Launch settings of RotateKV's MHA read (decode_rotatekv_mha, two passes; these are its scores
+# pass's, the values pass takes decode_rotatekv_mha.VALUE_LAUNCH): H100, batch 8 x 8192, 32 heads
+# of 128, 2 bits, 4-head groups (results/gpu/nvidia-h100-80gb-hbm3/session6/); it picks its own
 # stack_heads.
 ROTATEKV_MHA_LAUNCH = dict(block_n=16, num_warps=4, splits_per_sm=4)
 

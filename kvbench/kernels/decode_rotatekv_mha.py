@@ -19,13 +19,19 @@ are a shift and a mask of it:
   (cos/sin rows loaded once a tile, shared by the heads), then the dot; the heads' score terms
   are reduced in one pass;
 * values per head as `decode_mha` reads them (codes unpacked in place, the scale on the
-  probabilities, per-token products summed after the loop), one online softmax per head with its
-  state per row slot and lazy rescaling (one block-wide check a tile for all heads);
+  probabilities, per-token products summed after the loop);
 * the next tile's key bytes, scale rows and cos/sin rows are loaded before this tile's arithmetic.
 
-Measured on an H100 (docs/kernel-notes.md, fifth session): 0.80 ms for the Llama-2 default at
-batch 8 x 8192 (stacked) against the tensor-core kernel's 0.96; 0.45 / 0.26 ms with post-RoPE keys
-(permuted / per-head groups) against 0.74 / 0.59.
+Two ways to run it. **Two passes** (the default): `_rotatekv_scores_kernel` writes the scores to a
+scratch row (4 bytes a token, L2-resident), then `decode_mha.values_from_scores` reads the values
+per head with the exact maximum. **Fused** (`two_pass=False`, the fifth session's kernel): one
+online softmax per head with its state per row slot and lazy rescaling, the values read in the same
+loop. The fused kernel holds four heads' value accumulators and softmax state beside the key tile
+(255 registers, spills); each pass alone holds only its own.
+
+Measured on an H100 (docs/kernel-notes.md, sixth session), batch 8 x 8192, Llama-2 default
+(pre-RoPE, permuted): 0.55 ms in two passes against 0.80 fused (first tensor-core kernel 0.95);
+0.36 / 0.24 ms with post-RoPE keys (permuted / per-head groups).
 
 Same contract as `decode_attention.decode_rotatekv` (partials o [B, H, S, D] fp32 in the
 value-rotated space, lse [B, H, S]); `supports` says which shapes it takes.
@@ -480,17 +486,18 @@ VALUE_LAUNCH = dict(block_n=64, num_warps=4, splits_per_sm=4)
 
 def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths, positions, cos, sin,
                         scaling, *, bits, group_size, head_group, pre_rope=True, max_len=None, num_splits=None,
-                        block_n=16, num_warps=4, num_stages=2, splits_per_sm=2, stack_heads=None, two_pass=False,
+                        block_n=16, num_warps=4, num_stages=2, splits_per_sm=2, stack_heads=None, two_pass=True,
                         value_launch=None):
     """`decode_attention.decode_rotatekv`'s contract for shapes `supports` accepts: q [B, H, D]
     after RoPE and unrotated; partials whose outputs are in the value-rotated space. Queries and
     the pre-RoPE products' operands are fp16 whatever q's dtype (bf16 queries are converted).
-    `stack_heads` (pre-RoPE, 4-head groups): one product for the group's heads a channel half.
-    None picks what measured faster on the H100: stacked for the permuted read only (0.80 vs 0.86
-    ms; without reordering 0.79 vs 0.54, results/gpu/nvidia-h100-80gb-hbm3/session5/).
-    `two_pass`: scores first (`_rotatekv_scores_kernel`, this launch's settings) into a scratch
-    row [B, H, cap] fp32, then the values (`decode_mha.values_from_scores`, `value_launch`'s
-    settings) with the exact maximum: each pass holds only its own registers."""
+    `two_pass` (default): scores first (`_rotatekv_scores_kernel`, this launch's settings) into a
+    scratch row [B, H, cap] fp32, then the values (`decode_mha.values_from_scores`,
+    `value_launch`'s settings) with the exact maximum: each pass holds only its own registers.
+    On the H100 it is faster for every variant (Llama-2 default 0.55 ms against the fused
+    kernel's 0.80; docs/kernel-notes.md, sixth session). `stack_heads` (pre-RoPE, 4-head
+    groups): one product for the group's heads a channel half; None picks what measured faster:
+    stacked only for the fused kernel's permuted read (0.80 vs 0.86 ms; two passes 0.60 vs 0.55)."""
     from kvbench.kernels.decode_attention import (_out, _pow2, _require_triton, _sign_matrix_on, interpreting,
                                                    split_plan)
 
@@ -507,7 +514,7 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
     if not gather and nq != hkv:
         raise ValueError("decode_rotatekv_mha without gid (no channel permutation) needs one key group a head")
     if stack_heads is None:
-        stack_heads = gather and pre_rope and hg == 4
+        stack_heads = gather and pre_rope and hg == 4 and not two_pass
     if stack_heads and (hg != 4 or not pre_rope):
         raise ValueError("decode_rotatekv_mha: stack_heads needs pre-RoPE keys and a 4-head group")
     max_len = cap if max_len is None else max_len

@@ -156,7 +156,7 @@ def rotatekv_mha_post_noreorder(bits, group, block_n, num_warps, num_stages):
 
 
 def rotatekv_scores(bits: int, group: int, block_n: int, num_warps: int, num_stages: int, d: int = 128, hg: int = 4,
-                    pre_rope: bool = True, gather: bool = True, stack: bool = True):
+                    pre_rope: bool = True, gather: bool = True, stack: bool = True, f16: bool = False):
     """The key pass of RotateKV's two-pass MHA read (pre-RoPE, permuted, stacked heads): key codes a tile."""
     from kvbench.kernels.decode_rotatekv_mha import _rotatekv_scores_kernel as k
 
@@ -165,7 +165,7 @@ def rotatekv_scores(bits: int, group: int, block_n: int, num_warps: int, num_sta
              "scr_ptr", "sm_scale", "cap"]
     sig["scr_ptr"] = "*fp32"
     ce = dict(NIT=32, NGRP=32 // hg, HG=hg, D=d, BITS=bits, NQ=32 * d // group, NQP=max(8, 32 * d // group),
-              PRE_ROPE=pre_rope, BN=block_n, GATHER=gather, STACK=stack)
+              PRE_ROPE=pre_rope, BN=block_n, GATHER=gather, STACK=stack, F16=f16)
     return compile_sm90(k, {n: sig[n] for n in order}, ce, num_warps, num_stages), hg * block_n * d
 
 

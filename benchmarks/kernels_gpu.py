@@ -267,6 +267,9 @@ def methods(b, h, d, L, device, smoke):
             rcfgs += [dict(kernel="cc", block_n=bn, num_warps=nw, splits_per_sm=sp, stack_heads=st, two_pass=True)
                       for bn, nw, sp in ((16, 8, 4), (16, 4, 4), (32, 8, 4), (16, 8, 8), (16, 4, 8))
                       for st in ((True, False) if pre else (False,))]
+            if pre:  # the keys dequantized and mixed in fp16 arithmetic (scores pass)
+                rcfgs += [dict(kernel="cc", block_n=16, num_warps=4, splits_per_sm=sp, two_pass=True, f16_dequant=True)
+                          for sp in (4, 8)]
             rcfgs += [dict(block_n=16, num_warps=4, num_splits=None)]
         else:
             rcfgs = [dict(block_n=64, num_warps=4, num_splits=None), dict(block_n=64, num_warps=8, num_splits=None)]

@@ -215,13 +215,14 @@ def check_rotatekv_mha(device, small=True, results=None):
     b, hkv, d = (2, 4, 64) if small else (4, 8, 128)
     cap = 45 if small else 700
     lengths = torch.tensor([45, 23] if small else [700, 699, 311, 2]).to(device)
-    # (head group, pre-RoPE, bits, key group, permuted, stacked heads, two passes)
+    # (head group, pre-RoPE, bits, key group, permuted, stacked heads, two passes ("f16": fp16 dequantization))
     for head_group, pre_rope, bits, group, perm, stack, two in (
             (4, True, 2, d, True, False, False), (4, True, 2, d, True, True, False), (4, False, 2, d, True, False, False),
             (4, True, 2, d, False, False, False), (4, True, 2, d // 2, True, True, False),
             (2, True, 4, d, True, False, False), (2, False, 4, d, False, False, False), (1, True, 8, d, True, False, False),
             (4, True, 2, d, True, False, True), (4, False, 2, d, False, False, True), (2, True, 4, d, True, False, True),
-            (4, True, 2, d, True, True, True), (1, True, 8, d, True, False, True)):
+            (4, True, 2, d, True, True, True), (1, True, 8, d, True, False, True),
+            (4, True, 2, d, True, False, "f16"), (4, True, 2, d, False, False, "f16"), (2, True, 4, d, True, False, "f16")):
         args = rotatekv_inputs(gen, b, hkv, 1, d, cap, bits, group, head_group, device)
         kc, ks, kz, gid, vc, vs, vz, pos, cos, sin = args
         if not perm:
@@ -230,11 +231,13 @@ def check_rotatekv_mha(device, small=True, results=None):
         ref_gid = gid if gid is not None else (torch.arange(hkv * d, device=device) // group).to(torch.int32)
         o, lse = decode_rotatekv_mha(q, kc, ks, kz, gid, vc, vs, vz, lengths, pos, cos, sin, d**-0.5, bits=bits,
                                      group_size=group, head_group=head_group, pre_rope=pre_rope,
-                                     num_splits=2 if small else None, stack_heads=stack, two_pass=two)
+                                     num_splits=2 if small else None, stack_heads=stack, two_pass=bool(two),
+                                     f16_dequant=two == "f16")
         ro, rl = ref.ref_decode_rotatekv(q.float(), kc, ks, kz, ref_gid, vc, vs, vz, lengths, pos, cos, sin, d**-0.5,
                                          bits=bits, group_size=group, head_group=head_group, pre_rope=pre_rope)
         _compare(f"rotatekv_mha hg={head_group} pre_rope={pre_rope} bits={bits} G={group} permuted={perm}"
-                 + (" stacked" if stack else "") + (" two-pass" if two else ""), o, lse,
+                 + (" stacked" if stack else "") + (" two-pass" if two else "") + (" f16" if two == "f16" else ""),
+                 o, lse,
                  ro, rl, results)
     return results
 

@@ -66,7 +66,7 @@ if triton is not None:
 
     @triton.jit
     def _deq_head(kraw, hp: tl.constexpr, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask,
-                  BITS: tl.constexpr, GATHER: tl.constexpr):
+                  BITS: tl.constexpr, GATHER: tl.constexpr, F16: tl.constexpr = False):
         """Dequantized keys (fp32) of head slot hp of the group from a byte tile [BN, DH] (int32).
         GATHER: s_row / zs_row are the tile's scales and scale * zero [BN, NQ], indexed by each
         channel's quantization group (gid at goff + channel: one warp shuffle an element);
@@ -74,39 +74,48 @@ if triton is not None:
         (Reading the code in place as code * 2**(hp*BITS), decode_mha's one-LOP3 unpack, with the
         power of two folded into the gathered scale row measured 6-12% slower on the H100.)"""
         x = (kraw >> (hp * BITS)) & ((1 << BITS) - 1)
-        c = (x | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exact: code < 2**23
+        if F16:  # (c - z) * s in fp16: c - z exact, one rounding (s_row, zs_row: the fp16 scales and zeros)
+            c = (x | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0  # exact: code < 2**10
+        else:
+            c = (x | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exact: code < 2**23
         if GATHER:
             g = tl.load(gid_ptr + goff)
             idx = tl.broadcast_to(g[None, :], kraw.shape)
-            y = c * tl.gather(s_row, idx, 1) - tl.gather(zs_row, idx, 1)
+            if F16:
+                y = (c - tl.gather(zs_row, idx, 1)) * tl.gather(s_row, idx, 1)
+            else:
+                y = c * tl.gather(s_row, idx, 1) - tl.gather(zs_row, idx, 1)
         else:
             off = srow + goff + hp
-            s = tl.load(ks_ptr + off, mask=tmask, other=0.0).to(tl.float32)
-            z = tl.load(kz_ptr + off, mask=tmask, other=0.0).to(tl.float32)
-            y = c * s[:, None] - (z * s)[:, None]
+            s = tl.load(ks_ptr + off, mask=tmask, other=0.0)
+            z = tl.load(kz_ptr + off, mask=tmask, other=0.0)
+            if F16:
+                y = (c - z[:, None]) * s[:, None]
+            else:
+                y = c * s[:, None].to(tl.float32) - (z.to(tl.float32) * s.to(tl.float32))[:, None]
         return y
 
     @triton.jit
     def _mixed(kraw, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask, DH: tl.constexpr,
-               HG: tl.constexpr, BITS: tl.constexpr, GATHER: tl.constexpr):
+               HG: tl.constexpr, BITS: tl.constexpr, GATHER: tl.constexpr, F16: tl.constexpr = False):
         """H_hg across the group's heads of one channel half, in-thread: y_h = sum_h' H[h, h'] x_h'
         (a butterfly)."""
         STEP: tl.constexpr = 2 * DH if GATHER else 0  # gid offset of the next head slot's channels
-        x0 = _deq_head(kraw, 0, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER)
+        x0 = _deq_head(kraw, 0, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16)
         y0 = x0
         y1 = x0
         y2 = x0
         y3 = x0
         if HG == 2:
-            x1 = _deq_head(kraw, 1, s_row, zs_row, gid_ptr, goff + STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER)
+            x1 = _deq_head(kraw, 1, s_row, zs_row, gid_ptr, goff + STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16)
             y0 = x0 + x1
             y1 = x0 - x1
         if HG == 4:
-            x1 = _deq_head(kraw, 1, s_row, zs_row, gid_ptr, goff + STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER)
+            x1 = _deq_head(kraw, 1, s_row, zs_row, gid_ptr, goff + STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16)
             e0 = x0 + x1
             e1 = x0 - x1
-            x2 = _deq_head(kraw, 2, s_row, zs_row, gid_ptr, goff + 2 * STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER)
-            x3 = _deq_head(kraw, 3, s_row, zs_row, gid_ptr, goff + 3 * STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER)
+            x2 = _deq_head(kraw, 2, s_row, zs_row, gid_ptr, goff + 2 * STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16)
+            x3 = _deq_head(kraw, 3, s_row, zs_row, gid_ptr, goff + 3 * STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16)
             e2 = x2 + x3
             e3 = x2 - x3
             y0 = e0 + e2
@@ -120,15 +129,13 @@ if triton is not None:
         return tl.sum(y * q[None, :].to(tl.float32), 1)
 
     @triton.jit
-    def _rope_terms(a, bb, cs, sn, qa, qb):
+    def _rope_terms(a, bb, cs, sn, qp, qm):
         """Score terms [BN, DH] of pre-RoPE keys from the halves' products a = y_lo H', bb = y_hi H'
-        (H_D = [[H', H'], [H', -H']]): k = [a + bb, a - bb], RoPE at the keys' positions, times q
-        (qa, qb: the query halves, broadcastable to the tile)."""
-        u_lo = a + bb
-        u_hi = a - bb
-        r_lo = u_lo * cs - u_hi * sn
-        r_hi = u_hi * cs + u_lo * sn
-        return r_lo * qa.to(tl.float32) + r_hi * qb.to(tl.float32)
+        (H_D = [[H', H'], [H', -H']]: k = [a + bb, a - bb]), RoPE at the keys' positions, times
+        q. With the query halves' sum qp = qa + qb and difference qm = qb - qa (fp32, from
+        `_query_halves`) the rotate-half pairs fold into a (cs qp + sn qm) + bb (sn qp - cs qm):
+        six operations a pair instead of eight."""
+        return a * (cs * qp + sn * qm) + bb * (sn * qp - cs * qm)
 
     @triton.jit
     def _row_sums(t0, t1, t2, t3, HG: tl.constexpr):
@@ -217,8 +224,9 @@ if triton is not None:
     @triton.jit
     def _query_halves(q_ptr, h_ptr, b, grp, NGRP: tl.constexpr, HG: tl.constexpr, D: tl.constexpr,
                       BN: tl.constexpr, PRE_ROPE: tl.constexpr, STACK: tl.constexpr):
-        """H_{D/2} (pre-RoPE) and the group's query halves: H_D q (post-RoPE) or q (pre-RoPE), fp16;
-        heads past HG repeat head 0. STACK: the halves also as the rows of [4 BN, DH] fp32 tiles."""
+        """H_{D/2} (pre-RoPE) and the group's query halves (qa, qb): H_D q's, fp16 (post-RoPE), or
+        q's sum and difference (qa + qb, qb - qa), fp32 (pre-RoPE, for `_rope_terms`); heads past
+        HG repeat head 0. STACK: the halves also as the rows of [4 BN, DH] fp32 tiles."""
         DH: tl.constexpr = D // 2
         dh = tl.arange(0, DH)
         if PRE_ROPE:  # H_{D/2} (+-1, fp16): H_D = [[H', H'], [H', -H']] takes it twice a head
@@ -242,6 +250,11 @@ if triton is not None:
             qb2 = tl.load(q_ptr + qrow + 2 * D + DH + dh)
             qa3 = tl.load(q_ptr + qrow + 3 * D + dh)
             qb3 = tl.load(q_ptr + qrow + 3 * D + DH + dh)
+        if PRE_ROPE:  # `_rope_terms` takes the halves' sum and difference (fp32)
+            qa0, qb0 = qa0.to(tl.float32) + qb0.to(tl.float32), qb0.to(tl.float32) - qa0.to(tl.float32)
+            qa1, qb1 = qa1.to(tl.float32) + qb1.to(tl.float32), qb1.to(tl.float32) - qa1.to(tl.float32)
+            qa2, qb2 = qa2.to(tl.float32) + qb2.to(tl.float32), qb2.to(tl.float32) - qa2.to(tl.float32)
+            qa3, qb3 = qa3.to(tl.float32) + qb3.to(tl.float32), qb3.to(tl.float32) - qa3.to(tl.float32)
         if STACK:  # the four heads' query halves as the rows of [4 BN, DH] tiles (STACK needs HG == 4)
             qa4 = _stack4(tl.broadcast_to(qa0[None, :], (BN, DH)), tl.broadcast_to(qa1[None, :], (BN, DH)),
                           tl.broadcast_to(qa2[None, :], (BN, DH)), tl.broadcast_to(qa3[None, :], (BN, DH))).to(tl.float32)
@@ -256,10 +269,13 @@ if triton is not None:
     def _tile_scores(k_lo, k_hi, s_row, z_row, cs, sn, tmask, srow, gid_ptr, goff_lo, goff_hi, ks_ptr, kz_ptr,
                      h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3, qb3, qa4, qb4, sm_scale, DH: tl.constexpr,
                      HG: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, PRE_ROPE: tl.constexpr,
-                     GATHER: tl.constexpr, STACK: tl.constexpr):
+                     GATHER: tl.constexpr, STACK: tl.constexpr, F16: tl.constexpr = False):
         """The group's heads' scores of one key tile, times sm_scale (log2 domain), -inf past the
         end; heads past HG repeat head 0."""
-        if GATHER:
+        if F16:
+            s_f = s_row
+            zs_f = z_row
+        elif GATHER:
             s_f = s_row.to(tl.float32)
             zs_f = z_row.to(tl.float32) * s_f
         else:
@@ -267,7 +283,7 @@ if triton is not None:
             zs_f = 0.0
         # low channel half, then high: the group's heads mixed in-thread
         y0, y1, y2, y3 = _mixed(k_lo.to(tl.int32), s_f, zs_f, gid_ptr, goff_lo, srow, ks_ptr, kz_ptr, tmask, DH,
-                                HG, BITS, GATHER)
+                                HG, BITS, GATHER, F16)
         if PRE_ROPE and STACK:  # one [4 BN, DH] x [DH, DH] product for the four heads
             pst = tl.dot(_stack4(y0, y1, y2, y3).to(tl.float16), h_half)
         elif PRE_ROPE:
@@ -288,7 +304,7 @@ if triton is not None:
                 s2 = _dot_rows(y2, qa2)
                 s3 = _dot_rows(y3, qa3)
         y0, y1, y2, y3 = _mixed(k_hi.to(tl.int32), s_f, zs_f, gid_ptr, goff_hi, srow, ks_ptr, kz_ptr, tmask, DH,
-                                HG, BITS, GATHER)
+                                HG, BITS, GATHER, F16)
         if PRE_ROPE and STACK:
             c4 = cs.to(tl.float32)
             s4 = sn.to(tl.float32)
@@ -441,7 +457,7 @@ if triton is not None:
         q_ptr, kc_ptr, ks_ptr, kz_ptr, gid_ptr, len_ptr, pos_ptr, cos_ptr, sin_ptr, h_ptr, scr_ptr, sm_scale, cap,
         NIT: tl.constexpr, NGRP: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         NQ: tl.constexpr, NQP: tl.constexpr, PRE_ROPE: tl.constexpr, BN: tl.constexpr, GATHER: tl.constexpr,
-        STACK: tl.constexpr,
+        STACK: tl.constexpr, F16: tl.constexpr = False,
     ):
         """Key pass of the two-pass read: the group's heads' log2-domain scores of tokens
         [split * NIT * BN, ...) into scr [B, H, cap] (no softmax state, no value registers)."""
@@ -470,7 +486,7 @@ if triton is not None:
                             end, dh, D, NQ, NQP, BN, PRE_ROPE, GATHER)
             s0, s1, s2, s3 = _tile_scores(k_lo, k_hi, s_row, z_row, cs, sn, tmask, (sbase + tok) * NQ, gid_ptr,
                                           goff_lo, goff_hi, ks_ptr, kz_ptr, h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3,
-                                          qb3, qa4, qb4, sm_scale, DH, HG, BITS, BN, PRE_ROPE, GATHER, STACK)
+                                          qb3, qa4, qb4, sm_scale, DH, HG, BITS, BN, PRE_ROPE, GATHER, STACK, F16)
             tl.store(scr_ptr + orow + tok, s0, mask=tmask)
             if HG >= 2:
                 tl.store(scr_ptr + orow + cap + tok, s1, mask=tmask)
@@ -487,7 +503,7 @@ VALUE_LAUNCH = dict(block_n=64, num_warps=4, splits_per_sm=4)
 def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths, positions, cos, sin,
                         scaling, *, bits, group_size, head_group, pre_rope=True, max_len=None, num_splits=None,
                         block_n=16, num_warps=4, num_stages=2, splits_per_sm=2, stack_heads=None, two_pass=True,
-                        value_launch=None):
+                        value_launch=None, f16_dequant=False):
     """`decode_attention.decode_rotatekv`'s contract for shapes `supports` accepts: q [B, H, D]
     after RoPE and unrotated; partials whose outputs are in the value-rotated space. Queries and
     the pre-RoPE products' operands are fp16 whatever q's dtype (bf16 queries are converted).
@@ -497,7 +513,9 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
     On the H100 it is faster for every variant (Llama-2 default 0.55 ms against the fused
     kernel's 0.80; docs/kernel-notes.md, sixth session). `stack_heads` (pre-RoPE, 4-head
     groups): one product for the group's heads a channel half; None picks what measured faster:
-    stacked only for the fused kernel's permuted read (0.80 vs 0.86 ms; two passes 0.60 vs 0.55)."""
+    stacked only for the fused kernel's permuted read (0.80 vs 0.86 ms; two passes 0.60 vs 0.55).
+    `f16_dequant` (two passes, pre-RoPE): the keys dequantized and mixed in fp16 arithmetic,
+    (c - z) * s with one rounding and the H_hg adds in fp16, as the product's operands are."""
     from kvbench.kernels.decode_attention import (_out, _pow2, _require_triton, _sign_matrix_on, interpreting,
                                                    split_plan)
 
@@ -531,8 +549,8 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
         _rotatekv_scores_kernel[(b * ngrp, ns)](
             q.contiguous(), k_codes, k_scale, k_zero, gid if gather else k_scale, lengths, positions, cos, sin, hsign,
             scores, sm_scale, cap, NIT=nit, NGRP=ngrp, HG=hg, D=d, BITS=bits, NQ=nq, NQP=max(8, _pow2(nq)),
-            PRE_ROPE=pre_rope, BN=block_n, GATHER=gather, STACK=stack_heads, num_warps=num_warps,
-            num_stages=num_stages,
+            PRE_ROPE=pre_rope, BN=block_n, GATHER=gather, STACK=stack_heads, F16=f16_dequant and pre_rope,
+            num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
         return decode_mha.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, bits=bits,
                                              group_size=group_size, max_len=max_len, num_splits=num_splits,

@@ -307,6 +307,19 @@ def methods(b, h, d, L, device, smoke):
             return lambda: rkv_partials(cfg, kc_r, ks_r, kz_r, gid, vv_r, hg, pre, G)
 
         out[name] = ([(str(cfg), rkv_fn(cfg), rkv_kernel(cfg)) for cfg in rcfgs], rk_bytes)
+
+    # the two-pass read's second pass alone (its scores read back, RotateKV's 2-bit values, G = D),
+    # so that the first pass's share of the two-pass time is the difference
+    scores = torch.randn(b, h, L, device=device, generator=gen) * 2
+    vv_v = store(h, L, d, bits, d)
+    vcfgs = ([dict(block_n=16, num_warps=4, num_splits=2)] if smoke else
+             [dict(block_n=bn, num_warps=nw, splits_per_sm=sp) for bn, nw, sp in ((64, 4, 4), (64, 4, 8), (128, 4, 4), (32, 4, 4))])
+
+    def values_pass(cfg):
+        return lambda: decode_mha.values_from_scores(scores, *vv_v, lengths, bits=bits, group_size=d, **cfg)
+
+    out["rotatekv-2 (pre-RoPE, 4-head Hadamard: values pass alone)"] = (
+        [(str(c), values_pass(c), values_pass(c)) for c in vcfgs], b * h * L * (d * bits // 8 + 4 + 4))
     return out
 
 

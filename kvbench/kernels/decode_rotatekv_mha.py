@@ -129,13 +129,15 @@ if triton is not None:
         return tl.sum(y * q[None, :].to(tl.float32), 1)
 
     @triton.jit
-    def _rope_terms(a, bb, cs, sn, qp, qm):
+    def _rope_terms(a, bb, cs, sn, qa, qb):
         """Score terms [BN, DH] of pre-RoPE keys from the halves' products a = y_lo H', bb = y_hi H'
-        (H_D = [[H', H'], [H', -H']]: k = [a + bb, a - bb]), RoPE at the keys' positions, times
-        q. With the query halves' sum qp = qa + qb and difference qm = qb - qa (fp32, from
-        `_query_halves`) the rotate-half pairs fold into a (cs qp + sn qm) + bb (sn qp - cs qm):
-        six operations a pair instead of eight."""
-        return a * (cs * qp + sn * qm) + bb * (sn * qp - cs * qm)
+        (H_D = [[H', H'], [H', -H']]): k = [a + bb, a - bb], RoPE at the keys' positions, times q
+        (qa, qb: the query halves, broadcastable to the tile)."""
+        u_lo = a + bb
+        u_hi = a - bb
+        r_lo = u_lo * cs - u_hi * sn
+        r_hi = u_hi * cs + u_lo * sn
+        return r_lo * qa.to(tl.float32) + r_hi * qb.to(tl.float32)
 
     @triton.jit
     def _row_sums(t0, t1, t2, t3, HG: tl.constexpr):
@@ -224,9 +226,8 @@ if triton is not None:
     @triton.jit
     def _query_halves(q_ptr, h_ptr, b, grp, NGRP: tl.constexpr, HG: tl.constexpr, D: tl.constexpr,
                       BN: tl.constexpr, PRE_ROPE: tl.constexpr, STACK: tl.constexpr):
-        """H_{D/2} (pre-RoPE) and the group's query halves (qa, qb): H_D q's, fp16 (post-RoPE), or
-        q's sum and difference (qa + qb, qb - qa), fp32 (pre-RoPE, for `_rope_terms`); heads past
-        HG repeat head 0. STACK: the halves also as the rows of [4 BN, DH] fp32 tiles."""
+        """H_{D/2} (pre-RoPE) and the group's query halves: H_D q (post-RoPE) or q (pre-RoPE), fp16;
+        heads past HG repeat head 0. STACK: the halves also as the rows of [4 BN, DH] fp32 tiles."""
         DH: tl.constexpr = D // 2
         dh = tl.arange(0, DH)
         if PRE_ROPE:  # H_{D/2} (+-1, fp16): H_D = [[H', H'], [H', -H']] takes it twice a head
@@ -250,11 +251,6 @@ if triton is not None:
             qb2 = tl.load(q_ptr + qrow + 2 * D + DH + dh)
             qa3 = tl.load(q_ptr + qrow + 3 * D + dh)
             qb3 = tl.load(q_ptr + qrow + 3 * D + DH + dh)
-        if PRE_ROPE:  # `_rope_terms` takes the halves' sum and difference (fp32)
-            qa0, qb0 = qa0.to(tl.float32) + qb0.to(tl.float32), qb0.to(tl.float32) - qa0.to(tl.float32)
-            qa1, qb1 = qa1.to(tl.float32) + qb1.to(tl.float32), qb1.to(tl.float32) - qa1.to(tl.float32)
-            qa2, qb2 = qa2.to(tl.float32) + qb2.to(tl.float32), qb2.to(tl.float32) - qa2.to(tl.float32)
-            qa3, qb3 = qa3.to(tl.float32) + qb3.to(tl.float32), qb3.to(tl.float32) - qa3.to(tl.float32)
         if STACK:  # the four heads' query halves as the rows of [4 BN, DH] tiles (STACK needs HG == 4)
             qa4 = _stack4(tl.broadcast_to(qa0[None, :], (BN, DH)), tl.broadcast_to(qa1[None, :], (BN, DH)),
                           tl.broadcast_to(qa2[None, :], (BN, DH)), tl.broadcast_to(qa3[None, :], (BN, DH))).to(tl.float32)

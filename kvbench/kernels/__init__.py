@@ -29,10 +29,11 @@ TRITON_INTERPRET=1 (tests/test_kernels.py).
   uses it for RotateKV with post-RoPE keys, a 1-head Hadamard and no reordering.
 * `decode_rotatekv_mha.decode_rotatekv_mha`: RotateKV's read for one query head per KV head when a
   byte holds one channel of every head of the group (4 heads at 2 bits): one byte load a tile,
-  the head mix in-thread, scales gathered by warp shuffle, values as decode_mha; pre-RoPE keys
-  through one H_{D/2} tensor-core product a channel half and head (`stack_heads`: the group's
-  heads as the rows of one product, what the permuted default uses). `packed_decode` uses it
-  for those shapes.
+  the head mix in-thread, scales gathered by warp shuffle; pre-RoPE keys through one H_{D/2}
+  tensor-core product a channel half and head. By default in two passes: the scores to a scratch
+  row, then `decode_mha.values_from_scores` (the values with the exact maximum, shared with
+  KIVI's kernel); `two_pass=False` is the fused kernel with an online softmax (`stack_heads`:
+  the group's heads as the rows of one product). `packed_decode` uses it for those shapes.
 * `decode_kivi_mha.decode_kivi_mha`: KIVI's read for one query head per KV head on CUDA cores, in
   two passes (keys with in-thread channel sums, scores to an L2-resident scratch row; values as
   decode_mha with the exact maximum); `decode_kivi` dispatches to it.

@@ -269,6 +269,9 @@ def methods(b, h, d, L, device, smoke):
             rcfgs += [dict(kernel="cc", block_n=bn, num_warps=nw, splits_per_sm=sp, stack_heads=st, two_pass=True)
                       for bn, nw, sp in ((16, 8, 4), (16, 4, 4), (32, 8, 4), (16, 8, 8), (16, 4, 8), (32, 4, 2))
                       for st in ((True, False) if pre else (False,))]
+            # a register cap on the scores pass: three (168) or four (128) programs an SM, some spills
+            rcfgs += [dict(kernel="cc", block_n=16, num_warps=4, splits_per_sm=sp, two_pass=True, maxnreg=mr)
+                      for mr, sp in ((168, 4), (168, 8), (128, 8))]
             if pre:  # the keys dequantized and mixed in fp16 arithmetic (scores pass), and not
                 rcfgs += [dict(kernel="cc", block_n=16, num_warps=4, splits_per_sm=sp, two_pass=True, f16_dequant=f16)
                           for sp in (4, 8) for f16 in (True, False)]

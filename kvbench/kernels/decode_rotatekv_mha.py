@@ -499,7 +499,7 @@ VALUE_LAUNCH = dict(block_n=64, num_warps=4, splits_per_sm=8)  # 0.073 ms alone,
 def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths, positions, cos, sin,
                         scaling, *, bits, group_size, head_group, pre_rope=True, max_len=None, num_splits=None,
                         block_n=16, num_warps=4, num_stages=2, splits_per_sm=2, stack_heads=None, two_pass=True,
-                        value_launch=None, f16_dequant=None):
+                        value_launch=None, f16_dequant=None, maxnreg=None):
     """`decode_attention.decode_rotatekv`'s contract for shapes `supports` accepts: q [B, H, D]
     after RoPE and unrotated; partials whose outputs are in the value-rotated space. Queries and
     the pre-RoPE products' operands are fp16 whatever q's dtype (bf16 queries are converted).
@@ -513,7 +513,8 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
     `f16_dequant` (two passes, pre-RoPE): the keys dequantized and mixed in fp16 arithmetic,
     (c - z) * s with one rounding and the H_hg adds in fp16, as the product's operands are. None
     picks what measured faster: on without reordering (0.40 vs 0.44 ms), off with it (0.56 vs
-    0.55: the gathered fp16 scales cost byte moves)."""
+    0.55: the gathered fp16 scales cost byte moves). `maxnreg`: a register cap for the scores
+    kernel (more programs an SM, some spills)."""
     from kvbench.kernels.decode_attention import (_out, _pow2, _require_triton, _sign_matrix_on, interpreting,
                                                    split_plan)
 
@@ -550,7 +551,7 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
             q.contiguous(), k_codes, k_scale, k_zero, gid if gather else k_scale, lengths, positions, cos, sin, hsign,
             scores, sm_scale, cap, NIT=nit, NGRP=ngrp, HG=hg, D=d, BITS=bits, NQ=nq, NQP=max(8, _pow2(nq)),
             PRE_ROPE=pre_rope, BN=block_n, GATHER=gather, STACK=stack_heads, F16=f16_dequant and pre_rope,
-            num_warps=num_warps, num_stages=num_stages,
+            num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )  # fmt: skip
         return decode_mha.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, bits=bits,
                                              group_size=group_size, max_len=max_len, num_splits=num_splits,

@@ -102,19 +102,34 @@ if triton is not None:
         tl.store(lse_ptr + row * NS + split, lse)
 
     @triton.jit
-    def _value_pass(scr_ptr, m, vw_ptr, vs_ptr, vz_ptr, b, h, row, tstart, tend, cap, vs_b, vs_h, vs_t, o_ptr,
-                    lse_ptr, split, NIT: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-                    INT_ZERO: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, ASM: tl.constexpr):
-        """A split's partial (o, lse) over tokens [tstart, tend) of row (b, h) from scores already
-        computed: log2-domain scores at scr_ptr + row * cap + token, m their exact maximum over
-        the split (so nothing is ever rescaled). Values are this kernel's word tiles, read as in
-        its main loop (NIT tiles of BN tokens, the next tile's loads in flight)."""
-        P: tl.constexpr = D * BITS // 8
-        W: tl.constexpr = P // 4
-        NPL: tl.constexpr = 8 // BITS
-        K: tl.constexpr = 2 * NPL
+    def _split_range(len_ptr, NROWS: tl.constexpr, NIT: tl.constexpr, BN: tl.constexpr):
+        """Program (row r of batch row b, split) and its token range [start, end): grid
+        (B * NROWS, splits), NIT tiles of BN tokens a split."""
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // NROWS
+        r = pid % NROWS
+        length = tl.load(len_ptr + b).to(tl.int32)
+        start = split * (NIT * BN)
+        end = tl.minimum(start + NIT * BN, length)
+        return b, r, split, start, end
+
+    @triton.jit
+    def _word_tiles(D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+        """Index tiles of a row's plane-layout words as 4-D [tokens, group, code in group, word]
+        (the words come from a [BN, 1, 1, W] load, so a thread's codes of one word stay in that
+        thread and the group reductions are in-thread FMA chains; only the word axis crosses
+        threads). Code k = g * KG + kk of a half-word is plane k // 2 of its byte k % 2 (groups of
+        whole planes, so the group is k // KG), at bit pos = 8 * (k % 2) + BITS * (k // 2).
+        Returns the word index w4 [1, 1, 1, W], the code masks at their bits mask4 [1, NG, KG, 1],
+        2**-pos, the lower half-word's channels chan_lo [1, NG, KG, W] (the upper's are + 2) and
+        the group index g2 [1, NG]."""
+        P: tl.constexpr = D * BITS // 8  # bytes per row
+        W: tl.constexpr = P // 4  # int32 words per row
+        NPL: tl.constexpr = 8 // BITS  # bit planes per byte
+        K: tl.constexpr = 2 * NPL  # codes per half-word
         NG: tl.constexpr = D // G
-        KG: tl.constexpr = K // NG
+        KG: tl.constexpr = K // NG  # codes of one group per half-word
         k4 = tl.arange(0, NG)[None, :, None, None] * KG + tl.arange(0, KG)[None, None, :, None]
         w4 = tl.arange(0, W)[None, None, None, :]
         pos4 = 8 * (k4 % 2) + BITS * (k4 // 2)
@@ -122,6 +137,36 @@ if triton is not None:
         inv_pos = tl.exp2(-pos4.to(tl.float32))
         chan_lo = (k4 // 2) * P + 4 * w4 + (k4 % 2)
         g2 = tl.arange(0, NG)[None, :]
+        return w4, mask4, inv_pos, chan_lo, g2
+
+    @triton.jit
+    def _accumulate(p, l_i, acc_lo, acc_hi, corr, vw, vsc, vzp, mask4, INT_ZERO: tl.constexpr, ASM: tl.constexpr):
+        """One tile's probabilities p [BN] (one token a row slot) into the value sums: the scale on
+        the probabilities, the codes unpacked in place (one FMA a code), the zero points into
+        corr (sum of p * s * z for an integer zero, -sum of p * z for a float zero)."""
+        l_i += p
+        ps = p[:, None] * vsc  # [BN, NG]
+        if INT_ZERO:
+            corr += ps * vzp
+        else:
+            corr -= p[:, None] * vzp
+        ps4 = ps[:, :, None, None]
+        acc_lo += _codes(vw, mask4, ASM) * ps4
+        acc_hi += _codes(vw >> 16, mask4, ASM) * ps4
+        return l_i, acc_lo, acc_hi, corr
+
+    @triton.jit
+    def _value_pass(scr_ptr, m, vw_ptr, vs_ptr, vz_ptr, b, h, row, tstart, tend, cap, vs_b, vs_h, vs_t, o_ptr,
+                    lse_ptr, split, NIT: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                    INT_ZERO: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, ASM: tl.constexpr):
+        """A split's partial (o, lse) over tokens [tstart, tend) of row (b, h) from scores already
+        computed: log2-domain scores at scr_ptr + row * cap + token, m their exact maximum over
+        the split (so nothing is ever rescaled). Values are this kernel's word tiles, read as in
+        its main loop (NIT tiles of BN tokens, the next tile's loads in flight)."""
+        W: tl.constexpr = D * BITS // 32
+        NG: tl.constexpr = D // G
+        KG: tl.constexpr = 16 // BITS // NG
+        w4, mask4, inv_pos, chan_lo, g2 = _word_tiles(D, BITS, G)
         base = row.to(tl.int64) * cap
         l_i = tl.zeros([BN], tl.float32)
         corr = tl.zeros([BN, NG], tl.float32)  # sum of p * s * z (integer zero) or -sum of p * z (float zero)
@@ -134,15 +179,7 @@ if triton is not None:
             tok = tstart + it * BN + tl.arange(0, BN)
             s = tl.load(scr_ptr + base + tok, mask=tok < tend, other=float("-inf"))
             pr = tl.exp2(s - m)  # 0 for tokens past the end
-            l_i += pr
-            ps = pr[:, None] * vsc
-            if INT_ZERO:
-                corr += ps * vzp
-            else:
-                corr -= pr[:, None] * vzp
-            ps4 = ps[:, :, None, None]
-            acc_lo += _codes(vw, mask4, ASM) * ps4
-            acc_hi += _codes(vw >> 16, mask4, ASM) * ps4
+            l_i, acc_lo, acc_hi, corr = _accumulate(pr, l_i, acc_lo, acc_hi, corr, vw, vsc, vzp, mask4, INT_ZERO, ASM)
             vw, vsc, vzp = nxt
 
         l_sum = tl.sum(l_i, 0)
@@ -162,14 +199,8 @@ if triton is not None:
                                    ASM: tl.constexpr):
         """Second pass of a two-pass read (`values_from_scores`): a scan of the split's scores for
         their maximum, then `_value_pass`."""
-        pid = tl.program_id(0)
-        split = tl.program_id(1)
-        b = pid // HKV
-        h = pid % HKV
+        b, h, split, start, end = _split_range(len_ptr, HKV, NIT, BN)
         row = b * HKV + h
-        length = tl.load(len_ptr + b).to(tl.int32)
-        start = split * (NIT * BN)
-        end = tl.minimum(start + NIT * BN, length)
         base = row.to(tl.int64) * cap
         mv = tl.full([BN], -1e30, tl.float32)  # -1e30, not -inf: an empty split's exp2(-inf - m) is 0, not nan
         for it in range(NIT):
@@ -186,40 +217,20 @@ if triton is not None:
         INT_ZERO: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, TAU: tl.constexpr,
         ASM: tl.constexpr, PREFETCH: tl.constexpr,
     ):
-        # Tiles are 4-D [tokens, group, code in group, word]: the words come from a [BN, 1, 1, W]
-        # load, so a thread's codes of one word (the broadcast axes) stay in that thread and the
-        # group reductions are in-thread FMA chains; only the word axis crosses threads.
-        P: tl.constexpr = D * BITS // 8  # bytes per row
-        W: tl.constexpr = P // 4  # int32 words per row
-        NPL: tl.constexpr = 8 // BITS  # bit planes per byte
-        K: tl.constexpr = 2 * NPL  # codes per half-word
+        # Tiles are 4-D [tokens, group, code in group, word] (`_word_tiles`).
+        W: tl.constexpr = D * BITS // 32  # int32 words per row
         NG: tl.constexpr = D // G
-        KG: tl.constexpr = K // NG  # codes of one group per half-word
-        pid = tl.program_id(0)
-        split = tl.program_id(1)
-        b = pid // HKV
-        h = pid % HKV
-        length = tl.load(len_ptr + b).to(tl.int32)
-        start = split * (NIT * BN)
-        end = tl.minimum(start + NIT * BN, length)
-
-        # code k = g * KG + kk of a half-word: plane p = k // 2 of its byte k % 2 (groups of whole
-        # planes, so the group is k // KG), at bit pos = 8 * (k % 2) + BITS * p
-        k4 = tl.arange(0, NG)[None, :, None, None] * KG + tl.arange(0, KG)[None, None, :, None]
-        w4 = tl.arange(0, W)[None, None, None, :]
-        pos4 = 8 * (k4 % 2) + BITS * (k4 // 2)
-        mask4 = ((1 << BITS) - 1) << pos4
-        chan_lo = (k4 // 2) * P + 4 * w4 + (k4 % 2)  # [1, NG, KG, W]; upper half-word: bytes + 2
-        chan_hi = chan_lo + 2
+        KG: tl.constexpr = 16 // BITS // NG  # codes of one group per half-word
+        b, h, split, start, end = _split_range(len_ptr, HKV, NIT, BN)
+        w4, mask4, inv_pos, chan_lo, g2 = _word_tiles(D, BITS, G)
+        chan_hi = chan_lo + 2  # the upper half-word's bytes
         qrow = (b * HKV + h).to(tl.int64) * D
-        inv_pos = tl.exp2(-pos4.to(tl.float32))
         q_lo = tl.load(q_ptr + qrow + chan_lo).to(tl.float32)
         q_hi = tl.load(q_ptr + qrow + chan_hi).to(tl.float32)
         qsum = tl.sum(tl.sum(q_lo + q_hi, 3), 2)  # [1, NG]: per-group sums for the zero points
         qs_lo = q_lo * inv_pos
         qs_hi = q_hi * inv_pos
 
-        g2 = tl.arange(0, NG)[None, :]
         # Softmax state per row slot of the tile (the slot's tokens are it, it + BN, ...): no
         # cross-thread reduction inside the loop but the one that decides to rescale; the slots
         # are merged once at the end. -1e30, not -inf: no inf - inf anywhere.
@@ -262,15 +273,7 @@ if triton is not None:
                 l_i = l_i * alpha
                 m_i = m_new
             pr = tl.exp2(s - m_i)  # [BN]; 0 for masked tokens, at most 2**TAU
-            l_i += pr
-            ps = pr[:, None] * vsc  # [BN, NG]
-            if INT_ZERO:
-                corr += ps * vzp
-            else:
-                corr -= pr[:, None] * vzp
-            ps4 = ps[:, :, None, None]
-            acc_lo += _codes(vw, mask4, ASM) * ps4
-            acc_hi += _codes(vw >> 16, mask4, ASM) * ps4
+            l_i, acc_lo, acc_hi, corr = _accumulate(pr, l_i, acc_lo, acc_hi, corr, vw, vsc, vzp, mask4, INT_ZERO, ASM)
             if PREFETCH:
                 kw, vw, ksc, kzp, vsc, vzp = nxt
 
@@ -309,7 +312,6 @@ def decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
         ASM=not interpreting(), PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return o, lse
-
 
 
 def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, bits, group_size, integer_zero=True,

@@ -62,7 +62,7 @@ def supports(gq: int, head_dim: int, bits: int, value_group: int, head_group: in
 
 
 if triton is not None:
-    from kvbench.kernels.decode_mha import _codes, _load_rows, _store_slots
+    from kvbench.kernels.decode_mha import _accumulate, _load_rows, _split_range, _store_slots, _word_tiles
 
     @triton.jit
     def _deq_head(kraw, hp: tl.constexpr, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask,
@@ -181,18 +181,6 @@ if triton is not None:
         alpha = tl.exp2(m - m_new)
         a4 = alpha[:, None, None, None]
         return m_new, l * alpha, acc_lo * a4, acc_hi * a4, corr * alpha[:, None]
-
-    @triton.jit
-    def _accumulate(s, m, l, acc_lo, acc_hi, corr, vw, vsc, vzp, mask4, ASM: tl.constexpr):
-        """Probabilities of one head's tile (per row slot, below 2**TAU) into its value sums."""
-        p = tl.exp2(s - m)
-        l += p
-        ps = p[:, None] * vsc
-        corr += ps * vzp
-        ps4 = ps[:, :, None, None]
-        acc_lo += _codes(vw, mask4, ASM) * ps4
-        acc_hi += _codes(vw >> 16, mask4, ASM) * ps4
-        return l, acc_lo, acc_hi, corr
 
     @triton.jit
     def _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase, t0, end, dh, D: tl.constexpr,
@@ -343,30 +331,14 @@ if triton is not None:
     ):
         HKV: tl.constexpr = NGRP * HG
         DH: tl.constexpr = D // 2
-        # values: decode_mha's word tiles [BN, NG, KG, W] (see its kernel for the index algebra)
-        P: tl.constexpr = D * BITS // 8
-        W: tl.constexpr = P // 4
-        NPL: tl.constexpr = 8 // BITS
-        K: tl.constexpr = 2 * NPL
+        # values: decode_mha's word tiles [BN, NG, KG, W]
+        W: tl.constexpr = D * BITS // 32
         NG: tl.constexpr = D // G
-        KG: tl.constexpr = K // NG
-        pid = tl.program_id(0)
-        split = tl.program_id(1)
-        b = pid // NGRP
-        grp = pid % NGRP
-        length = tl.load(len_ptr + b).to(tl.int32)
-        start = split * (NIT * BN)
-        end = tl.minimum(start + NIT * BN, length)
-
+        KG: tl.constexpr = 16 // BITS // NG
+        b, grp, split, start, end = _split_range(len_ptr, NGRP, NIT, BN)
         dh = tl.arange(0, DH)
-        k4 = tl.arange(0, NG)[None, :, None, None] * KG + tl.arange(0, KG)[None, None, :, None]
-        w4 = tl.arange(0, W)[None, None, None, :]
-        pos4 = 8 * (k4 % 2) + BITS * (k4 // 2)
-        mask4 = ((1 << BITS) - 1) << pos4
-        chan_lo = (k4 // 2) * P + 4 * w4 + (k4 % 2)
+        w4, mask4, inv_pos, chan_lo, g2 = _word_tiles(D, BITS, G)
         chan_hi = chan_lo + 2
-        inv_pos = tl.exp2(-pos4.to(tl.float32))
-        g2 = tl.arange(0, NG)[None, :]
         h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3, qb3, qa4, qb4 = _query_halves(q_ptr, h_ptr, b, grp, NGRP, HG, D, BN,
                                                                                  PRE_ROPE, STACK)
         h0 = grp * HG
@@ -425,18 +397,18 @@ if triton is not None:
                     m3, l3, a_lo3, a_hi3, c3 = _rescale(s3, m3, l3, a_lo3, a_hi3, c3)
 
             vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h0, vb, t0, end, vs_b, vs_h, vs_t, w4, g2, BN, W)
-            l0, a_lo0, a_hi0, c0 = _accumulate(s0, m0, l0, a_lo0, a_hi0, c0, vw, vsc, vzp, mask4, ASM)
+            l0, a_lo0, a_hi0, c0 = _accumulate(tl.exp2(s0 - m0), l0, a_lo0, a_hi0, c0, vw, vsc, vzp, mask4, True, ASM)
             if HG >= 2:
                 vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h0 + 1, vb + cap, t0, end, vs_b, vs_h, vs_t, w4,
                                           g2, BN, W)
-                l1, a_lo1, a_hi1, c1 = _accumulate(s1, m1, l1, a_lo1, a_hi1, c1, vw, vsc, vzp, mask4, ASM)
+                l1, a_lo1, a_hi1, c1 = _accumulate(tl.exp2(s1 - m1), l1, a_lo1, a_hi1, c1, vw, vsc, vzp, mask4, True, ASM)
             if HG >= 4:
                 vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h0 + 2, vb + 2 * cap, t0, end, vs_b, vs_h, vs_t,
                                           w4, g2, BN, W)
-                l2, a_lo2, a_hi2, c2 = _accumulate(s2, m2, l2, a_lo2, a_hi2, c2, vw, vsc, vzp, mask4, ASM)
+                l2, a_lo2, a_hi2, c2 = _accumulate(tl.exp2(s2 - m2), l2, a_lo2, a_hi2, c2, vw, vsc, vzp, mask4, True, ASM)
                 vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h0 + 3, vb + 3 * cap, t0, end, vs_b, vs_h, vs_t,
                                           w4, g2, BN, W)
-                l3, a_lo3, a_hi3, c3 = _accumulate(s3, m3, l3, a_lo3, a_hi3, c3, vw, vsc, vzp, mask4, ASM)
+                l3, a_lo3, a_hi3, c3 = _accumulate(tl.exp2(s3 - m3), l3, a_lo3, a_hi3, c3, vw, vsc, vzp, mask4, True, ASM)
             k_lo, k_hi, s_row, z_row, cs, sn = nk
 
         row0 = b * HKV + h0
@@ -458,13 +430,7 @@ if triton is not None:
         """Key pass of the two-pass read: the group's heads' log2-domain scores of tokens
         [split * NIT * BN, ...) into scr [B, H, cap] (no softmax state, no value registers)."""
         DH: tl.constexpr = D // 2
-        pid = tl.program_id(0)
-        split = tl.program_id(1)
-        b = pid // NGRP
-        grp = pid % NGRP
-        length = tl.load(len_ptr + b).to(tl.int32)
-        start = split * (NIT * BN)
-        end = tl.minimum(start + NIT * BN, length)
+        b, grp, split, start, end = _split_range(len_ptr, NGRP, NIT, BN)
         dh = tl.arange(0, DH)
         h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3, qb3, qa4, qb4 = _query_halves(q_ptr, h_ptr, b, grp, NGRP, HG, D, BN,
                                                                                  PRE_ROPE, STACK)

@@ -67,6 +67,28 @@ def test_imports_without_triton_calls_raise():
         quant_write.quantize_pack_rows(torch.zeros(1, 64), bits=2, group_size=32)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_rotatekv_mha_options_that_do_not_apply_are_refused():
+    # f16_dequant and maxnreg tune the two-pass read's scores kernel: asking for them where they
+    # would be ignored is an error, raised before any launch
+    from kvbench.kernels.decode_rotatekv_mha import decode_rotatekv_mha
+
+    b, h, d, cap = 1, 4, 64, 8
+    kc = torch.zeros(b, 1, cap, d, dtype=torch.uint8)
+    scale = torch.ones(b, 1, cap, h, dtype=torch.float16)
+    vc = torch.zeros(b, h, cap, d // 4, dtype=torch.uint8)
+    vs = torch.ones(b, h, cap, 1, dtype=torch.float16)
+    common = (torch.zeros(b, h, d, dtype=torch.float16), kc, scale, scale, None, vc, vs, vs,
+              torch.full((b,), cap), torch.zeros(b, cap, dtype=torch.int32), None, None, d**-0.5)
+    kw = dict(bits=2, group_size=d, head_group=4)
+    with pytest.raises(ValueError, match="two-pass"):
+        decode_rotatekv_mha(*common, **kw, two_pass=False, f16_dequant=True)
+    with pytest.raises(ValueError, match="two-pass"):
+        decode_rotatekv_mha(*common, **kw, two_pass=False, maxnreg=168)
+    with pytest.raises(ValueError, match="pre-RoPE"):
+        decode_rotatekv_mha(*common, **kw, pre_rope=False, f16_dequant=True)
+
+
 def test_merge_partials_is_exact():
     from kvbench.kernels.reference import fp_partial, merge_partials
 

@@ -30,8 +30,8 @@ loop. The fused kernel holds four heads' value accumulators and softmax state be
 (255 registers, spills); each pass alone holds only its own.
 
 Measured on an H100 (docs/kernel-notes.md, sixth session), batch 8 x 8192, Llama-2 default
-(pre-RoPE, permuted): 0.55 ms in two passes against 0.80 fused (first tensor-core kernel 0.95);
-0.36 / 0.24 ms with post-RoPE keys (permuted / per-head groups).
+(pre-RoPE, permuted): 0.52 ms in two passes against 0.80 fused (first tensor-core kernel 0.95);
+0.35 / 0.22 ms with post-RoPE keys (permuted / per-head groups).
 
 Same contract as `decode_attention.decode_rotatekv` (partials o [B, H, S, D] fp32 in the
 value-rotated space, lse [B, H, S]); `supports` says which shapes it takes.
@@ -67,8 +67,9 @@ if triton is not None:
     @triton.jit
     def _deq_head(kraw, hp: tl.constexpr, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask,
                   BITS: tl.constexpr, GATHER: tl.constexpr, F16: tl.constexpr = False):
-        """Dequantized keys (fp32) of head slot hp of the group from a byte tile [BN, DH] (int32).
-        GATHER: s_row / zs_row are the tile's scales and scale * zero [BN, NQ], indexed by each
+        """Dequantized keys of head slot hp of the group from a byte tile [BN, DH] (int32): fp32,
+        or fp16 with F16 ((c - z) * s, one rounding). GATHER: s_row / zs_row are the tile's rows
+        [BN, NQ] of scales and scale * zero (fp32; F16: scales and zeros, fp16), indexed by each
         channel's quantization group (gid at goff + channel: one warp shuffle an element);
         otherwise one group per (token, head), loaded here ([BN], goff its column of head slot 0).
         (Reading the code in place as code * 2**(hp*BITS), decode_mha's one-LOP3 unpack, with the
@@ -472,15 +473,15 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
     `two_pass` (default): scores first (`_rotatekv_scores_kernel`, this launch's settings) into a
     scratch row [B, H, cap] fp32, then the values (`decode_mha.values_from_scores`,
     `value_launch`'s settings) with the exact maximum: each pass holds only its own registers.
-    On the H100 it is faster for every variant (Llama-2 default 0.55 ms against the fused
+    On the H100 it is faster for every variant (Llama-2 default 0.52 ms against the fused
     kernel's 0.80; docs/kernel-notes.md, sixth session). `stack_heads` (pre-RoPE, 4-head
     groups): one product for the group's heads a channel half; None picks what measured faster:
-    stacked only for the fused kernel's permuted read (0.80 vs 0.86 ms; two passes 0.60 vs 0.55).
+    stacked only for the fused kernel's permuted read (0.80 vs 0.86 ms; two passes 0.58 vs 0.53).
     `f16_dequant` (two passes, pre-RoPE): the keys dequantized and mixed in fp16 arithmetic,
     (c - z) * s with one rounding and the H_hg adds in fp16, as the product's operands are. None
-    picks what measured faster: on without reordering (0.40 vs 0.44 ms), off with it (0.56 vs
-    0.55: the gathered fp16 scales cost byte moves). `maxnreg`: a register cap for the scores
-    kernel (more programs an SM, some spills)."""
+    picks what measured faster: on without reordering (0.38 vs 0.43 ms), off with it (0.55 vs
+    0.53: the gathered fp16 scales cost byte moves). `maxnreg` (two passes): a register cap for
+    the scores kernel (more programs an SM, some spills; not faster for the default)."""
     from kvbench.kernels.decode_attention import (_out, _pow2, _require_triton, _sign_matrix_on, interpreting,
                                                    split_plan)
 
@@ -496,8 +497,12 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
     gather = gid is not None
     if not gather and nq != hkv:
         raise ValueError("decode_rotatekv_mha without gid (no channel permutation) needs one key group a head")
+    if not two_pass and (f16_dequant or maxnreg):
+        raise ValueError("decode_rotatekv_mha: f16_dequant and maxnreg apply to the two-pass read's scores kernel")
+    if f16_dequant and not pre_rope:
+        raise ValueError("decode_rotatekv_mha: f16_dequant needs pre-RoPE keys (it feeds the H_{D/2} products)")
     if f16_dequant is None:
-        f16_dequant = not gather
+        f16_dequant = two_pass and pre_rope and not gather
     if stack_heads is None:
         stack_heads = gather and pre_rope and hg == 4 and not two_pass
     if stack_heads and (hg != 4 or not pre_rope):
@@ -516,7 +521,7 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
         _rotatekv_scores_kernel[(b * ngrp, ns)](
             q.contiguous(), k_codes, k_scale, k_zero, gid if gather else k_scale, lengths, positions, cos, sin, hsign,
             scores, sm_scale, cap, NIT=nit, NGRP=ngrp, HG=hg, D=d, BITS=bits, NQ=nq, NQP=max(8, _pow2(nq)),
-            PRE_ROPE=pre_rope, BN=block_n, GATHER=gather, STACK=stack_heads, F16=f16_dequant and pre_rope,
+            PRE_ROPE=pre_rope, BN=block_n, GATHER=gather, STACK=stack_heads, F16=f16_dequant,
             num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )  # fmt: skip
         return decode_mha.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, bits=bits,

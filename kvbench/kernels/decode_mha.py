@@ -140,6 +140,15 @@ if triton is not None:
         return w4, mask4, inv_pos, chan_lo, g2
 
     @triton.jit
+    def _rescale(s, m, l_i, acc_lo, acc_hi, corr):
+        """Raise the row slots' reference maxima m to cover the tile's scores s (lazy rescaling):
+        the sums kept so far are scaled by 2**(m - m_new)."""
+        m_new = tl.maximum(m, s)
+        alpha = tl.exp2(m - m_new)
+        a4 = alpha[:, None, None, None]
+        return m_new, l_i * alpha, acc_lo * a4, acc_hi * a4, corr * alpha[:, None]
+
+    @triton.jit
     def _accumulate(p, l_i, acc_lo, acc_hi, corr, vw, vsc, vzp, mask4, INT_ZERO: tl.constexpr, ASM: tl.constexpr):
         """One tile's probabilities p [BN] (one token a row slot) into the value sums: the scale on
         the probabilities, the codes unpacked in place (one FMA a code), the zero points into
@@ -264,14 +273,7 @@ if triton is not None:
                 s = tl.sum(ksc * dg + kzp * qsum, 1)
             s = tl.where(tmask, s * sm_scale, float("-inf"))
             if tl.max(s - m_i, 0) > TAU:  # raise the slots' reference maxima (rare after the first tiles)
-                m_new = tl.maximum(m_i, s)
-                alpha = tl.exp2(m_i - m_new)
-                a4 = alpha[:, None, None, None]
-                acc_lo = acc_lo * a4
-                acc_hi = acc_hi * a4
-                corr = corr * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
+                m_i, l_i, acc_lo, acc_hi, corr = _rescale(s, m_i, l_i, acc_lo, acc_hi, corr)
             pr = tl.exp2(s - m_i)  # [BN]; 0 for masked tokens, at most 2**TAU
             l_i, acc_lo, acc_hi, corr = _accumulate(pr, l_i, acc_lo, acc_hi, corr, vw, vsc, vzp, mask4, INT_ZERO, ASM)
             if PREFETCH:

@@ -62,7 +62,8 @@ def supports(gq: int, head_dim: int, bits: int, value_group: int, head_group: in
 
 
 if triton is not None:
-    from kvbench.kernels.decode_mha import _accumulate, _load_rows, _split_range, _store_slots, _word_tiles
+    from kvbench.kernels.decode_mha import (_accumulate, _load_rows, _rescale, _split_range, _store_slots,
+                                            _word_tiles)
 
     @triton.jit
     def _deq_head(kraw, hp: tl.constexpr, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask,
@@ -175,13 +176,6 @@ if triton is not None:
         s0, s1 = tl.split(p0)
         s2, s3 = tl.split(p1)
         return s0, s1, s2, s3
-
-    @triton.jit
-    def _rescale(s, m, l, acc_lo, acc_hi, corr):
-        m_new = tl.maximum(m, s)
-        alpha = tl.exp2(m - m_new)
-        a4 = alpha[:, None, None, None]
-        return m_new, l * alpha, acc_lo * a4, acc_hi * a4, corr * alpha[:, None]
 
     @triton.jit
     def _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase, t0, end, dh, D: tl.constexpr,

@@ -467,8 +467,9 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
     `two_pass` (default): scores first (`_rotatekv_scores_kernel`, this launch's settings) into a
     scratch row [B, H, cap] fp32, then the values (`decode_mha.values_from_scores`,
     `value_launch`'s settings) with the exact maximum: each pass holds only its own registers.
-    On the H100 it is faster for every variant (Llama-2 default 0.52 ms against the fused
-    kernel's 0.80; docs/kernel-notes.md, sixth session). `stack_heads` (pre-RoPE, 4-head
+    On the H100 it is faster for every 2-bit, 4-head-group variant measured (Llama-2 default
+    0.52 ms against the fused kernel's 0.80; docs/kernel-notes.md, sixth session); the 4- and
+    8-bit shapes (2- and 1-head groups) take it too, checked but not timed. `stack_heads` (pre-RoPE, 4-head
     groups): one product for the group's heads a channel half; None picks what measured faster:
     stacked only for the fused kernel's permuted read (0.80 vs 0.86 ms; two passes 0.58 vs 0.53).
     `f16_dequant` (two passes, pre-RoPE): the keys dequantized and mixed in fp16 arithmetic,

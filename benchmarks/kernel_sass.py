@@ -156,8 +156,9 @@ def rotatekv_mha_post_noreorder(bits, group, block_n, num_warps, num_stages):
 
 
 def rotatekv_scores(bits: int, group: int, block_n: int, num_warps: int, num_stages: int, d: int = 128, hg: int = 4,
-                    pre_rope: bool = True, gather: bool = True, stack: bool = True, f16: bool = False):
-    """The key pass of RotateKV's two-pass MHA read (pre-RoPE, permuted, stacked heads): key codes a tile."""
+                    pre_rope: bool = True, gather: bool = True, stack: bool = False, f16: bool = False):
+    """The key pass of RotateKV's two-pass MHA read, as the default read runs it (pre-RoPE,
+    permuted, heads not stacked, fp32 dequantization): key codes a tile."""
     from kvbench.kernels.decode_rotatekv_mha import _rotatekv_scores_kernel as k
 
     sig = _rotatekv_sig()

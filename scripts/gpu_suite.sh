@@ -61,10 +61,10 @@ part_a() {
 part_c() {
   if [ -z "${SKIP_CHECKS:-}" ]; then
     step "correctness + kernel timings: benchmarks/kernels_gpu.py"
-    timeout $(left 330) python3 benchmarks/kernels_gpu.py --out "$OUT/kernels.json" 2>&1 | tail -60
+    timeout $(left 420) python3 benchmarks/kernels_gpu.py --out "$OUT/kernels.json" 2>&1 | tail -60
   fi
   step "decode-step profile: benchmarks/decode_profile.py"
-  timeout $(left 230) python3 benchmarks/decode_profile.py --out "$OUT/decode_profile.json" 2>&1 | grep -v -i warn
+  timeout $(left 130) python3 benchmarks/decode_profile.py --out "$OUT/decode_profile.json" 2>&1 | grep -v -i warn
 }
 
 part_b() {

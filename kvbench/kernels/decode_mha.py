@@ -140,6 +140,18 @@ if triton is not None:
         return w4, mask4, inv_pos, chan_lo, g2
 
     @triton.jit
+    def _slot_state(BN: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+        """Zeroed softmax state per row slot of a tile (the slot's tokens are it, it + BN, ...):
+        reference maxima m (-1e30, not -inf: no inf - inf anywhere), sums l, value sums in the
+        word-tile shape [BN, NG, KG, W] (lower and upper half-words) and the zero-point terms
+        corr [BN, NG]."""
+        NG: tl.constexpr = D // G
+        KG: tl.constexpr = 16 // BITS // NG
+        W: tl.constexpr = D * BITS // 32
+        return (tl.full([BN], -1e30, tl.float32), tl.zeros([BN], tl.float32), tl.zeros([BN, NG, KG, W], tl.float32),
+                tl.zeros([BN, NG, KG, W], tl.float32), tl.zeros([BN, NG], tl.float32))
+
+    @triton.jit
     def _rescale(s, m, l_i, acc_lo, acc_hi, corr):
         """Raise the row slots' reference maxima m to cover the tile's scores s (lazy rescaling):
         the sums kept so far are scaled by 2**(m - m_new)."""
@@ -173,14 +185,9 @@ if triton is not None:
         the split (so nothing is ever rescaled). Values are this kernel's word tiles, read as in
         its main loop (NIT tiles of BN tokens, the next tile's loads in flight)."""
         W: tl.constexpr = D * BITS // 32
-        NG: tl.constexpr = D // G
-        KG: tl.constexpr = 16 // BITS // NG
         w4, mask4, inv_pos, chan_lo, g2 = _word_tiles(D, BITS, G)
         base = row.to(tl.int64) * cap
-        l_i = tl.zeros([BN], tl.float32)
-        corr = tl.zeros([BN, NG], tl.float32)  # sum of p * s * z (integer zero) or -sum of p * z (float zero)
-        acc_lo = tl.zeros([BN, NG, KG, W], tl.float32)
-        acc_hi = tl.zeros([BN, NG, KG, W], tl.float32)
+        _, l_i, acc_lo, acc_hi, corr = _slot_state(BN, D, BITS, G)  # no reference maxima: m is exact
         vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h, base, tstart, tend, vs_b, vs_h, vs_t, w4, g2, BN, W)
         for it in range(NIT):
             nxt = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h, base, tstart + (it + 1) * BN, tend, vs_b, vs_h, vs_t,
@@ -228,8 +235,6 @@ if triton is not None:
     ):
         # Tiles are 4-D [tokens, group, code in group, word] (`_word_tiles`).
         W: tl.constexpr = D * BITS // 32  # int32 words per row
-        NG: tl.constexpr = D // G
-        KG: tl.constexpr = 16 // BITS // NG  # codes of one group per half-word
         b, h, split, start, end = _split_range(len_ptr, HKV, NIT, BN)
         w4, mask4, inv_pos, chan_lo, g2 = _word_tiles(D, BITS, G)
         chan_hi = chan_lo + 2  # the upper half-word's bytes
@@ -240,14 +245,9 @@ if triton is not None:
         qs_lo = q_lo * inv_pos
         qs_hi = q_hi * inv_pos
 
-        # Softmax state per row slot of the tile (the slot's tokens are it, it + BN, ...): no
-        # cross-thread reduction inside the loop but the one that decides to rescale; the slots
-        # are merged once at the end. -1e30, not -inf: no inf - inf anywhere.
-        m_i = tl.full([BN], -1e30, tl.float32)
-        l_i = tl.zeros([BN], tl.float32)
-        corr = tl.zeros([BN, NG], tl.float32)  # sum over the slot's tokens of p * s * z, per group
-        acc_lo = tl.zeros([BN, NG, KG, W], tl.float32)
-        acc_hi = tl.zeros([BN, NG, KG, W], tl.float32)
+        # Softmax state per row slot of the tile: no cross-thread reduction inside the loop but the
+        # one that decides to rescale; the slots are merged once at the end (`_store_slots`).
+        m_i, l_i, acc_lo, acc_hi, corr = _slot_state(BN, D, BITS, G)
         base = (b * HKV + h).to(tl.int64) * cap
         # Register double-buffering: the next tile's loads are issued before this tile's math, so
         # a tile's memory latency hides behind the previous tile's arithmetic (Triton's pipeliner

@@ -62,8 +62,8 @@ def supports(gq: int, head_dim: int, bits: int, value_group: int, head_group: in
 
 
 if triton is not None:
-    from kvbench.kernels.decode_mha import (_accumulate, _load_rows, _rescale, _split_range, _store_slots,
-                                            _word_tiles)
+    from kvbench.kernels.decode_mha import (_accumulate, _load_rows, _rescale, _slot_state, _split_range,
+                                            _store_slots, _word_tiles)
 
     @triton.jit
     def _deq_head(kraw, hp: tl.constexpr, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask,
@@ -328,8 +328,6 @@ if triton is not None:
         DH: tl.constexpr = D // 2
         # values: decode_mha's word tiles [BN, NG, KG, W]
         W: tl.constexpr = D * BITS // 32
-        NG: tl.constexpr = D // G
-        KG: tl.constexpr = 16 // BITS // NG
         b, grp, split, start, end = _split_range(len_ptr, NGRP, NIT, BN)
         dh = tl.arange(0, DH)
         w4, mask4, inv_pos, chan_lo, g2 = _word_tiles(D, BITS, G)
@@ -344,27 +342,11 @@ if triton is not None:
         sbase = b.to(tl.int64) * cap
         vb = (b * HKV + h0).to(tl.int64) * cap
 
-        # Softmax state per row slot of the tile (decode_mha's scheme), per head.
-        m0 = tl.full([BN], -1e30, tl.float32)
-        l0 = tl.zeros([BN], tl.float32)
-        a_lo0 = tl.zeros([BN, NG, KG, W], tl.float32)
-        a_hi0 = tl.zeros([BN, NG, KG, W], tl.float32)
-        c0 = tl.zeros([BN, NG], tl.float32)
-        m1 = tl.full([BN], -1e30, tl.float32)
-        l1 = tl.zeros([BN], tl.float32)
-        a_lo1 = tl.zeros([BN, NG, KG, W], tl.float32)
-        a_hi1 = tl.zeros([BN, NG, KG, W], tl.float32)
-        c1 = tl.zeros([BN, NG], tl.float32)
-        m2 = tl.full([BN], -1e30, tl.float32)
-        l2 = tl.zeros([BN], tl.float32)
-        a_lo2 = tl.zeros([BN, NG, KG, W], tl.float32)
-        a_hi2 = tl.zeros([BN, NG, KG, W], tl.float32)
-        c2 = tl.zeros([BN, NG], tl.float32)
-        m3 = tl.full([BN], -1e30, tl.float32)
-        l3 = tl.zeros([BN], tl.float32)
-        a_lo3 = tl.zeros([BN, NG, KG, W], tl.float32)
-        a_hi3 = tl.zeros([BN, NG, KG, W], tl.float32)
-        c3 = tl.zeros([BN, NG], tl.float32)
+        # Softmax state per row slot of the tile (decode_mha's scheme), per head (slots past HG unused).
+        m0, l0, a_lo0, a_hi0, c0 = _slot_state(BN, D, BITS, G)
+        m1, l1, a_lo1, a_hi1, c1 = _slot_state(BN, D, BITS, G)
+        m2, l2, a_lo2, a_hi2, c2 = _slot_state(BN, D, BITS, G)
+        m3, l3, a_lo3, a_hi3, c3 = _slot_state(BN, D, BITS, G)
 
         # register double-buffering, as decode_mha: the next tile's loads are issued first
         k_lo, k_hi, s_row, z_row, cs, sn = _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase,
@@ -392,18 +374,22 @@ if triton is not None:
                     m3, l3, a_lo3, a_hi3, c3 = _rescale(s3, m3, l3, a_lo3, a_hi3, c3)
 
             vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h0, vb, t0, end, vs_b, vs_h, vs_t, w4, g2, BN, W)
-            l0, a_lo0, a_hi0, c0 = _accumulate(tl.exp2(s0 - m0), l0, a_lo0, a_hi0, c0, vw, vsc, vzp, mask4, True, ASM)
+            l0, a_lo0, a_hi0, c0 = _accumulate(tl.exp2(s0 - m0), l0, a_lo0, a_hi0, c0, vw, vsc, vzp,
+                                              mask4, True, ASM)
             if HG >= 2:
                 vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h0 + 1, vb + cap, t0, end, vs_b, vs_h, vs_t, w4,
                                           g2, BN, W)
-                l1, a_lo1, a_hi1, c1 = _accumulate(tl.exp2(s1 - m1), l1, a_lo1, a_hi1, c1, vw, vsc, vzp, mask4, True, ASM)
+                l1, a_lo1, a_hi1, c1 = _accumulate(tl.exp2(s1 - m1), l1, a_lo1, a_hi1, c1, vw, vsc, vzp,
+                                                  mask4, True, ASM)
             if HG >= 4:
                 vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h0 + 2, vb + 2 * cap, t0, end, vs_b, vs_h, vs_t,
                                           w4, g2, BN, W)
-                l2, a_lo2, a_hi2, c2 = _accumulate(tl.exp2(s2 - m2), l2, a_lo2, a_hi2, c2, vw, vsc, vzp, mask4, True, ASM)
+                l2, a_lo2, a_hi2, c2 = _accumulate(tl.exp2(s2 - m2), l2, a_lo2, a_hi2, c2, vw, vsc, vzp,
+                                                  mask4, True, ASM)
                 vw, vsc, vzp = _load_rows(vw_ptr, vs_ptr, vz_ptr, b, h0 + 3, vb + 3 * cap, t0, end, vs_b, vs_h, vs_t,
                                           w4, g2, BN, W)
-                l3, a_lo3, a_hi3, c3 = _accumulate(tl.exp2(s3 - m3), l3, a_lo3, a_hi3, c3, vw, vsc, vzp, mask4, True, ASM)
+                l3, a_lo3, a_hi3, c3 = _accumulate(tl.exp2(s3 - m3), l3, a_lo3, a_hi3, c3, vw, vsc, vzp,
+                                                  mask4, True, ASM)
             k_lo, k_hi, s_row, z_row, cs, sn = nk
 
         row0 = b * HKV + h0

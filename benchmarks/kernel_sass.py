@@ -166,7 +166,7 @@ def rotatekv_scores(bits: int, group: int, block_n: int, num_warps: int, num_sta
              "scr_ptr", "sm_scale", "cap"]
     sig["scr_ptr"] = "*fp32"
     ce = dict(NIT=32, NGRP=32 // hg, HG=hg, D=d, BITS=bits, NQ=32 * d // group, NQP=max(8, 32 * d // group),
-              PRE_ROPE=pre_rope, BN=block_n, GATHER=gather, STACK=stack, F16=f16)
+              PRE_ROPE=pre_rope, BN=block_n, GATHER=gather, STACK=stack, F16=f16, ASM=True)
     return compile_sm90(k, {n: sig[n] for n in order}, ce, num_warps, num_stages), hg * block_n * d
 
 

@@ -67,26 +67,32 @@ if triton is not None:
 
     @triton.jit
     def _deq_head(kraw, hp: tl.constexpr, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask,
-                  BITS: tl.constexpr, GATHER: tl.constexpr, F16: tl.constexpr = False):
+                  BITS: tl.constexpr, GATHER: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
         """Dequantized keys of head slot hp of the group from a byte tile [BN, DH] (int32): fp32,
         or fp16 with F16 ((c - z) * s, one rounding). GATHER: s_row / zs_row are the tile's rows
-        [BN, NQ] of scales and scale * zero (fp32; F16: scales and zeros, fp16), indexed by each
+        [BN, NQ] of scales and -scale * zero (fp32; F16: scales and zeros, fp16), indexed by each
         channel's quantization group (gid at goff + channel: one warp shuffle an element);
         otherwise one group per (token, head), loaded here ([BN], goff its column of head slot 0).
-        (Reading the code in place as code * 2**(hp*BITS), decode_mha's one-LOP3 unpack, with the
-        power of two folded into the gathered scale row measured 6-12% slower on the H100.)"""
-        x = (kraw >> (hp * BITS)) & ((1 << BITS) - 1)
-        if F16:  # (c - z) * s in fp16: c - z exact, one rounding (s_row, zs_row: the fp16 scales and zeros)
-            c = (x | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0  # exact: code < 2**10
+        With GATHER in fp32 the code is read in place, as code * 2**(hp*BITS) (decode_mha's
+        one-LOP3 unpack), and the power of two goes into the gathered scale row: exactly the same
+        products, ~100 fewer instructions a tile-thread in the two-pass scores kernel (in the
+        fused kernel of the fifth session the same change measured 6-12% slower)."""
+        if GATHER and not F16:
+            c = decode_mha._codes(kraw, tl.full([1, 1], ((1 << BITS) - 1) << (hp * BITS), tl.int32), ASM)
+            s_row = s_row * (1.0 / (1 << (hp * BITS)))  # exact: a power of two
         else:
-            c = (x | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exact: code < 2**23
+            x = (kraw >> (hp * BITS)) & ((1 << BITS) - 1)
+            if F16:  # (c - z) * s in fp16: c - z exact, one rounding (s_row, zs_row: the fp16 scales and zeros)
+                c = (x | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0  # exact: code < 2**10
+            else:
+                c = (x | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exact: code < 2**23
         if GATHER:
             g = tl.load(gid_ptr + goff)
             idx = tl.broadcast_to(g[None, :], kraw.shape)
             if F16:
                 y = (c - tl.gather(zs_row, idx, 1)) * tl.gather(s_row, idx, 1)
             else:
-                y = c * tl.gather(s_row, idx, 1) - tl.gather(zs_row, idx, 1)
+                y = c * tl.gather(s_row, idx, 1) + tl.gather(zs_row, idx, 1)  # zs_row holds -s * z
         else:
             off = srow + goff + hp
             s = tl.load(ks_ptr + off, mask=tmask, other=0.0)
@@ -99,25 +105,30 @@ if triton is not None:
 
     @triton.jit
     def _mixed(kraw, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask, DH: tl.constexpr,
-               HG: tl.constexpr, BITS: tl.constexpr, GATHER: tl.constexpr, F16: tl.constexpr = False):
+               HG: tl.constexpr, BITS: tl.constexpr, GATHER: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
         """H_hg across the group's heads of one channel half, in-thread: y_h = sum_h' H[h, h'] x_h'
         (a butterfly)."""
         STEP: tl.constexpr = 2 * DH if GATHER else 0  # gid offset of the next head slot's channels
-        x0 = _deq_head(kraw, 0, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16)
+        x0 = _deq_head(kraw, 0, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16,
+                       ASM)
         y0 = x0
         y1 = x0
         y2 = x0
         y3 = x0
         if HG == 2:
-            x1 = _deq_head(kraw, 1, s_row, zs_row, gid_ptr, goff + STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16)
+            x1 = _deq_head(kraw, 1, s_row, zs_row, gid_ptr, goff + STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER,
+                           F16, ASM)
             y0 = x0 + x1
             y1 = x0 - x1
         if HG == 4:
-            x1 = _deq_head(kraw, 1, s_row, zs_row, gid_ptr, goff + STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16)
+            x1 = _deq_head(kraw, 1, s_row, zs_row, gid_ptr, goff + STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER,
+                           F16, ASM)
             e0 = x0 + x1
             e1 = x0 - x1
-            x2 = _deq_head(kraw, 2, s_row, zs_row, gid_ptr, goff + 2 * STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16)
-            x3 = _deq_head(kraw, 3, s_row, zs_row, gid_ptr, goff + 3 * STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16)
+            x2 = _deq_head(kraw, 2, s_row, zs_row, gid_ptr, goff + 2 * STEP, srow, ks_ptr, kz_ptr, tmask, BITS,
+                           GATHER, F16, ASM)
+            x3 = _deq_head(kraw, 3, s_row, zs_row, gid_ptr, goff + 3 * STEP, srow, ks_ptr, kz_ptr, tmask, BITS,
+                           GATHER, F16, ASM)
             e2 = x2 + x3
             e3 = x2 - x3
             y0 = e0 + e2
@@ -183,24 +194,24 @@ if triton is not None:
                    GATHER: tl.constexpr):
         """A tile's key bytes (two channel halves, raw), its scale rows (GATHER) and cos/sin rows."""
         DH: tl.constexpr = D // 2
-        tok = t0 + tl.arange(0, BN)
-        tmask = tok < end
+        # Rows past the end read the range's last slot again (their scores are masked later): the
+        # loads need no masks and no fill values.
+        tok = tl.minimum(t0 + tl.arange(0, BN), tl.maximum(end - 1, 0))
         kp = kc_ptr + (kbase + tok)[:, None] * D + dh[None, :]
-        k_lo = tl.load(kp, mask=tmask[:, None], other=0)
-        k_hi = tl.load(kp + DH, mask=tmask[:, None], other=0)
+        k_lo = tl.load(kp)
+        k_hi = tl.load(kp + DH)
         if GATHER:  # NQP: NQ padded to a power of two >= 8 (Triton 3.6 failed to compile narrower gathers)
             col = tl.arange(0, NQP)
             soff = (sbase + tok)[:, None] * NQ + col[None, :]
-            smask = tmask[:, None] & (col < NQ)[None, :]
-            s_row = tl.load(ks_ptr + soff, mask=smask, other=0.0)
-            z_row = tl.load(kz_ptr + soff, mask=smask, other=0.0)
+            s_row = tl.load(ks_ptr + soff, mask=(col < NQ)[None, :], other=0.0)
+            z_row = tl.load(kz_ptr + soff, mask=(col < NQ)[None, :], other=0.0)
         else:
             s_row = 0.0
             z_row = 0.0
-        if PRE_ROPE:
-            p_ = tl.load(pos_ptr + sbase + tok, mask=tmask, other=0).to(tl.int64) * D
-            cs = tl.load(cos_ptr + p_[:, None] + dh[None, :], mask=tmask[:, None], other=0.0)
-            sn = tl.load(sin_ptr + p_[:, None] + dh[None, :], mask=tmask[:, None], other=0.0)
+        if PRE_ROPE:  # (an empty range's slot 0 may be unfilled, position -1: read as position 0)
+            p_ = tl.maximum(tl.load(pos_ptr + sbase + tok), 0).to(tl.int64) * D
+            cs = tl.load(cos_ptr + p_[:, None] + dh[None, :])
+            sn = tl.load(sin_ptr + p_[:, None] + dh[None, :])
         else:
             cs = 0.0
             sn = 0.0
@@ -248,7 +259,7 @@ if triton is not None:
     def _tile_scores(k_lo, k_hi, s_row, z_row, cs, sn, tmask, srow, gid_ptr, goff_lo, goff_hi, ks_ptr, kz_ptr,
                      h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3, qb3, qa4, qb4, sm_scale, DH: tl.constexpr,
                      HG: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, PRE_ROPE: tl.constexpr,
-                     GATHER: tl.constexpr, STACK: tl.constexpr, F16: tl.constexpr = False):
+                     GATHER: tl.constexpr, STACK: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
         """The group's heads' scores of one key tile, times sm_scale (log2 domain), -inf past the
         end; heads past HG repeat head 0."""
         if F16:
@@ -256,13 +267,13 @@ if triton is not None:
             zs_f = z_row
         elif GATHER:
             s_f = s_row.to(tl.float32)
-            zs_f = z_row.to(tl.float32) * s_f
+            zs_f = -(z_row.to(tl.float32) * s_f)  # negated once a row: the FMA then takes it as is
         else:
             s_f = 0.0
             zs_f = 0.0
         # low channel half, then high: the group's heads mixed in-thread
         y0, y1, y2, y3 = _mixed(k_lo.to(tl.int32), s_f, zs_f, gid_ptr, goff_lo, srow, ks_ptr, kz_ptr, tmask, DH,
-                                HG, BITS, GATHER, F16)
+                                HG, BITS, GATHER, F16, ASM)
         if PRE_ROPE and STACK:  # one [4 BN, DH] x [DH, DH] product for the four heads
             pst = tl.dot(_stack4(y0, y1, y2, y3).to(tl.float16), h_half)
         elif PRE_ROPE:
@@ -283,7 +294,7 @@ if triton is not None:
                 s2 = _dot_rows(y2, qa2)
                 s3 = _dot_rows(y3, qa3)
         y0, y1, y2, y3 = _mixed(k_hi.to(tl.int32), s_f, zs_f, gid_ptr, goff_hi, srow, ks_ptr, kz_ptr, tmask, DH,
-                                HG, BITS, GATHER, F16)
+                                HG, BITS, GATHER, F16, ASM)
         if PRE_ROPE and STACK:
             c4 = cs.to(tl.float32)
             s4 = sn.to(tl.float32)
@@ -359,7 +370,8 @@ if triton is not None:
                             D, NQ, NQP, BN, PRE_ROPE, GATHER)
             s0, s1, s2, s3 = _tile_scores(k_lo, k_hi, s_row, z_row, cs, sn, tmask, (sbase + tok) * NQ, gid_ptr,
                                           goff_lo, goff_hi, ks_ptr, kz_ptr, h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3,
-                                          qb3, qa4, qb4, sm_scale, DH, HG, BITS, BN, PRE_ROPE, GATHER, STACK)
+                                          qb3, qa4, qb4, sm_scale, DH, HG, BITS, BN, PRE_ROPE, GATHER, STACK, False,
+                                          ASM)
             gap = s0 - m0
             if HG >= 2:
                 gap = tl.maximum(gap, s1 - m1)
@@ -406,7 +418,7 @@ if triton is not None:
         q_ptr, kc_ptr, ks_ptr, kz_ptr, gid_ptr, len_ptr, pos_ptr, cos_ptr, sin_ptr, h_ptr, scr_ptr, sm_scale, cap,
         NIT: tl.constexpr, NGRP: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
         NQ: tl.constexpr, NQP: tl.constexpr, PRE_ROPE: tl.constexpr, BN: tl.constexpr, GATHER: tl.constexpr,
-        STACK: tl.constexpr, F16: tl.constexpr = False,
+        STACK: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
     ):
         """Key pass of the two-pass read: the group's heads' log2-domain scores of tokens
         [split * NIT * BN, ...) into scr [B, H, cap] (no softmax state, no value registers)."""
@@ -429,7 +441,8 @@ if triton is not None:
                             end, dh, D, NQ, NQP, BN, PRE_ROPE, GATHER)
             s0, s1, s2, s3 = _tile_scores(k_lo, k_hi, s_row, z_row, cs, sn, tmask, (sbase + tok) * NQ, gid_ptr,
                                           goff_lo, goff_hi, ks_ptr, kz_ptr, h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3,
-                                          qb3, qa4, qb4, sm_scale, DH, HG, BITS, BN, PRE_ROPE, GATHER, STACK, F16)
+                                          qb3, qa4, qb4, sm_scale, DH, HG, BITS, BN, PRE_ROPE, GATHER, STACK, F16,
+                                          ASM)
             tl.store(scr_ptr + orow + tok, s0, mask=tmask)
             if HG >= 2:
                 tl.store(scr_ptr + orow + cap + tok, s1, mask=tmask)
@@ -503,6 +516,7 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
             q.contiguous(), k_codes, k_scale, k_zero, gid if gather else k_scale, lengths, positions, cos, sin, hsign,
             scores, sm_scale, cap, NIT=nit, NGRP=ngrp, HG=hg, D=d, BITS=bits, NQ=nq, NQP=max(8, _pow2(nq)),
             PRE_ROPE=pre_rope, BN=block_n, GATHER=gather, STACK=stack_heads, F16=f16_dequant,
+            ASM=not interpreting(),
             num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )  # fmt: skip
         return decode_mha.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, bits=bits,

@@ -211,7 +211,7 @@ def _quant_backend() -> str:
     if importlib.util.find_spec("optimum.quanto") is not None:
         return "quanto"
     if importlib.util.find_spec("hqq") is not None:
-        return "HQQ"
+        return "hqq"  # transformers spells the backends "quanto" and "hqq"
     raise ImportError("neither optimum-quanto nor hqq is installed")
 
 

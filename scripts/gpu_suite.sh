@@ -6,8 +6,9 @@
 #    (quarot-2, kivi-2)
 # c: kernel correctness checks and timings (benchmarks/kernels_gpu.py; the checks alone take
 #    about 280 s on an H100)
-# d: where a decode step's GPU time goes (benchmarks/decode_profile.py, about 110 s), then
-#    pytest -m cuda (about 230 s)
+# d: where a decode step's GPU time goes (benchmarks/decode_profile.py, about 110 s), the peer row
+#    of transformers' QuantizedCache when .whl/peer-quanto/ holds the optimum-quanto and ninja
+#    wheels (about 130 s, most of it building quanto's CUDA extension), then pytest -m cuda (30 s)
 # all: a, b, c, d. Every step has its own time limit so the script ends inside 10 minutes a part.
 # Optional inputs, when present in the repo root (ignored by git, carried by the device tool):
 #   .whl/*.whl          wheels to install first (gguf, for the SmolLM2 GGUF)
@@ -89,6 +90,15 @@ part_b() {
 part_d() {
   step "decode-step profile: benchmarks/decode_profile.py"
   timeout $(left 150) python3 benchmarks/decode_profile.py --out "$OUT/decode_profile.json" 2>&1 | grep -v -i warn
+  if ls .whl/peer-quanto/*.whl >/dev/null 2>&1; then
+    # transformers' QuantizedCache needs a backend: optimum-quanto, whose CUDA extension nvcc builds
+    # on first use (about 2 minutes on the H100 machine). Only this step sees the package.
+    step "peer row: transformers QuantizedCache (optimum-quanto)"
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site-quanto .whl/peer-quanto/*.whl
+    PYTHONPATH=/tmp/site-quanto:${PYTHONPATH:-} PATH=/tmp/site-quanto/bin:$PATH MAX_JOBS=16 \
+      timeout $(left 280) python3 -m kvbench.cli run benchmarks/gpu.yaml --output $RUN --only peer-hf-quantized fp16
+    cp $RUN/results.jsonl "$OUT/results_d.jsonl" 2>/dev/null
+  fi
   [ -n "${SKIP_CHECKS:-}" ] && return
   step "pytest -m cuda"
   timeout $(left 400) python3 -m pytest -q -m cuda tests -p no:cacheprovider --durations=5 2>&1 | tail -15

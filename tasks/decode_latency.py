@@ -215,6 +215,17 @@ def _quant_backend() -> str:
     raise ImportError("neither optimum-quanto nor hqq is installed")
 
 
+def _quant_settings(cache) -> str:
+    """What transformers' QuantizedCache ran with: backend and its version, bits, groups, window."""
+    import importlib.metadata as md
+
+    layer = cache.layers[0]
+    backend = _quant_backend()
+    version = md.version("optimum-quanto" if backend == "quanto" else "hqq")
+    return (f"QuantizedCache backend {backend} {version}: {layer.nbits}-bit, groups of {layer.q_group_size}, "
+            f"axis key {layer.axis_key} / value {layer.axis_value}, last {layer.residual_length} tokens in fp16")
+
+
 def run_peer(t: DecodeLatency, ctx: TaskContext) -> TaskResult:
     from kvbench import gpu_timing as gt
     from kvbench.decode import free_cuda
@@ -249,9 +260,11 @@ def run_peer(t: DecodeLatency, ctx: TaskContext) -> TaskResult:
         stats = gt.time_each(step, reps, min(t.warmup, 3))
         m = _stats_metrics("decode", stats, t.batch)
         m.update(graph=0.0, batch=t.batch, context=t.context)
-        return TaskResult(metrics=m, notes=[f"peer row: transformers {t.engine}, eager (uncaptured), "
-                                            f"cache filled with random fp16 by update(); median of {reps}",
-                                            f"device: {gt.device_name()}"])
+        notes = [f"peer row: transformers {t.engine}, eager (uncaptured), "
+                 f"cache filled with random fp16 by update(); median of {reps}", f"device: {gt.device_name()}"]
+        if t.engine == "hf-quantized":
+            notes.append(_quant_settings(cache))
+        return TaskResult(metrics=m, notes=notes)
     finally:
         del cache
         free_cuda()

@@ -189,3 +189,19 @@ def test_engine_fills_and_steps(tiny, name, params):
     e.fix_length(101)
     e.step(advance=False)  # fixed-length timing step: lengths are put back
     assert e.length == 104
+
+
+@pytest.mark.parametrize("present", [("optimum.quanto",), ("hqq",), ()])
+def test_quantized_cache_backend_is_spelled_as_transformers_takes_it(present, monkeypatch):
+    # transformers' QuantizedCache accepts "quanto" and "hqq" only (5.17 refused our "HQQ").
+    import importlib.util
+
+    from kvbench.tasks import decode_latency
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in present else None)
+    if not present:
+        with pytest.raises(ImportError, match="neither optimum-quanto nor hqq"):
+            decode_latency._quant_backend()
+        return
+    backend = decode_latency._quant_backend()
+    assert backend == {"optimum.quanto": "quanto", "hqq": "hqq"}[present[0]]

@@ -8,7 +8,8 @@
 #    about 280 s on an H100)
 # d: where a decode step's GPU time goes (benchmarks/decode_profile.py, about 110 s), the peer row
 #    of transformers' QuantizedCache when .whl/peer-quanto/ holds the optimum-quanto and ninja
-#    wheels (about 130 s, most of it building quanto's CUDA extension), then pytest -m cuda (30 s)
+#    wheels (about 130 s, most of it building quanto's CUDA extension), then pytest -m cuda (30 s;
+#    240 s on a fresh machine, where Triton compiles every kernel first)
 # all: a, b, c, d. Every step has its own time limit so the script ends inside 10 minutes a part.
 # Optional inputs, when present in the repo root (ignored by git, carried by the device tool):
 #   .whl/*.whl          wheels to install first (gguf, for the SmolLM2 GGUF)

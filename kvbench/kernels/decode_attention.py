@@ -69,6 +69,22 @@ def _pow2(n: int) -> int:
 
 
 if triton is not None:
+    from kvbench.kernels.decode_mha import _split_range
+
+    @triton.jit
+    def _query_planes(q_ptr, qrow, rmask, j, P: tl.constexpr, NPL: tl.constexpr):
+        """The query rows' channels as the cache's bit planes: q0 = channels [0, P), q1 = [P, 2P),
+        ... (planes past NPL repeat q0), in q's dtype."""
+        q0 = tl.load(q_ptr + qrow[:, None] + j[None, :], mask=rmask[:, None], other=0.0)
+        q1 = q0
+        q2 = q0
+        q3 = q0
+        if NPL > 1:
+            q1 = tl.load(q_ptr + qrow[:, None] + P + j[None, :], mask=rmask[:, None], other=0.0)
+        if NPL > 2:
+            q2 = tl.load(q_ptr + qrow[:, None] + 2 * P + j[None, :], mask=rmask[:, None], other=0.0)
+            q3 = tl.load(q_ptr + qrow[:, None] + 3 * P + j[None, :], mask=rmask[:, None], other=0.0)
+        return q0, q1, q2, q3
 
     @triton.jit
     def _softmax_step(s, m_i, l_i, o0, o1, o2, o3):
@@ -211,27 +227,17 @@ if triton is not None:
         NG: tl.constexpr = D // G
         PPG: tl.constexpr = G // P
         HQ: tl.constexpr = HKV * GQ
-        pid = tl.program_id(0)
-        split = tl.program_id(1)
-        b = pid // HKV
-        h = pid % HKV
-        length = tl.load(len_ptr + b).to(tl.int32)
-        start = split * (NIT * BN)
-        end = tl.minimum(start + NIT * BN, length)
+        b, h, split, start, end = _split_range(len_ptr, HKV, NIT, BN)
 
         r = tl.arange(0, BM)
         rmask = r < GQ
         j = tl.arange(0, P)
         qrow = (b * HQ + h * GQ + r).to(tl.int64) * D
-        q0 = tl.load(q_ptr + qrow[:, None] + j[None, :], mask=rmask[:, None], other=0.0).to(tl.float16)
-        q1 = q0
-        q2 = q0
-        q3 = q0
-        if NPL > 1:
-            q1 = tl.load(q_ptr + qrow[:, None] + P + j[None, :], mask=rmask[:, None], other=0.0).to(tl.float16)
-        if NPL > 2:
-            q2 = tl.load(q_ptr + qrow[:, None] + 2 * P + j[None, :], mask=rmask[:, None], other=0.0).to(tl.float16)
-            q3 = tl.load(q_ptr + qrow[:, None] + 3 * P + j[None, :], mask=rmask[:, None], other=0.0).to(tl.float16)
+        q0, q1, q2, q3 = _query_planes(q_ptr, qrow, rmask, j, P, NPL)
+        q0 = q0.to(tl.float16)
+        q1 = q1.to(tl.float16)
+        q2 = q2.to(tl.float16)
+        q3 = q3.to(tl.float16)
         qs0 = tl.sum(q0.to(tl.float32), 1)
         qs1 = tl.sum(q1.to(tl.float32), 1)
         qs2 = tl.sum(q2.to(tl.float32), 1)
@@ -254,29 +260,17 @@ if triton is not None:
             acc = tl.zeros([BM, BN], tl.float32)
             for p in tl.static_range(NPL):
                 if p == 0:
-                    if FOLD:
-                        d = tl.dot(q0, _codes16_off(kraw, 0, BITS))
-                    else:
-                        d = tl.dot(q0, _codes16(kraw, 0, BITS))
-                    qs = qs0
+                    qp, qs = q0, qs0
                 elif p == 1:
-                    if FOLD:
-                        d = tl.dot(q1, _codes16_off(kraw, 1, BITS))
-                    else:
-                        d = tl.dot(q1, _codes16(kraw, 1, BITS))
-                    qs = qs1
+                    qp, qs = q1, qs1
                 elif p == 2:
-                    if FOLD:
-                        d = tl.dot(q2, _codes16_off(kraw, 2, BITS))
-                    else:
-                        d = tl.dot(q2, _codes16(kraw, 2, BITS))
-                    qs = qs2
+                    qp, qs = q2, qs2
                 else:
-                    if FOLD:
-                        d = tl.dot(q3, _codes16_off(kraw, 3, BITS))
-                    else:
-                        d = tl.dot(q3, _codes16(kraw, 3, BITS))
-                    qs = qs3
+                    qp, qs = q3, qs3
+                if FOLD:
+                    d = tl.dot(qp, _codes16_off(kraw, p, BITS))
+                else:
+                    d = tl.dot(qp, _codes16(kraw, p, BITS))
                 if p % PPG == 0:
                     dsum = d
                     qsum = qs
@@ -315,28 +309,14 @@ if triton is not None:
         NPL: tl.constexpr = 8 // BITS
         NG: tl.constexpr = D // G
         HQ: tl.constexpr = HKV * GQ
-        pid = tl.program_id(0)
-        split = tl.program_id(1)
-        b = pid // HKV
-        h = pid % HKV
-        length = tl.load(len_ptr + b).to(tl.int32)
-        start = split * (NIT * BN)
-        end = tl.minimum(start + NIT * BN, length)
+        b, h, split, start, end = _split_range(len_ptr, HKV, NIT, BN)
 
         r = tl.arange(0, BM)
         rmask = r < GQ
         j = tl.arange(0, P)
         qrow = (b * HQ + h * GQ + r).to(tl.int64) * D
         dt = q_ptr.dtype.element_ty
-        q0 = tl.load(q_ptr + qrow[:, None] + j[None, :], mask=rmask[:, None], other=0.0)
-        q1 = q0
-        q2 = q0
-        q3 = q0
-        if NPL > 1:
-            q1 = tl.load(q_ptr + qrow[:, None] + P + j[None, :], mask=rmask[:, None], other=0.0)
-        if NPL > 2:
-            q2 = tl.load(q_ptr + qrow[:, None] + 2 * P + j[None, :], mask=rmask[:, None], other=0.0)
-            q3 = tl.load(q_ptr + qrow[:, None] + 3 * P + j[None, :], mask=rmask[:, None], other=0.0)
+        q0, q1, q2, q3 = _query_planes(q_ptr, qrow, rmask, j, P, NPL)
 
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
@@ -470,13 +450,7 @@ if triton is not None:
         NGV: tl.constexpr = D // G
         HKV: tl.constexpr = NGRP * HG
         HQ: tl.constexpr = HKV * GQ
-        pid = tl.program_id(0)
-        split = tl.program_id(1)
-        b = pid // NGRP
-        grp = pid % NGRP
-        length = tl.load(len_ptr + b).to(tl.int32)
-        start = split * (NIT * BN)
-        end = tl.minimum(start + NIT * BN, length)
+        b, grp, split, start, end = _split_range(len_ptr, NGRP, NIT, BN)
 
         r = tl.arange(0, BM)
         rmask = r < HG * GQ

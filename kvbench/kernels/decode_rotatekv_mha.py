@@ -66,13 +66,14 @@ if triton is not None:
                                             _store_slots, _word_tiles)
 
     @triton.jit
-    def _deq_head(kraw, hp: tl.constexpr, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask,
+    def _deq_head(kraw, hp: tl.constexpr, s_row, zs_row, gi, srow, ks_ptr, kz_ptr, tmask,
                   BITS: tl.constexpr, GATHER: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
         """Dequantized keys of head slot hp of the group from a byte tile [BN, DH] (int32): fp32,
         or fp16 with F16 ((c - z) * s, one rounding). GATHER: s_row / zs_row are the tile's rows
         [BN, NQ] of scales and -scale * zero (fp32; F16: scales and zeros, fp16), indexed by each
-        channel's quantization group (gid at goff + channel: one warp shuffle an element);
-        otherwise one group per (token, head), loaded here ([BN], goff its column of head slot 0).
+        channel's quantization group (gi [DH], this slot's channels' groups, loaded once before the
+        loop: one warp shuffle an element); otherwise one group per (token, head), loaded here
+        ([BN], gi the column of head slot 0).
         With GATHER in fp32 the code is read in place, as code * 2**(hp*BITS) (decode_mha's
         one-LOP3 unpack), and the power of two goes into the gathered scale row: exactly the same
         products, ~100 fewer instructions a tile-thread in the scores kernel. (Measured with the
@@ -88,14 +89,13 @@ if triton is not None:
             else:
                 c = (x | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exact: code < 2**23
         if GATHER:
-            g = tl.load(gid_ptr + goff)
-            idx = tl.broadcast_to(g[None, :], kraw.shape)
+            idx = tl.broadcast_to(gi[None, :], kraw.shape)
             if F16:
                 y = (c - tl.gather(zs_row, idx, 1)) * tl.gather(s_row, idx, 1)
             else:
                 y = c * tl.gather(s_row, idx, 1) + tl.gather(zs_row, idx, 1)  # zs_row holds -s * z
         else:
-            off = srow + goff + hp
+            off = srow + gi + hp
             s = tl.load(ks_ptr + off, mask=tmask, other=0.0)
             z = tl.load(kz_ptr + off, mask=tmask, other=0.0)
             if F16:
@@ -105,31 +105,48 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _mixed(kraw, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask, DH: tl.constexpr,
-               HG: tl.constexpr, BITS: tl.constexpr, GATHER: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
+    def _slot_groups(gid_ptr, goff, DH: tl.constexpr, HG: tl.constexpr, GATHER: tl.constexpr):
+        """Per head slot of the group, what `_deq_head` takes as gi for one channel half: the
+        channels' quantization groups (GATHER; [DH] int32 each, slot h' at goff + h' * D), loaded
+        once before the loop (loaded in the loop they cost ~100 instructions a tile-thread on
+        sm_90); otherwise the column offset goff for every slot. Slots past HG repeat slot 0."""
+        if GATHER:
+            g0 = tl.load(gid_ptr + goff)
+            g1 = g0
+            g2 = g0
+            g3 = g0
+            if HG >= 2:
+                g1 = tl.load(gid_ptr + goff + 2 * DH)
+            if HG >= 4:
+                g2 = tl.load(gid_ptr + goff + 4 * DH)
+                g3 = tl.load(gid_ptr + goff + 6 * DH)
+        else:
+            g0 = goff
+            g1 = goff
+            g2 = goff
+            g3 = goff
+        return g0, g1, g2, g3
+
+    @triton.jit
+    def _mixed(kraw, s_row, zs_row, g0, g1, g2, g3, srow, ks_ptr, kz_ptr, tmask, HG: tl.constexpr,
+               BITS: tl.constexpr, GATHER: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
         """H_hg across the group's heads of one channel half, in-thread: y_h = sum_h' H[h, h'] x_h'
-        (a butterfly)."""
-        STEP: tl.constexpr = 2 * DH if GATHER else 0  # gid offset of the next head slot's channels
-        x0 = _deq_head(kraw, 0, s_row, zs_row, gid_ptr, goff, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16,
-                       ASM)
+        (a butterfly). g0..g3: the slots' `_slot_groups`."""
+        x0 = _deq_head(kraw, 0, s_row, zs_row, g0, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16, ASM)
         y0 = x0
         y1 = x0
         y2 = x0
         y3 = x0
         if HG == 2:
-            x1 = _deq_head(kraw, 1, s_row, zs_row, gid_ptr, goff + STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER,
-                           F16, ASM)
+            x1 = _deq_head(kraw, 1, s_row, zs_row, g1, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16, ASM)
             y0 = x0 + x1
             y1 = x0 - x1
         if HG == 4:
-            x1 = _deq_head(kraw, 1, s_row, zs_row, gid_ptr, goff + STEP, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER,
-                           F16, ASM)
+            x1 = _deq_head(kraw, 1, s_row, zs_row, g1, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16, ASM)
             e0 = x0 + x1
             e1 = x0 - x1
-            x2 = _deq_head(kraw, 2, s_row, zs_row, gid_ptr, goff + 2 * STEP, srow, ks_ptr, kz_ptr, tmask, BITS,
-                           GATHER, F16, ASM)
-            x3 = _deq_head(kraw, 3, s_row, zs_row, gid_ptr, goff + 3 * STEP, srow, ks_ptr, kz_ptr, tmask, BITS,
-                           GATHER, F16, ASM)
+            x2 = _deq_head(kraw, 2, s_row, zs_row, g2, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16, ASM)
+            x3 = _deq_head(kraw, 3, s_row, zs_row, g3, srow, ks_ptr, kz_ptr, tmask, BITS, GATHER, F16, ASM)
             e2 = x2 + x3
             e3 = x2 - x3
             y0 = e0 + e2
@@ -257,7 +274,7 @@ if triton is not None:
         return h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3, qb3, qa4, qb4
 
     @triton.jit
-    def _tile_scores(k_lo, k_hi, s_row, z_row, cs, sn, tmask, srow, gid_ptr, goff_lo, goff_hi, ks_ptr, kz_ptr,
+    def _tile_scores(k_lo, k_hi, s_row, z_row, cs, sn, tmask, srow, glo, ghi, ks_ptr, kz_ptr,
                      h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3, qb3, qa4, qb4, sm_scale, DH: tl.constexpr,
                      HG: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, PRE_ROPE: tl.constexpr,
                      GATHER: tl.constexpr, STACK: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
@@ -273,8 +290,8 @@ if triton is not None:
             s_f = 0.0
             zs_f = 0.0
         # low channel half, then high: the group's heads mixed in-thread
-        y0, y1, y2, y3 = _mixed(k_lo.to(tl.int32), s_f, zs_f, gid_ptr, goff_lo, srow, ks_ptr, kz_ptr, tmask, DH,
-                                HG, BITS, GATHER, F16, ASM)
+        y0, y1, y2, y3 = _mixed(k_lo.to(tl.int32), s_f, zs_f, glo[0], glo[1], glo[2], glo[3], srow, ks_ptr, kz_ptr,
+                                tmask, HG, BITS, GATHER, F16, ASM)
         if PRE_ROPE and STACK:  # one [4 BN, DH] x [DH, DH] product for the four heads
             pst = tl.dot(_stack4(y0, y1, y2, y3).to(tl.float16), h_half)
         elif PRE_ROPE:
@@ -294,8 +311,8 @@ if triton is not None:
             if HG >= 4:
                 s2 = _dot_rows(y2, qa2)
                 s3 = _dot_rows(y3, qa3)
-        y0, y1, y2, y3 = _mixed(k_hi.to(tl.int32), s_f, zs_f, gid_ptr, goff_hi, srow, ks_ptr, kz_ptr, tmask, DH,
-                                HG, BITS, GATHER, F16, ASM)
+        y0, y1, y2, y3 = _mixed(k_hi.to(tl.int32), s_f, zs_f, ghi[0], ghi[1], ghi[2], ghi[3], srow, ks_ptr, kz_ptr,
+                                tmask, HG, BITS, GATHER, F16, ASM)
         if PRE_ROPE and STACK:
             c4 = cs.to(tl.float32)
             s4 = sn.to(tl.float32)
@@ -348,8 +365,10 @@ if triton is not None:
                                                                                  PRE_ROPE, STACK)
         h0 = grp * HG
         # gid offsets of the low half of head slot 0 (slot h' adds h' * D, the high half DH)
+        # each channel half's quantization groups per head slot (or, without GATHER, the column)
         goff_lo = grp * HG * D + dh if GATHER else grp * HG
-        goff_hi = goff_lo + DH if GATHER else goff_lo
+        glo = _slot_groups(gid_ptr, goff_lo, DH, HG, GATHER)
+        ghi = _slot_groups(gid_ptr, goff_lo + DH if GATHER else goff_lo, DH, HG, GATHER)
         kbase = (b * NGRP + grp).to(tl.int64) * cap
         sbase = b.to(tl.int64) * cap
         vb = (b * HKV + h0).to(tl.int64) * cap
@@ -369,8 +388,8 @@ if triton is not None:
             tmask = tok < end
             nk = _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase, t0 + BN, end, dh,
                             D, NQ, NQP, BN, PRE_ROPE, GATHER)
-            s0, s1, s2, s3 = _tile_scores(k_lo, k_hi, s_row, z_row, cs, sn, tmask, (sbase + tok) * NQ, gid_ptr,
-                                          goff_lo, goff_hi, ks_ptr, kz_ptr, h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3,
+            s0, s1, s2, s3 = _tile_scores(k_lo, k_hi, s_row, z_row, cs, sn, tmask, (sbase + tok) * NQ, glo, ghi,
+                                          ks_ptr, kz_ptr, h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3,
                                           qb3, qa4, qb4, sm_scale, DH, HG, BITS, BN, PRE_ROPE, GATHER, STACK, False,
                                           ASM)
             gap = s0 - m0
@@ -428,8 +447,10 @@ if triton is not None:
         dh = tl.arange(0, DH)
         h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3, qb3, qa4, qb4 = _query_halves(q_ptr, h_ptr, b, grp, NGRP, HG, D, BN,
                                                                                  PRE_ROPE, STACK)
+        # each channel half's quantization groups per head slot (or, without GATHER, the column)
         goff_lo = grp * HG * D + dh if GATHER else grp * HG
-        goff_hi = goff_lo + DH if GATHER else goff_lo
+        glo = _slot_groups(gid_ptr, goff_lo, DH, HG, GATHER)
+        ghi = _slot_groups(gid_ptr, goff_lo + DH if GATHER else goff_lo, DH, HG, GATHER)
         kbase = (b * NGRP + grp).to(tl.int64) * cap
         sbase = b.to(tl.int64) * cap
         orow = (b * NGRP * HG + grp * HG).to(tl.int64) * cap  # scores of head slot 0; slot h' adds h' * cap
@@ -440,8 +461,8 @@ if triton is not None:
             tmask = tok < end
             nk = _load_keys(kc_ptr, ks_ptr, kz_ptr, pos_ptr, cos_ptr, sin_ptr, kbase, sbase, start + (it + 1) * BN,
                             end, dh, D, NQ, NQP, BN, PRE_ROPE, GATHER)
-            s0, s1, s2, s3 = _tile_scores(k_lo, k_hi, s_row, z_row, cs, sn, tmask, (sbase + tok) * NQ, gid_ptr,
-                                          goff_lo, goff_hi, ks_ptr, kz_ptr, h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3,
+            s0, s1, s2, s3 = _tile_scores(k_lo, k_hi, s_row, z_row, cs, sn, tmask, (sbase + tok) * NQ, glo, ghi,
+                                          ks_ptr, kz_ptr, h_half, qa0, qb0, qa1, qb1, qa2, qb2, qa3,
                                           qb3, qa4, qb4, sm_scale, DH, HG, BITS, BN, PRE_ROPE, GATHER, STACK, F16,
                                           ASM)
             tl.store(scr_ptr + orow + tok, s0, mask=tmask)

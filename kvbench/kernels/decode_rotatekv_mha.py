@@ -29,9 +29,10 @@ online softmax per head with its state per row slot and lazy rescaling, the valu
 loop. The fused kernel holds four heads' value accumulators and softmax state beside the key tile
 (255 registers, spills); each pass alone holds only its own.
 
-Measured on an H100 (docs/kernel-notes.md, sixth session), batch 8 x 8192, Llama-2 default
-(pre-RoPE, permuted): 0.52 ms in two passes against 0.80 fused (first tensor-core kernel 0.95);
-0.35 / 0.22 ms with post-RoPE keys (permuted / per-head groups).
+Measured on an H100 (docs/kernel-notes.md, sixth and seventh sessions), batch 8 x 8192, Llama-2
+default (pre-RoPE, permuted): 0.52 ms in two passes against 0.80 fused (first tensor-core kernel
+0.95), 0.50 with the seventh session's leaner gathered key path; 0.34 / 0.22 ms with post-RoPE keys
+(permuted / per-head groups).
 
 Same contract as `decode_attention.decode_rotatekv` (partials o [B, H, S, D] fp32 in the
 value-rotated space, lse [B, H, S]); `supports` says which shapes it takes.

@@ -264,7 +264,11 @@ def methods(b, h, d, L, device, smoke):
             # dequantization), then one alternative of each kind. The wider sweeps of the sixth
             # session are in results/gpu/nvidia-h100-80gb-hbm3/session6/ (kernels-*.json): kept
             # out of here so that scripts/gpu_suite.sh c fits its time.
-            rcfgs = [dict(kernel="cc", block_n=bn, num_warps=4, splits_per_sm=sp) for bn, sp in ((16, 4), (16, 8), (32, 2))]
+            rcfgs = []
+            if pre:  # the hand-laid CUDA scores pass (rotatekv_scores_cuda), the launcher's default where it applies
+                rcfgs += [dict(kernel="cc", scores_impl="cuda", splits_per_sm=sp) for sp in (2, 3, 4)]
+            rcfgs += [dict(kernel="cc", block_n=bn, num_warps=4, splits_per_sm=sp, scores_impl="triton")
+                      for bn, sp in ((16, 4), (16, 8), (32, 2))]
             # fused: one online softmax, the values in the same loop (the fifth session's kernel)
             rcfgs += [dict(kernel="cc", block_n=16, num_warps=4, splits_per_sm=2, stack_heads=False, two_pass=False)]
             if pre:  # the four heads stacked as the rows of one H_{D/2} product a half; fp16 dequantization flipped

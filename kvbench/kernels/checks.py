@@ -222,7 +222,10 @@ def check_rotatekv_mha(device, small=True, results=None):
             (2, True, 4, d, True, False, False), (2, False, 4, d, False, False, False), (1, True, 8, d, True, False, False),
             (4, True, 2, d, True, False, True), (4, False, 2, d, False, False, True), (2, True, 4, d, True, False, True),
             (4, True, 2, d, True, True, True), (1, True, 8, d, True, False, True),
-            (4, True, 2, d, True, False, "f16"), (4, True, 2, d, False, False, "f16"), (2, True, 4, d, True, False, "f16")):
+            (4, True, 2, d, True, False, "f16"), (4, True, 2, d, False, False, "f16"), (2, True, 4, d, True, False, "f16"),
+            # the hand-laid CUDA scores pass (head_dim 128 only: the GPU shapes)
+            *(((4, True, 2, d, True, False, "cuda"), (4, True, 2, d, False, False, "cuda"))
+              if str(device).startswith("cuda") and d == 128 else ())):
         args = rotatekv_inputs(gen, b, hkv, 1, d, cap, bits, group, head_group, device)
         kc, ks, kz, gid, vc, vs, vz, pos, cos, sin = args
         if not perm:
@@ -232,11 +235,13 @@ def check_rotatekv_mha(device, small=True, results=None):
         o, lse = decode_rotatekv_mha(q, kc, ks, kz, gid, vc, vs, vz, lengths, pos, cos, sin, d**-0.5, bits=bits,
                                      group_size=group, head_group=head_group, pre_rope=pre_rope,
                                      num_splits=2 if small else None, stack_heads=stack, two_pass=bool(two),
-                                     f16_dequant=two == "f16")
+                                     f16_dequant=two == "f16",
+                                     scores_impl="cuda" if two == "cuda" else "triton" if two else None)
         ro, rl = ref.ref_decode_rotatekv(q.float(), kc, ks, kz, ref_gid, vc, vs, vz, lengths, pos, cos, sin, d**-0.5,
                                          bits=bits, group_size=group, head_group=head_group, pre_rope=pre_rope)
         _compare(f"rotatekv_mha hg={head_group} pre_rope={pre_rope} bits={bits} G={group} permuted={perm}"
-                 + (" stacked" if stack else "") + (" two-pass" if two else "") + (" f16" if two == "f16" else ""),
+                 + (" stacked" if stack else "") + (" two-pass" if two else "") + (" f16" if two == "f16" else "")
+                 + (" cuda-scores" if two == "cuda" else ""),
                  o, lse,
                  ro, rl, results)
     return results

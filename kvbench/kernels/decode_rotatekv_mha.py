@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
-from kvbench.kernels import decode_mha
+from kvbench.kernels import decode_mha, rotatekv_scores_cuda
 from kvbench.kernels.decode_mha import LOG2E
 
 
@@ -482,7 +482,7 @@ VALUE_LAUNCH = dict(block_n=64, num_warps=4, splits_per_sm=8)  # 0.073 ms alone,
 def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths, positions, cos, sin,
                         scaling, *, bits, group_size, head_group, pre_rope=True, max_len=None, num_splits=None,
                         block_n=16, num_warps=4, num_stages=2, splits_per_sm=2, stack_heads=None, two_pass=True,
-                        value_launch=None, f16_dequant=None, maxnreg=None):
+                        value_launch=None, f16_dequant=None, maxnreg=None, scores_impl=None):
     """`decode_attention.decode_rotatekv`'s contract for shapes `supports` accepts: q [B, H, D]
     after RoPE and unrotated; partials whose outputs are in the value-rotated space. Queries and
     the pre-RoPE products' operands are fp16 whatever q's dtype (bf16 queries are converted).
@@ -498,7 +498,10 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
     (c - z) * s with one rounding and the H_hg adds in fp16, as the product's operands are. None
     picks what measured faster: on without reordering (0.38 vs 0.43 ms), off with it (0.55 vs
     0.53: the gathered fp16 scales cost byte moves). `maxnreg` (two passes): a register cap for
-    the scores kernel (more programs an SM, some spills; not faster for the default)."""
+    the scores kernel (more programs an SM, some spills; not faster for the default).
+    `scores_impl` (two passes): "triton" (`_rotatekv_scores_kernel`) or "cuda" (the hand-laid
+    `rotatekv_scores_cuda` kernel: pre-RoPE keys, 4-head groups of 128 at 2 bits, compiled by NVRTC
+    at first use); None takes "cuda" where it applies and compiles, else "triton"."""
     from kvbench.kernels.decode_attention import (_out, _pow2, _require_triton, _sign_matrix_on, interpreting,
                                                    split_plan)
 
@@ -533,6 +536,25 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
         hsign = _sign_matrix_on(d, torch.float32, q.device)
         q = q.float() @ hsign
     q = q.to(torch.float16)
+    if scores_impl not in (None, "triton", "cuda"):
+        raise ValueError(f"decode_rotatekv_mha: scores_impl must be 'triton', 'cuda' or None, not {scores_impl!r}")
+    cuda_ok = (two_pass and not f16_dequant and not stack_heads and not maxnreg
+               and rotatekv_scores_cuda.supports(hq // hkv, d, bits, hg, nq, pre_rope) and nq % 8 == 0
+               and cos.dtype == torch.float16 and k_scale.dtype == torch.float16 and q.is_cuda
+               and not interpreting())
+    if scores_impl == "cuda" and not cuda_ok:
+        raise ValueError("decode_rotatekv_mha: the CUDA scores kernel needs two passes, pre-RoPE keys, 4-head "
+                         "groups of 128 at 2 bits, key groups a multiple of 8, a CUDA device, and none of "
+                         "f16_dequant / stack_heads / maxnreg")
+    if two_pass and cuda_ok and scores_impl != "triton" and (scores_impl == "cuda" or rotatekv_scores_cuda.available()):
+        scores = torch.empty(b, hkv, cap, dtype=torch.float32, device=q.device)
+        # the CUDA kernel's programs take whole splits of 32-token steps (4 warps x 8 tokens)
+        ns_c, nit_c = split_plan(max_len, 32, b * ngrp, q.device, per_sm=splits_per_sm, num_splits=num_splits)
+        rotatekv_scores_cuda.rotatekv_scores(q.contiguous(), k_codes, k_scale, k_zero, gid, lengths, positions, cos,
+                                             sin, sm_scale, scores, split_len=nit_c * 32, num_splits=ns_c)
+        return decode_mha.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, bits=bits,
+                                             group_size=group_size, max_len=max_len, num_splits=num_splits,
+                                             **(value_launch or VALUE_LAUNCH))
     if two_pass:
         scores = torch.empty(b, hkv, cap, dtype=torch.float32, device=q.device)
         _rotatekv_scores_kernel[(b * ngrp, ns)](

@@ -1,0 +1,486 @@
+"""RotateKV's key pass (pre-RoPE, 4-head Hadamard, 2 bits, head_dim 128) as a hand-laid CUDA kernel.
+
+The Triton scores pass (`decode_rotatekv_mha._rotatekv_scores_kernel`) spends most of its time
+moving data between layouts Triton picks (docs/kernel-notes.md, seventh session). Here every
+register's meaning is fixed by hand around one tensor-core product, `mma.m16n8k16` with the keys as
+its B operand (8 tokens a warp tile, one token a thread, 32 channels of each of the group's 4 heads):
+
+* **channel numbering**: a key channel j of a head is j = 32 t + 16 k3 + 8 k0 + a, where t (0..3)
+  is the lane's quad position, (k3, k0) pick the half-word of the B fragment and a (0..7) is kept
+  in-thread. As H_128[i, j] = (-1)^popcount(i & j), H_128 = H_8 (over a) x H_16 (over
+  k = 8 k3 + 4 t1 + 2 t0 + k0) whatever the bit order, and the H_512 of the group is H_4 (heads) x
+  H_128. A thread's 32 key bytes of a token are contiguous: two 16-byte loads.
+* **dequantization in fp16x2**: one PRMT puts the bytes of channels (k0 = 0, 1) into the two
+  half-words, one LOP3 per head masks the head's bit plane (after a shift) and ORs the exponent of
+  1024, so a half reads 1024 + c. Each channel's (1024 + z, s) pair of its quantization group is
+  looked up in the token's scale row, staged in shared memory (the calibrated permutation: a
+  per-channel group; byte offsets packed four to a register, composed into an address by one PRMT),
+  then (v - (1024 + z)) * s: exact subtraction, one rounding.
+* **H_4 x H_8 in-thread**: a 32-point butterfly over (head, a) on fp16x2 registers (5 stages).
+* **H_16, RoPE and the query in one product**: RoPE pairs channel i with i + 64, which differ in
+  one bit of k (the H_16 index), so for each head h and a' the product
+  A_(h,a') [16 x 16] . W [16 x 8 tokens] gives U_f = q_i k_i + q_(i+64) k_(i+64) (rows 0-7) and
+  V_f = q_(i+64) k_i - q_i k_(i+64) (rows 8-15) for 8 frequencies f at once, and a score is
+  sum_f cos_f U_f + sin_f V_f (two FFMA). The A matrices (H_16 signs times query entries, fp16)
+  are built on the host by one matmul per call and staged in shared memory.
+
+Contract: `rotatekv_scores(...)` writes the same scratch scores [B, H, cap] (fp32, log2 domain,
+valid below each row's length) as `_rotatekv_scores_kernel`, so `decode_mha.values_from_scores`
+reads the values after it. Error: products take fp16 operands with fp32 accumulation (as the
+Triton pass's), and the dequantized keys and their 32-point butterfly are fp16 (about 2**-11
+relative a stage); `kvbench.kernels.checks` compares with the float64-faithful reference at its
+usual bound. Needs |zero point| < 1024 (1024 + z exact in fp16; 2-bit zeros are small).
+
+The CUDA source is compiled at first use by NVRTC (`torch.cuda._compile_kernel`), so there is no
+build step; `emulate_scores` runs the same dataflow (same operands, same index maps) in torch on
+any device, which is what the CPU tests check.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+D = 128  # head_dim this kernel is laid out for
+HG = 4  # heads a Hadamard group
+TILE = 8  # tokens a warp tile (the product's N)
+WARPS = 4
+
+
+def supports(gq: int, head_dim: int, bits: int, head_group: int, nq: int, pre_rope: bool) -> bool:
+    return gq == 1 and head_dim == D and bits == 2 and head_group == HG and pre_rope and 0 < nq <= 64
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    i = torch.arange(n)
+    pc = torch.zeros(n, n, dtype=torch.long)
+    x = i[:, None] & i[None, :]
+    while bool(x.any()):
+        pc += x & 1
+        x = x >> 1
+    return 1.0 - 2.0 * (pc % 2).double()
+
+
+def _frag_index() -> torch.Tensor:
+    """[32 lanes, 8 halves] -> (row, col) flat index of a 16 x 16 A operand in the order
+    mma.m16n8k16 wants it: regs (g, 2t..), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..), g = lane / 4."""
+    lane = torch.arange(32)
+    g, t = lane // 4, lane % 4
+    rows = torch.stack([g, g, g + 8, g + 8, g, g, g + 8, g + 8], 1)
+    cols = torch.stack([2 * t, 2 * t + 1, 2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9, 2 * t + 8, 2 * t + 9], 1)
+    return rows * 16 + cols
+
+
+def freq_of(ap: int, n: int) -> int:
+    """Frequency (channel i < 64) of U/V row n (0..7) of block a': n = 4 k3 + 2 t0 + k0, t1 = 0."""
+    k3, t0, k0 = n >> 2, (n >> 1) & 1, n & 1
+    return 32 * t0 + 16 * k3 + 8 * k0 + ap
+
+
+_OPERAND_MAP: dict[str, torch.Tensor] = {}
+
+
+def operand_map(device) -> torch.Tensor:
+    """T [128, 8 a' x 32 lanes x 8 halves] (fp32) with A_frag = q @ T: the per-(a') 16 x 16 A operands
+    in fragment order. Row n < 8 of block a' is U_f, row n + 8 is V_f, f = freq_of(a', n); column k is
+    the H_16 index (k = 8 k3 + 4 t1 + 2 t0 + k0)."""
+    key = str(device)
+    if key not in _OPERAND_MAP:
+        h16 = _sylvester(16)
+        a = torch.zeros(D, 8, 16, 16, dtype=torch.float64)
+        for ap in range(8):
+            for n in range(8):
+                f = freq_of(ap, n)
+                bu = 8 * (n >> 2) + 2 * ((n >> 1) & 1) + (n & 1)  # t1 = 0
+                bp = bu | 4  # the RoPE partner i + 64: t1 = 1
+                a[f, ap, n] += h16[bu]
+                a[f + 64, ap, n] += h16[bp]
+                a[f + 64, ap, n + 8] += h16[bu]
+                a[f, ap, n + 8] -= h16[bp]
+        t = a.reshape(D, 8, 256)[:, :, _frag_index().reshape(-1)]  # [128, 8, 32 * 8]
+        _OPERAND_MAP[key] = t.reshape(D, -1).float().to(device)
+    return _OPERAND_MAP[key]
+
+
+def query_operands(q: torch.Tensor) -> torch.Tensor:
+    """A fragments [B, H, 8, 32, 4] int32 (fp16 pairs) from queries q [B, H, 128] (after RoPE)."""
+    b, h, _ = q.shape
+    a = (q.reshape(b * h, D).float() @ operand_map(q.device)).to(torch.float16)
+    return a.reshape(b, h, 8, 32, 8).view(torch.int32)
+
+
+def group_offsets(gid: torch.Tensor, ngrp: int) -> torch.Tensor:
+    """Byte offsets 4 g of each element's quantization group in a scale row, packed four to an int32
+    in the order the kernel reads them: [NGRP, 4 quad positions t, 32 words]; element
+    e = (h' * 8 + a) * 4 + k3 * 2 + k0 is byte e % 4 of word e // 4 of quad position t, for channel
+    j = 32 t + 16 k3 + 8 k0 + a of head slot h'."""
+    g = gid.reshape(ngrp, HG, D).long()
+    hp = torch.arange(HG).view(HG, 1, 1, 1)
+    a = torch.arange(8).view(1, 8, 1, 1)
+    k3 = torch.arange(2).view(1, 1, 2, 1)
+    k0 = torch.arange(2).view(1, 1, 1, 2)
+    per_t = []
+    for t in range(4):
+        j = (32 * t + 16 * k3 + 8 * k0 + a).expand(HG, 8, 2, 2)
+        per_t.append(torch.gather(g, 2, (j.reshape(1, HG, -1).expand(ngrp, HG, 32)).to(g.device)).reshape(ngrp, -1))
+    byte = 4 * torch.stack(per_t, 1)  # [NGRP, 4, 128] in e order
+    if int(byte.max()) > 255:
+        raise ValueError("rotatekv_scores_cuda: at most 64 key groups a token")
+    w = byte.reshape(ngrp, 4, 32, 4)
+    packed = w[..., 0] | (w[..., 1] << 8) | (w[..., 2] << 16) | (w[..., 3] << 24)  # int64, < 2**32
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32).contiguous()
+
+
+def _h32(y: torch.Tensor) -> torch.Tensor:
+    """Unnormalized H_4 x H_8 over dims (head, a) of y [..., 4, 8, X]."""
+    h4 = _sylvester(4).to(y.dtype).to(y.device)
+    h8 = _sylvester(8).to(y.dtype).to(y.device)
+    return torch.einsum("gh,ab,...hbx->...gax", h4, h8, y)
+
+
+def emulate_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, sin, sm_scale, *, fp16=True):
+    """The kernel's dataflow in torch (same operands, index maps and fp16 rounding points): scores
+    [B, H, cap] fp32 in the log2 domain, -inf past each row's length (the kernel leaves them
+    unwritten)."""
+    b, ngrp, cap, _ = k_codes.shape
+    dev = k_codes.device
+    afr = query_operands(q.to(torch.float16)).view(torch.float16).reshape(b, ngrp, HG, 8, 32, 8).float()
+    # A [B, NGRP, h, a', 16, 16] back from the fragments
+    a_mat = torch.zeros(b, ngrp, HG, 8, 256, device=dev)
+    a_mat[..., _frag_index().reshape(-1).to(dev)] = afr.reshape(b, ngrp, HG, 8, 256)
+    a_mat = a_mat.reshape(b, ngrp, HG, 8, 16, 16)
+    if gid is None:  # one group a head
+        gid = torch.arange(ngrp * HG * D, dtype=torch.int32) // D
+    offs = group_offsets(gid.cpu(), ngrp).view(torch.uint8).reshape(ngrp, 4, 128).long().to(dev) // 4
+    raw = k_codes.reshape(b, ngrp, cap, 4, 32).long()  # [.., t, 32 bytes]
+    sc = k_scale.reshape(b, cap, -1).float()
+    zc = k_zero.reshape(b, cap, -1).float()
+    hp = torch.arange(HG, device=dev).view(HG, 1, 1, 1)
+    a = torch.arange(8, device=dev).view(1, 8, 1, 1)
+    k3 = torch.arange(2, device=dev).view(1, 1, 2, 1)
+    k0 = torch.arange(2, device=dev).view(1, 1, 1, 2)
+    byte_idx = (16 * k3 + 8 * k0 + a).expand(HG, 8, 2, 2).reshape(-1)  # within the t-chunk
+    shift = (2 * hp).expand(HG, 8, 2, 2).reshape(-1)
+    codes = (raw[..., byte_idx] >> shift) & 3  # [B, NGRP, cap, t, 128 (h', a, k3, k0)]
+    grp_of = offs[None, :, None]  # [1, NGRP, 1, t, 128]
+    s_el = torch.gather(sc[:, None, :, None, :].expand(b, ngrp, cap, 4, sc.shape[-1]), 4,
+                        grp_of.expand(b, ngrp, cap, 4, 128))
+    z_el = torch.gather(zc[:, None, :, None, :].expand(b, ngrp, cap, 4, zc.shape[-1]), 4,
+                        grp_of.expand(b, ngrp, cap, 4, 128))
+    y = (codes.float() - z_el) * s_el
+    if fp16:
+        y = y.half().float()
+    y = y.reshape(b, ngrp, cap, 4, HG, 8, 2, 2)  # t, h', a, k3, k0
+    w = _h32(y.movedim(3, -1).reshape(b, ngrp, cap, HG, 8, 16))  # x = (k3, k0, t)
+    if fp16:  # the butterfly rounds each stage to fp16; emulated by rounding the result
+        w = w.half().float()
+    # B[k, tok] with k = 8 k3 + 4 t1 + 2 t0 + k0 = 8 k3 + 2 t + k0
+    w = w.reshape(b, ngrp, cap, HG, 8, 2, 2, 4)  # h, a', k3, k0, t
+    kk = w.permute(0, 1, 2, 3, 4, 5, 7, 6).reshape(b, ngrp, cap, HG, 8, 16)  # (k3, t, k0) = k order
+    uv = torch.einsum("bghamk,bgchak->bghcam", a_mat, kk)  # [B, NGRP, h, cap, a', 16 rows]
+    p = positions.clamp_min(0).long()
+    f = torch.tensor([[freq_of(ap, n) for n in range(8)] for ap in range(8)], device=dev)  # [a', n]
+    cs = cos.float()[p][..., f]  # [B, cap, a', n]
+    sn = sin.float()[p][..., f]
+    s = (uv[..., :8] * cs[:, None, None] + uv[..., 8:] * sn[:, None, None]).sum((-1, -2))  # [B, NGRP, h, cap]
+    s = (s * sm_scale).reshape(b, ngrp * HG, cap)
+    valid = torch.arange(cap, device=dev)[None, :] < lengths.to(dev)[:, None]
+    return torch.where(valid[:, None], s, torch.full_like(s, float("-inf")))
+
+
+# The kernel. NQ (key groups a token) is substituted at compile time: it sizes the per-lane share
+# of the scale-row staging, so those loads unroll.
+_SOURCE = r"""
+#define NQ __NQ__
+#define QPL (NQ / 4)
+
+struct alignas(16) U4 { unsigned x, y, z, w; };
+
+__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
+    unsigned d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel)); return d;
+}
+__device__ __forceinline__ unsigned lop_and_or(unsigned a, unsigned m, unsigned o) {  // (a & m) | o, one LOP3
+    unsigned d; asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(m), "r"(o)); return d;
+}
+__device__ __forceinline__ unsigned hadd2(unsigned a, unsigned b) {
+    unsigned d; asm("add.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
+}
+__device__ __forceinline__ unsigned hsub2(unsigned a, unsigned b) {
+    unsigned d; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
+}
+__device__ __forceinline__ unsigned hmul2(unsigned a, unsigned b) {
+    unsigned d; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
+}
+__device__ __forceinline__ unsigned lds(unsigned addr) {
+    unsigned d; asm volatile("ld.shared.b32 %0, [%1];" : "=r"(d) : "r"(addr)); return d;
+}
+__device__ __forceinline__ void sts(unsigned addr, unsigned v) {
+    asm volatile("st.shared.b32 [%0], %1;" :: "r"(addr), "r"(v));
+}
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned r; asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p)); return r;
+}
+__device__ __forceinline__ float lo_f(unsigned u) {
+    float f; unsigned short h = (unsigned short)(u & 0xFFFFu); asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ float hi_f(unsigned u) {
+    float f; unsigned short h = (unsigned short)(u >> 16); asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ U4 ldg4(const void* p) {
+    U4 v; asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ void mma16816(float* d, U4 a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%10, %11, %12, %13};"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1), "f"(0.f), "f"(0.f), "f"(0.f), "f"(0.f));
+}
+
+struct Tile {          // one warp tile's global loads, issued a tile ahead
+    U4 k0, k1;         // this lane's 32 key bytes of token g (B role)
+    unsigned s[QPL / 2 > 0 ? QPL / 2 : 1], z[QPL / 2 > 0 ? QPL / 2 : 1];  // its share of token g's scale row
+    U4 c0, s0, c1, s1; // cos / sin of frequencies fbase .. fbase + 7 at tokens 2t, 2t + 1 (D role)
+};
+
+__device__ __forceinline__ Tile load_tile(const unsigned char* kc_row, const unsigned short* ks_b,
+                                          const unsigned short* kz_b, const int* pos_b,
+                                          const unsigned short* cosb, const unsigned short* sinb,
+                                          int tk0, int end, int g, int t, int fbase) {
+    Tile r;
+    int last = end - 1;
+    int tb = min(tk0 + g, last);  // rows past the end re-read the last one (their scores are not stored)
+    const unsigned char* kp = kc_row + (long long)tb * 128 + 32 * t;
+    r.k0 = ldg4(kp);
+    r.k1 = ldg4(kp + 16);
+    const unsigned short* sp = ks_b + (long long)tb * NQ + t * QPL;
+    const unsigned short* zp = kz_b + (long long)tb * NQ + t * QPL;
+#pragma unroll
+    for (int i = 0; i < QPL / 2; ++i) {
+        r.s[i] = *(const unsigned*)(sp + 2 * i);
+        r.z[i] = *(const unsigned*)(zp + 2 * i);
+    }
+    int p0 = max(pos_b[min(tk0 + 2 * t, last)], 0);
+    int p1 = max(pos_b[min(tk0 + 2 * t + 1, last)], 0);
+    r.c0 = ldg4(cosb + (long long)p0 * 128 + fbase);
+    r.s0 = ldg4(sinb + (long long)p0 * 128 + fbase);
+    r.c1 = ldg4(cosb + (long long)p1 * 128 + fbase);
+    r.s1 = ldg4(sinb + (long long)p1 * 128 + fbase);
+    return r;
+}
+
+__device__ __forceinline__ unsigned word_of(const Tile& r, int i) {
+    return i == 0 ? r.k0.x : i == 1 ? r.k0.y : i == 2 ? r.k0.z : i == 3 ? r.k0.w
+         : i == 4 ? r.k1.x : i == 5 ? r.k1.y : i == 6 ? r.k1.z : r.k1.w;
+}
+__device__ __forceinline__ unsigned u4_at(const U4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+rotatekv_scores(const U4* __restrict__ afrag, const unsigned* __restrict__ offs,
+                const unsigned char* __restrict__ kc, const unsigned short* __restrict__ ks,
+                const unsigned short* __restrict__ kz, const int* __restrict__ pos,
+                const unsigned short* __restrict__ cosb, const unsigned short* __restrict__ sinb,
+                const long long* __restrict__ len, float* __restrict__ scr,
+                double sm_scale_d, int cap, int ngrp, int split_len) {
+    __shared__ U4 s_a[4 * 8 * 32];                 // the 4 heads' A fragments, 16 KB
+    __shared__ alignas(256) unsigned s_sc[4][8][64];  // per warp: 8 token rows of (1024 + z, s), 256 B a row
+    const int b = blockIdx.x / ngrp, grp = blockIdx.x % ngrp;
+    const int start = blockIdx.y * split_len;
+    const int end = min(start + split_len, (int)len[b]);
+    if (start >= end) return;
+    const U4* ag = afrag + (long long)(b * ngrp + grp) * 4 * 8 * 32;
+    for (int i = threadIdx.x; i < 4 * 8 * 32; i += 128) s_a[i] = ag[i];
+    __syncthreads();
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int fbase = 32 * ((g >> 1) & 1) + 16 * (g >> 2) + 8 * (g & 1);
+    unsigned off[32];
+    const U4* op = (const U4*)(offs + (grp * 4 + t) * 32);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        U4 v = op[i];
+        off[4 * i] = v.x; off[4 * i + 1] = v.y; off[4 * i + 2] = v.z; off[4 * i + 3] = v.w;
+    }
+    // this lane's row of the staging area (B role token g): its bytes 1..3 are the address, byte 0
+    // comes from the packed group offsets (rows are 256-byte aligned)
+    const unsigned cbase = smem_addr(&s_sc[warp][g][0]);
+    const float sm_scale = (float)sm_scale_d;
+    const long long H = (long long)ngrp * 4;
+    const unsigned char* kc_row = kc + (long long)(b * ngrp + grp) * cap * 128;
+    const unsigned short* ks_b = ks + (long long)b * cap * NQ;
+    const unsigned short* kz_b = kz + (long long)b * cap * NQ;
+    const int* pos_b = pos + (long long)b * cap;
+    float* scr_b = scr + ((long long)b * H + grp * 4) * cap;
+
+    int tk0 = start + warp * 8;
+    Tile cur = load_tile(kc_row, ks_b, kz_b, pos_b, cosb, sinb, tk0, end, g, t, fbase);
+    for (; tk0 < end; tk0 += 32) {
+        // stage token g's scale row share: (1024 + z, s) per group, z + 1024 exact in fp16
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < QPL / 2; ++i) {
+            unsigned zz = hadd2(cur.z[i], 0x64006400u);
+            unsigned col = t * QPL + 2 * i;
+            sts(cbase + 4 * col, prmt(zz, cur.s[i], 0x5410));
+            sts(cbase + 4 * col + 4, prmt(zz, cur.s[i], 0x7632));
+        }
+        __syncwarp();
+        Tile nxt = load_tile(kc_row, ks_b, kz_b, pos_b, cosb, sinb, tk0 + 32, end, g, t, fbase);
+
+        // dequantize: y[k3][h'][a] = (c - z) * s for channels (k0 = 0, 1) of j = 32 t + 16 k3 + 8 k0 + a
+        unsigned y[2][4][8];
+#pragma unroll
+        for (int k3 = 0; k3 < 2; ++k3) {
+#pragma unroll
+            for (int a = 0; a < 8; ++a) {
+                unsigned sp = prmt(word_of(cur, 4 * k3 + (a >> 2)), word_of(cur, 4 * k3 + 2 + (a >> 2)),
+                                   (a & 3) | ((4 + (a & 3)) << 8));
+#pragma unroll
+                for (int hp = 0; hp < 4; ++hp) {
+                    unsigned x = lop_and_or(sp >> (2 * hp), 0x00030003u, 0x64006400u);  // 1024 + c
+                    unsigned o = off[hp * 8 + a];
+                    unsigned l0 = lds(prmt(o, cbase, (2 * k3) | 0x7650));
+                    unsigned l1 = lds(prmt(o, cbase, (2 * k3 + 1) | 0x7650));
+                    y[k3][hp][a] = hmul2(hsub2(x, prmt(l0, l1, 0x5410)), prmt(l0, l1, 0x7632));
+                }
+            }
+        }
+        // H_4 (heads) x H_8 (a), unnormalized, in fp16x2
+#pragma unroll
+        for (int k3 = 0; k3 < 2; ++k3) {
+#pragma unroll
+            for (int s = 1; s < 8; s <<= 1)
+#pragma unroll
+                for (int hp = 0; hp < 4; ++hp)
+#pragma unroll
+                    for (int a = 0; a < 8; ++a)
+                        if (!(a & s)) {
+                            unsigned u = y[k3][hp][a], v = y[k3][hp][a + s];
+                            y[k3][hp][a] = hadd2(u, v);
+                            y[k3][hp][a + s] = hsub2(u, v);
+                        }
+#pragma unroll
+            for (int s = 1; s < 4; s <<= 1)
+#pragma unroll
+                for (int hp = 0; hp < 4; ++hp)
+#pragma unroll
+                    for (int a = 0; a < 8; ++a)
+                        if (!(hp & s)) {
+                            unsigned u = y[k3][hp][a], v = y[k3][hp + s][a];
+                            y[k3][hp][a] = hadd2(u, v);
+                            y[k3][hp + s][a] = hsub2(u, v);
+                        }
+        }
+        float cs0[8], sn0[8], cs1[8], sn1[8];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            cs0[2 * i] = lo_f(u4_at(cur.c0, i)); cs0[2 * i + 1] = hi_f(u4_at(cur.c0, i));
+            sn0[2 * i] = lo_f(u4_at(cur.s0, i)); sn0[2 * i + 1] = hi_f(u4_at(cur.s0, i));
+            cs1[2 * i] = lo_f(u4_at(cur.c1, i)); cs1[2 * i + 1] = hi_f(u4_at(cur.c1, i));
+            sn1[2 * i] = lo_f(u4_at(cur.s1, i)); sn1[2 * i + 1] = hi_f(u4_at(cur.s1, i));
+        }
+        // per head and a': [U; V] = A . W, then sum_f cos U + sin V at tokens 2t, 2t + 1
+        float sc[4][2];
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+            sc[h][0] = 0.f; sc[h][1] = 0.f;
+#pragma unroll
+            for (int ap = 0; ap < 8; ++ap) {
+                float d[4];
+                mma16816(d, s_a[(h * 8 + ap) * 32 + lane], y[0][h][ap], y[1][h][ap]);
+                sc[h][0] = fmaf(sn0[ap], d[2], fmaf(cs0[ap], d[0], sc[h][0]));  // two FFMA, no FMUL/FADD
+                sc[h][1] = fmaf(sn1[ap], d[3], fmaf(cs1[ap], d[1], sc[h][1]));
+            }
+        }
+        // sum over the 8 lanes of a quad position (the frequencies), then lane (g < 4, t) stores
+        // head g's tokens 2t, 2t + 1
+#pragma unroll
+        for (int h = 0; h < 4; ++h)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                float v = sc[h][j];
+                v += __shfl_xor_sync(0xffffffffu, v, 4);
+                v += __shfl_xor_sync(0xffffffffu, v, 8);
+                v += __shfl_xor_sync(0xffffffffu, v, 16);
+                sc[h][j] = v;
+            }
+        if (g < 4) {
+            float v0 = g == 0 ? sc[0][0] : g == 1 ? sc[1][0] : g == 2 ? sc[2][0] : sc[3][0];
+            float v1 = g == 0 ? sc[0][1] : g == 1 ? sc[1][1] : g == 2 ? sc[2][1] : sc[3][1];
+            int tok = tk0 + 2 * t;
+            float* row = scr_b + (long long)g * cap;
+            if (tok < end) row[tok] = v0 * sm_scale;
+            if (tok + 1 < end) row[tok + 1] = v1 * sm_scale;
+        }
+        cur = nxt;
+    }
+}
+"""
+
+
+def source(nq: int) -> str:
+    if nq % 8:
+        raise ValueError(f"rotatekv_scores_cuda: key groups a token must be a multiple of 8 (got {nq})")
+    return _SOURCE.replace("__NQ__", str(nq))
+
+
+_KERNELS: dict = {}
+_AVAILABLE: list = []
+
+
+def available() -> bool:
+    """Whether NVRTC compiles and loads the kernel here (once; a failure is remembered, and the
+    caller falls back to the Triton pass)."""
+    if not _AVAILABLE:
+        try:
+            _kernel(32, torch.device("cuda", torch.cuda.current_device()))
+            _AVAILABLE.append(True)
+        except Exception:  # no NVRTC, an old torch without _compile_kernel, a driver that refuses the PTX
+            _AVAILABLE.append(False)
+    return _AVAILABLE[0]
+
+
+def _kernel(nq: int, device):
+    key = (nq, str(device))
+    if key not in _KERNELS:
+        from torch.cuda import _compile_kernel
+
+        _KERNELS[key] = _compile_kernel(source(nq), "rotatekv_scores")
+    return _KERNELS[key]
+
+
+_OFFSETS: dict = {}
+
+
+def _offsets_on(gid: torch.Tensor | None, ngrp: int, device) -> torch.Tensor:
+    """The packed group offsets of a layer's gid (None: one group a head), built once: building
+    them syncs with the device, which a CUDA-graph capture must not see. The entry keeps its gid
+    alive, so no other tensor can take its address while it is cached."""
+    key = (None if gid is None else gid.data_ptr(), ngrp, str(device))
+    if key not in _OFFSETS:
+        g = (torch.arange(ngrp * HG * D, dtype=torch.int32) // D) if gid is None else gid
+        _OFFSETS[key] = (gid, group_offsets(g.cpu(), ngrp).to(device))
+    return _OFFSETS[key][1]
+
+
+def rotatekv_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, sin, sm_scale, scores, *,
+                    split_len: int, num_splits: int) -> torch.Tensor:
+    """Fill scores [B, H, cap] fp32 (log2 domain, below each row's length) for splits of `split_len`
+    tokens: grid (B * NGRP, num_splits), 4 warps a program, 8-token warp tiles. gid: each key
+    channel's group column in the scale rows, or None for one group a head."""
+    b, ngrp, cap, row = k_codes.shape
+    nq = k_scale.shape[-1]
+    if row != 128 or cos.shape[-1] != D or cos.dtype != torch.float16 or k_scale.dtype != torch.float16:
+        raise ValueError("rotatekv_scores_cuda: needs 128-byte key rows (4 heads of 128 at 2 bits), fp16 "
+                         "scales and fp16 cos/sin tables [P, 128]")
+    afrag = query_operands(q)
+    offs = _offsets_on(gid, ngrp, q.device)
+    _kernel(nq, q.device)(
+        grid=(b * ngrp, num_splits, 1), block=(32 * WARPS, 1, 1),
+        args=[afrag, offs, k_codes, k_scale, k_zero, positions, cos, sin, lengths, scores, float(sm_scale), int(cap),
+              int(ngrp), int(split_len)])
+    return scores

@@ -38,8 +38,6 @@ any device, which is what the CPU tests check.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 D = 128  # head_dim this kernel is laid out for
@@ -116,7 +114,6 @@ def group_offsets(gid: torch.Tensor, ngrp: int) -> torch.Tensor:
     e = (h' * 8 + a) * 4 + k3 * 2 + k0 is byte e % 4 of word e // 4 of quad position t, for channel
     j = 32 t + 16 k3 + 8 k0 + a of head slot h'."""
     g = gid.reshape(ngrp, HG, D).long()
-    hp = torch.arange(HG).view(HG, 1, 1, 1)
     a = torch.arange(8).view(1, 8, 1, 1)
     k3 = torch.arange(2).view(1, 1, 2, 1)
     k0 = torch.arange(2).view(1, 1, 1, 2)

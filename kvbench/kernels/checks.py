@@ -247,6 +247,49 @@ def check_rotatekv_mha(device, small=True, results=None):
     return results
 
 
+def check_rotatekv_scores_cuda(device, results=None):
+    """The hand-laid CUDA scores pass against its torch emulation (same operands, fp16 rounding
+    points) and against the float reference's scores, at GPU shapes: permuted and per-head groups,
+    lengths that are not multiples of the 8-token tile, batch > 1, Llama-2's 32 heads."""
+    from kvbench.hadamard import hadamard_matrix
+    from kvbench.kernels import rotatekv_scores_cuda as rc
+    from kvbench.kernels.decode_attention import split_plan
+    from kvbench.rope import apply_rope
+
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(5)
+    for b, hkv, cap, lens in ((4, 8, 700, [700, 699, 311, 2]), (2, 32, 333, [333, 17])):
+        for perm in (True, False):
+            kc, ks, kz, gid, *_, pos, cos, sin = rotatekv_inputs(gen, b, hkv, 1, 128, cap, 2, 128, 4, device)
+            g = gid if perm else None
+            q = _query(gen, b, hkv, 128, device).half()
+            lengths = torch.tensor(lens, device=device)
+            sm = 128**-0.5 * 1.4426950408889634 / 512**0.5
+            ngrp = hkv // 4
+            scr = torch.full((b, hkv, cap), float("nan"), device=device)
+            ns, nit = split_plan(cap, 32, b * ngrp, device, per_sm=2)
+            rc.rotatekv_scores(q, kc, ks, kz, g, lengths, pos, cos, sin, sm, scr, split_len=nit * 32, num_splits=ns)
+            emu = rc.emulate_scores(q, kc, ks, kz, g, lengths, pos, cos, sin, sm)
+            # reference: dequantize, H_512 (float64 matrix), RoPE, dot
+            gg = (torch.arange(hkv * 128, device=device) // 128) if g is None else g.long()
+            codes = ref.unpack(kc, 2, 512).double()
+            idx = gg.reshape(ngrp, 512)[None, :, None, :].expand(b, ngrp, cap, 512)
+            s_full = torch.gather(ks[:, 0].double()[:, None].expand(b, ngrp, cap, ks.shape[-1]), 3, idx)
+            z_full = torch.gather(kz[:, 0].double()[:, None].expand(b, ngrp, cap, kz.shape[-1]), 3, idx)
+            k = ((codes - z_full) * s_full) @ (hadamard_matrix(512, torch.float64, device) * 512**0.5)
+            k = k.reshape(b, ngrp, cap, 4, 128).transpose(2, 3).reshape(b, hkv, cap, 128)
+            k = apply_rope(k, cos[pos.long()].double(), sin[pos.long()].double())
+            want = torch.einsum("bhd,bhcd->bhc", q.double(), k) * sm
+            valid = torch.isfinite(emu)
+            err_emu = float((scr - emu)[valid].abs().max())
+            err_ref = float((scr.double() - want)[valid].abs().max())
+            scale = float(want[valid].abs().max())
+            results.append({"kernel": f"rotatekv_scores_cuda b={b} hkv={hkv} cap={cap} permuted={perm}",
+                            "max_abs_err": err_ref, "bound": REL_BOUND * scale, "err_vs_emulation": err_emu,
+                            "ok": bool(err_ref <= REL_BOUND * scale and not scr[valid].isnan().any())})
+    return results
+
+
 def check_packed_caches(device, results=None):
     """packed_decode (kernels + fp partials + LSE merge + rotations) against the packed caches'
     own torch read path, after a left-padded prefill and decode steps."""
@@ -328,6 +371,8 @@ def run_all(device, small=True):
     check_kivi_mha(device, small, results)
     check_rotatekv(device, small, results)
     check_rotatekv_mha(device, small, results)
+    if str(device).startswith("cuda"):
+        check_rotatekv_scores_cuda(device, results)
     check_packed_caches(device, results)
     check_fp_partial(device, results)
     return results

@@ -521,8 +521,10 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
         raise ValueError("decode_rotatekv_mha: f16_dequant and maxnreg apply to the two-pass read's scores kernel")
     if f16_dequant and not pre_rope:
         raise ValueError("decode_rotatekv_mha: f16_dequant needs pre-RoPE keys (it feeds the H_{D/2} products)")
-    if f16_dequant is None:
-        f16_dequant = two_pass and pre_rope and not gather
+    if f16_dequant is None:  # (the Triton scores pass's choice; the CUDA pass has its own fp16 path)
+        f16_dequant = two_pass and pre_rope and not gather and scores_impl != "cuda" and not (
+            scores_impl is None and rotatekv_scores_cuda.supports(hq // hkv, d, bits, hg, nq, pre_rope)
+            and q.is_cuda and not interpreting() and rotatekv_scores_cuda.available())
     if stack_heads is None:
         stack_heads = gather and pre_rope and hg == 4 and not two_pass
     if stack_heads and (hg != 4 or not pre_rope):

@@ -109,10 +109,13 @@ def query_operands(q: torch.Tensor) -> torch.Tensor:
 
 
 def group_offsets(gid: torch.Tensor, ngrp: int) -> torch.Tensor:
-    """Byte offsets 4 g of each element's quantization group in a scale row, packed four to an int32
-    in the order the kernel reads them: [NGRP, 4 quad positions t, 32 words]; element
-    e = (h' * 8 + a) * 4 + k3 * 2 + k0 is byte e % 4 of word e // 4 of quad position t, for channel
-    j = 32 t + 16 k3 + 8 k0 + a of head slot h'."""
+    """Byte offsets of each element's quantization group in its token's staged scale row, packed four
+    to an int32 in the order the kernel reads them: [NGRP, 32 lanes, 32 words]; element
+    e = (h' * 8 + a) * 4 + k3 * 2 + k0 is byte e % 4 of word e // 4 of lane 4 g + t, for channel
+    j = 32 t + 16 k3 + 8 k0 + a of head slot h'. The row of token g holds group c at slot
+    (c + g) % 64: rows are 256 bytes apart, so without the skew the 8 rows' same group would sit in
+    one shared-memory bank (an 8-way conflict on every lookup; measured: the kernel ran no faster
+    than the Triton pass)."""
     g = gid.reshape(ngrp, HG, D).long()
     a = torch.arange(8).view(1, 8, 1, 1)
     k3 = torch.arange(2).view(1, 1, 2, 1)
@@ -121,10 +124,12 @@ def group_offsets(gid: torch.Tensor, ngrp: int) -> torch.Tensor:
     for t in range(4):
         j = (32 * t + 16 * k3 + 8 * k0 + a).expand(HG, 8, 2, 2)
         per_t.append(torch.gather(g, 2, (j.reshape(1, HG, -1).expand(ngrp, HG, 32)).to(g.device)).reshape(ngrp, -1))
-    byte = 4 * torch.stack(per_t, 1)  # [NGRP, 4, 128] in e order
-    if int(byte.max()) > 255:
+    grp_t = torch.stack(per_t, 1)  # [NGRP, 4 (t), 128] group of each element, e order
+    if int(grp_t.max()) > 63:
         raise ValueError("rotatekv_scores_cuda: at most 64 key groups a token")
-    w = byte.reshape(ngrp, 4, 32, 4)
+    gl = torch.arange(8).view(1, 8, 1, 1)  # lane = 4 g + t
+    byte = 4 * ((grp_t[:, None] + gl) % 64)  # [NGRP, 8 (g), 4 (t), 128]
+    w = byte.reshape(ngrp, 32, 32, 4)
     packed = w[..., 0] | (w[..., 1] << 8) | (w[..., 2] << 16) | (w[..., 3] << 24)  # int64, < 2**32
     return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32).contiguous()
 
@@ -149,7 +154,7 @@ def emulate_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, si
     a_mat = a_mat.reshape(b, ngrp, HG, 8, 16, 16)
     if gid is None:  # one group a head
         gid = torch.arange(ngrp * HG * D, dtype=torch.int32) // D
-    offs = group_offsets(gid.cpu(), ngrp).view(torch.uint8).reshape(ngrp, 4, 128).long().to(dev) // 4
+    offs = group_offsets(gid.cpu(), ngrp).view(torch.uint8).reshape(ngrp, 8, 4, 128).long()[:, 0].to(dev) // 4
     raw = k_codes.reshape(b, ngrp, cap, 4, 32).long()  # [.., t, 32 bytes]
     sc = k_scale.reshape(b, cap, -1).float()
     zc = k_zero.reshape(b, cap, -1).float()
@@ -296,7 +301,7 @@ rotatekv_scores(const U4* __restrict__ afrag, const unsigned* __restrict__ offs,
     const int g = lane >> 2, t = lane & 3;
     const int fbase = 32 * ((g >> 1) & 1) + 16 * (g >> 2) + 8 * (g & 1);
     unsigned off[32];
-    const U4* op = (const U4*)(offs + (grp * 4 + t) * 32);
+    const U4* op = (const U4*)(offs + (grp * 32 + lane) * 32);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         U4 v = op[i];
@@ -321,9 +326,9 @@ rotatekv_scores(const U4* __restrict__ afrag, const unsigned* __restrict__ offs,
 #pragma unroll
         for (int i = 0; i < QPL / 2; ++i) {
             unsigned zz = hadd2(cur.z[i], 0x64006400u);
-            unsigned col = t * QPL + 2 * i;
-            sts(cbase + 4 * col, prmt(zz, cur.s[i], 0x5410));
-            sts(cbase + 4 * col + 4, prmt(zz, cur.s[i], 0x7632));
+            unsigned col = t * QPL + 2 * i;  // group col at slot (col + g) % 64 (see group_offsets)
+            sts(cbase + 4 * ((col + g) & 63), prmt(zz, cur.s[i], 0x5410));
+            sts(cbase + 4 * ((col + 1 + g) & 63), prmt(zz, cur.s[i], 0x7632));
         }
         __syncwarp();
         Tile nxt = load_tile(kc_row, ks_b, kz_b, pos_b, cosb, sinb, tk0 + 32, end, g, t, fbase);

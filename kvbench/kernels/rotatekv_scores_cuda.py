@@ -280,7 +280,7 @@ __device__ __forceinline__ unsigned u4_at(const U4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-extern "C" __global__ void __launch_bounds__(128)
+extern "C" __global__ void __launch_bounds__(128, __MINB__)
 rotatekv_scores(const U4* __restrict__ afrag, const unsigned* __restrict__ offs,
                 const unsigned char* __restrict__ kc, const unsigned short* __restrict__ ks,
                 const unsigned short* __restrict__ kz, const int* __restrict__ pos,
@@ -424,10 +424,13 @@ rotatekv_scores(const U4* __restrict__ afrag, const unsigned* __restrict__ offs,
 """
 
 
-def source(nq: int) -> str:
+MIN_BLOCKS = 2  # programs an SM the register allocation is held to (2: 184 registers, no spills)
+
+
+def source(nq: int, min_blocks: int = MIN_BLOCKS) -> str:
     if nq % 8:
         raise ValueError(f"rotatekv_scores_cuda: key groups a token must be a multiple of 8 (got {nq})")
-    return _SOURCE.replace("__NQ__", str(nq))
+    return _SOURCE.replace("__NQ__", str(nq)).replace("__MINB__", str(min_blocks))
 
 
 _KERNELS: dict = {}
@@ -446,12 +449,12 @@ def available() -> bool:
     return _AVAILABLE[0]
 
 
-def _kernel(nq: int, device):
-    key = (nq, str(device))
+def _kernel(nq: int, device, min_blocks: int = MIN_BLOCKS):
+    key = (nq, str(device), min_blocks)
     if key not in _KERNELS:
         from torch.cuda import _compile_kernel
 
-        _KERNELS[key] = _compile_kernel(source(nq), "rotatekv_scores")
+        _KERNELS[key] = _compile_kernel(source(nq, min_blocks), "rotatekv_scores")
     return _KERNELS[key]
 
 
@@ -470,7 +473,7 @@ def _offsets_on(gid: torch.Tensor | None, ngrp: int, device) -> torch.Tensor:
 
 
 def rotatekv_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, sin, sm_scale, scores, *,
-                    split_len: int, num_splits: int) -> torch.Tensor:
+                    split_len: int, num_splits: int, min_blocks: int = MIN_BLOCKS) -> torch.Tensor:
     """Fill scores [B, H, cap] fp32 (log2 domain, below each row's length) for splits of `split_len`
     tokens: grid (B * NGRP, num_splits), 4 warps a program, 8-token warp tiles. gid: each key
     channel's group column in the scale rows, or None for one group a head."""
@@ -481,7 +484,7 @@ def rotatekv_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, s
                          "scales and fp16 cos/sin tables [P, 128]")
     afrag = query_operands(q)
     offs = _offsets_on(gid, ngrp, q.device)
-    _kernel(nq, q.device)(
+    _kernel(nq, q.device, min_blocks)(
         grid=(b * ngrp, num_splits, 1), block=(32 * WARPS, 1, 1),
         args=[afrag, offs, k_codes, k_scale, k_zero, positions, cos, sin, lengths, scores, float(sm_scale), int(cap),
               int(ngrp), int(split_len)])

@@ -247,14 +247,32 @@ def check_rotatekv_mha(device, small=True, results=None):
     return results
 
 
+def reference_rotatekv_scores(q, kc, ks, kz, gid, pos, cos, sin, sm_scale):
+    """float64 scores [B, H, cap] of pre-RoPE RotateKV keys with 4-head groups of 128 at 2 bits:
+    dequantize (gid: each channel's scale column, None for one a head), the unnormalized H_512,
+    RoPE at each key's position, dot with q, times sm_scale."""
+    from kvbench.hadamard import hadamard_matrix
+    from kvbench.rope import apply_rope
+
+    b, ngrp, cap, _ = kc.shape
+    hkv, dev = ngrp * 4, kc.device
+    gg = (torch.arange(hkv * 128, device=dev) // 128) if gid is None else gid.long()
+    codes = ref.unpack(kc, 2, 512).double()
+    idx = gg.reshape(ngrp, 512)[None, :, None, :].expand(b, ngrp, cap, 512)
+    s_full = torch.gather(ks[:, 0].double()[:, None].expand(b, ngrp, cap, ks.shape[-1]), 3, idx)
+    z_full = torch.gather(kz[:, 0].double()[:, None].expand(b, ngrp, cap, kz.shape[-1]), 3, idx)
+    k = ((codes - z_full) * s_full) @ (hadamard_matrix(512, torch.float64, dev) * 512**0.5)
+    k = k.reshape(b, ngrp, cap, 4, 128).transpose(2, 3).reshape(b, hkv, cap, 128)
+    k = apply_rope(k, cos[pos.long()].double(), sin[pos.long()].double())
+    return torch.einsum("bhd,bhcd->bhc", q.double(), k) * sm_scale
+
+
 def check_rotatekv_scores_cuda(device, results=None):
     """The hand-laid CUDA scores pass against its torch emulation (same operands, fp16 rounding
     points) and against the float reference's scores, at GPU shapes: permuted and per-head groups,
     lengths that are not multiples of the 8-token tile, batch > 1, Llama-2's 32 heads."""
-    from kvbench.hadamard import hadamard_matrix
     from kvbench.kernels import rotatekv_scores_cuda as rc
     from kvbench.kernels.decode_attention import split_plan
-    from kvbench.rope import apply_rope
 
     results = [] if results is None else results
     gen = torch.Generator().manual_seed(5)
@@ -270,16 +288,7 @@ def check_rotatekv_scores_cuda(device, results=None):
             ns, nit = split_plan(cap, 32, b * ngrp, device, per_sm=2)
             rc.rotatekv_scores(q, kc, ks, kz, g, lengths, pos, cos, sin, sm, scr, split_len=nit * 32, num_splits=ns)
             emu = rc.emulate_scores(q, kc, ks, kz, g, lengths, pos, cos, sin, sm)
-            # reference: dequantize, H_512 (float64 matrix), RoPE, dot
-            gg = (torch.arange(hkv * 128, device=device) // 128) if g is None else g.long()
-            codes = ref.unpack(kc, 2, 512).double()
-            idx = gg.reshape(ngrp, 512)[None, :, None, :].expand(b, ngrp, cap, 512)
-            s_full = torch.gather(ks[:, 0].double()[:, None].expand(b, ngrp, cap, ks.shape[-1]), 3, idx)
-            z_full = torch.gather(kz[:, 0].double()[:, None].expand(b, ngrp, cap, kz.shape[-1]), 3, idx)
-            k = ((codes - z_full) * s_full) @ (hadamard_matrix(512, torch.float64, device) * 512**0.5)
-            k = k.reshape(b, ngrp, cap, 4, 128).transpose(2, 3).reshape(b, hkv, cap, 128)
-            k = apply_rope(k, cos[pos.long()].double(), sin[pos.long()].double())
-            want = torch.einsum("bhd,bhcd->bhc", q.double(), k) * sm
+            want = reference_rotatekv_scores(q, kc, ks, kz, g, pos, cos, sin, sm)
             valid = torch.isfinite(emu)
             err_emu = float((scr - emu)[valid].abs().max())
             err_ref = float((scr.double() - want)[valid].abs().max())

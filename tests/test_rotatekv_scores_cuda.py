@@ -1,0 +1,82 @@
+"""The CUDA scores pass's dataflow on CPU: `emulate_scores` uses the kernel's own operands (the A
+fragments from `query_operands`, the packed, skewed group offsets) and index maps, so these tests
+check everything but the CUDA source's arithmetic, which `checks.check_rotatekv_scores_cuda` checks
+on the GPU against the same emulation and the float64 reference."""
+
+import math
+
+import pytest
+import torch
+
+from kvbench.kernels import checks
+from kvbench.kernels import rotatekv_scores_cuda as rc
+
+SM = 128**-0.5 * 1.4426950408889634 / math.sqrt(512)
+
+
+def _inputs(seed, b, hkv, cap, outliers=False):
+    gen = torch.Generator().manual_seed(seed)
+    kc, ks, kz, gid, *_, pos, cos, sin = checks.rotatekv_inputs(gen, b, hkv, 1, 128, cap, 2, 128, 4, "cpu")
+    q = torch.randn(b, hkv, 128, generator=gen)
+    if outliers:  # a few query channels 30x larger, as massive activations make them
+        q[..., torch.randint(0, 128, (4,), generator=gen)] *= 30.0
+    return q.half(), kc, ks, kz, gid, pos, cos, sin
+
+
+@pytest.mark.parametrize("permuted", [True, False])
+@pytest.mark.parametrize("b,hkv,cap,lens,outliers", [(2, 8, 37, [37, 20], False), (3, 32, 19, [19, 1, 8], True)])
+def test_emulated_kernel_matches_float64_reference(permuted, b, hkv, cap, lens, outliers):
+    q, kc, ks, kz, gid, pos, cos, sin = _inputs(7, b, hkv, cap, outliers)
+    g = gid if permuted else None
+    lengths = torch.tensor(lens)
+    got = rc.emulate_scores(q, kc, ks, kz, g, lengths, pos, cos, sin, SM)
+    want = checks.reference_rotatekv_scores(q, kc, ks, kz, g, pos, cos, sin, SM)
+    valid = torch.arange(cap)[None, None, :] < lengths[:, None, None]
+    assert torch.isneginf(got[~valid.expand_as(got)]).all()
+    err = (got.double() - want)[valid.expand_as(got)].abs().max()
+    assert err <= checks.REL_BOUND * want[valid.expand_as(want)].abs().max()
+
+
+def test_exact_arithmetic_leaves_only_operand_rounding():
+    """Without the fp16 rounding of keys the emulation differs from float64 only by the fp16 query
+    operands (a much tighter bound): the index maps themselves are exact."""
+    q, kc, ks, kz, gid, pos, cos, sin = _inputs(8, 2, 8, 16)
+    got = rc.emulate_scores(q, kc, ks, kz, gid, torch.tensor([16, 16]), pos, cos, sin, SM, fp16=False)
+    want = checks.reference_rotatekv_scores(q, kc, ks, kz, gid, pos, cos, sin, SM)
+    assert (got.double() - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def test_group_offsets_are_skewed_per_token_row():
+    gen = torch.Generator().manual_seed(0)
+    gid = (torch.randperm(2 * 512, generator=gen) // 128).to(torch.int32)
+    off = rc.group_offsets(gid, 2).view(torch.uint8).reshape(2, 8, 4, 128).long()  # [grp, g, t, e]
+    base = off[:, 0] // 4
+    for g in range(8):  # row g holds group c at slot (c + g) % 64
+        assert torch.equal(off[:, g] // 4, (base + g) % 64)
+    # element e of lane t: channel j = 32 t + 16 k3 + 8 k0 + a of head slot h', e = (h' 8 + a) 4 + 2 k3 + k0
+    hp, a, k3, k0, t = 2, 5, 1, 0, 3
+    e = (hp * 8 + a) * 4 + 2 * k3 + k0
+    assert int(base[1, t, e]) == int(gid[512 + hp * 128 + 32 * t + 16 * k3 + 8 * k0 + a])
+
+
+def test_group_offsets_refuse_more_than_64_groups():
+    with pytest.raises(ValueError, match="64 key groups"):
+        rc.group_offsets(torch.arange(512, dtype=torch.int32) // 4, 1)  # 128 groups
+
+
+def test_source_is_specialized_and_checked():
+    src = rc.source(32, min_blocks=2)
+    assert "#define NQ 32" in src and "__launch_bounds__(128, 2)" in src and "__NQ__" not in src
+    with pytest.raises(ValueError, match="multiple of 8"):
+        rc.source(12)
+
+
+def test_cuda_scores_refused_cleanly_off_gpu():
+    from kvbench.kernels.decode_rotatekv_mha import decode_rotatekv_mha
+
+    gen = torch.Generator().manual_seed(1)
+    kc, ks, kz, gid, vc, vs, vz, pos, cos, sin = checks.rotatekv_inputs(gen, 1, 4, 1, 128, 8, 2, 128, 4, "cpu")
+    q = torch.randn(1, 4, 128).half()
+    with pytest.raises(ValueError, match="CUDA scores kernel needs"):
+        decode_rotatekv_mha(q, kc, ks, kz, gid, vc, vs, vz, torch.tensor([8]), pos, cos, sin, 0.1, bits=2,
+                            group_size=128, head_group=4, scores_impl="cuda")

@@ -482,6 +482,13 @@ def rotatekv_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, s
     if row != 128 or cos.shape[-1] != D or cos.dtype != torch.float16 or k_scale.dtype != torch.float16:
         raise ValueError("rotatekv_scores_cuda: needs 128-byte key rows (4 heads of 128 at 2 bits), fp16 "
                          "scales and fp16 cos/sin tables [P, 128]")
+    # the kernel indexes these as dense rows (the Triton pass's layout contract) and reads lengths
+    # as int64 and positions as int32
+    if not (k_codes.is_contiguous() and k_scale.is_contiguous() and k_zero.is_contiguous() and cos.is_contiguous()
+            and sin.is_contiguous() and positions.is_contiguous() and positions.dtype == torch.int32):
+        raise ValueError("rotatekv_scores_cuda: codes, scales, zeros, cos/sin must be contiguous and positions "
+                         "contiguous int32")
+    lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
     afrag = query_operands(q)
     offs = _offsets_on(gid, ngrp, q.device)
     _kernel(nq, q.device, min_blocks)(

@@ -142,7 +142,9 @@ def _h32(y: torch.Tensor) -> torch.Tensor:
 
 
 def emulate_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, sin, sm_scale, *, fp16=True):
-    """The kernel's dataflow in torch (same operands, index maps and fp16 rounding points): scores
+    """The kernel's dataflow in torch (same operands and index maps; the dequantized keys rounded to
+    fp16 as the kernel does, the butterfly's per-stage fp16 rounding approximated by one rounding of
+    its result): scores
     [B, H, cap] fp32 in the log2 domain, -inf past each row's length (the kernel leaves them
     unwritten)."""
     b, ngrp, cap, _ = k_codes.shape

@@ -121,7 +121,7 @@ def methods(b, h, d, L, device, smoke):
     """{name: (fn, bytes, kernel-config list)} with fn() doing the whole decode attention."""
     from kvbench.hadamard import hadamard_matrix
     from kvbench.kernels import decode_attention as da
-    from kvbench.kernels import decode_kivi_mha, decode_mha
+    from kvbench.kernels import decode_kivi_mha, decode_mha, values_cuda
     from kvbench.kernels.decode_rotatekv_mha import decode_rotatekv_mha
     from kvbench.kernels import reference as ref
     from kvbench.rope import rope_tables
@@ -266,7 +266,8 @@ def methods(b, h, d, L, device, smoke):
             # out of here so that scripts/gpu_suite.sh c fits its time.
             rcfgs = []
             if pre:  # the hand-laid CUDA scores pass (rotatekv_scores_cuda), the launcher's default where it applies
-                rcfgs += [dict(kernel="cc", scores_impl="cuda", splits_per_sm=sp) for sp in (2, 3, 4)]
+                rcfgs += [dict(kernel="cc", scores_impl="cuda", splits_per_sm=sp) for sp in (2, 4)]
+                rcfgs += [dict(kernel="cc", scores_impl="cuda", values_impl="triton", splits_per_sm=2)]
             rcfgs += [dict(kernel="cc", block_n=bn, num_warps=4, splits_per_sm=sp, scores_impl="triton")
                       for bn, sp in ((16, 4), (16, 8), (32, 2))]
             # fused: one online softmax, the values in the same loop (the fifth session's kernel)
@@ -323,7 +324,13 @@ def methods(b, h, d, L, device, smoke):
              [dict(block_n=bn, num_warps=nw, splits_per_sm=sp) for bn, nw, sp in ((64, 4, 4), (64, 4, 8), (128, 4, 4), (32, 4, 4))])
 
     def values_pass(cfg):
+        if cfg.get("impl") == "cuda":  # the tensor-core values pass (values_cuda)
+            c = {k: v for k, v in cfg.items() if k != "impl"}
+            return lambda: values_cuda.values_from_scores(scores, *vv_v, lengths, group_size=d, **c)
         return lambda: decode_mha.values_from_scores(scores, *vv_v, lengths, bits=bits, group_size=d, **cfg)
+
+    if not smoke:
+        vcfgs += [dict(impl="cuda", splits_per_sm=sp) for sp in (2, 4, 8)]
 
     out["rotatekv-2 (pre-RoPE, 4-head Hadamard: values pass alone)"] = (
         [(str(c), values_pass(c), values_pass(c)) for c in vcfgs], b * h * L * (d * bits // 8 + 4 + 4))

@@ -80,3 +80,32 @@ def test_cuda_scores_refused_cleanly_off_gpu():
     with pytest.raises(ValueError, match="CUDA scores kernel needs"):
         decode_rotatekv_mha(q, kc, ks, kz, gid, vc, vs, vz, torch.tensor([8]), pos, cos, sin, 0.1, bits=2,
                             group_size=128, head_group=4, scores_impl="cuda")
+
+
+@pytest.mark.parametrize("group,split_len", [(128, 64), (64, 192)])
+def test_values_emulation_matches_float64_reference(group, split_len):
+    """`values_cuda`'s arithmetic (fp16 weights p s on codes minus zeros, sum p, per split) against
+    softmax(2**scores) @ dequantized values, merged over splits."""
+    from kvbench.kernels import reference as ref
+    from kvbench.kernels import values_cuda as vc
+
+    gen = torch.Generator().manual_seed(2)
+    b, h, cap = 2, 3, 300
+    lengths = torch.tensor([300, 77])
+    vcodes, vscale, vzero = checks._store(gen, b, h, cap, 128, 2, group, "cpu")
+    scores = torch.randn(b, h, cap, generator=gen) * 3
+    o, lse = vc.emulate_values(scores, vcodes, vscale, vzero, lengths, group_size=group, split_len=split_len)
+    got = ref.merge_partials([(o, lse)])
+    v = ref.unpack_per_token(vcodes, vscale, vzero, 2, group, True).double()
+    valid = torch.arange(cap)[None, None, :] < lengths[:, None, None]
+    ln = torch.where(valid, scores.double() * math.log(2.0), torch.tensor(float("-inf"), dtype=torch.float64))
+    want = (torch.softmax(ln, -1)[..., None] * v).sum(2)
+    assert (got.double() - want).abs().max() <= checks.REL_BOUND * want.abs().max()
+    assert torch.allclose(torch.logsumexp(lse.double(), -1), torch.logsumexp(ln, -1), atol=1e-5)
+
+
+def test_values_source_is_specialized():
+    from kvbench.kernels import values_cuda as vc
+
+    assert "#define NG 2" in vc.source(2) and "__NG__" not in vc.source(1)
+    assert vc.supports(128, 2, 64, True) and not vc.supports(64, 2, 64, True) and not vc.supports(128, 4, 64, True)

@@ -15,6 +15,8 @@ packed data.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kvbench.kernels import decode_attention as da
@@ -299,6 +301,30 @@ def check_rotatekv_scores_cuda(device, results=None):
     return results
 
 
+def check_values_cuda(device, results=None):
+    """The tensor-core values pass (`values_cuda`) against the float reference: softmax(2**scores)
+    @ dequantized values, groups of 64 and 128, several splits, lengths off the 64-token step."""
+    from kvbench.kernels import values_cuda as vc
+
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(6)
+    b, h, cap = 4, 8, 700
+    lengths = torch.tensor([700, 699, 311, 2], device=device)
+    for group, splits in ((128, None), (64, None), (64, 3)):
+        vcodes, vscale, vzero = _store(gen, b, h, cap, 128, 2, group, device)
+        scores = (torch.randn(b, h, cap, generator=gen) * 3).to(device)
+        o, lse = vc.values_from_scores(scores, vcodes, vscale, vzero, lengths, group_size=group, num_splits=splits)
+        v = ref.unpack_per_token(vcodes, vscale, vzero, 2, group, True).double()
+        valid = torch.arange(cap, device=device)[None, None, :] < lengths[:, None, None]
+        ln = scores.double() * math.log(2.0)
+        ln = torch.where(valid, ln, torch.full_like(ln, float("-inf")))
+        w = torch.softmax(ln, -1)
+        r_out = (w[..., None] * v).sum(2)[:, :, None].float()
+        r_lse = torch.logsumexp(ln, -1)[:, :, None].float()
+        _compare(f"values_cuda G={group} splits={splits or 'auto'}", o, lse, r_out, r_lse, results)
+    return results
+
+
 def check_packed_caches(device, results=None):
     """packed_decode (kernels + fp partials + LSE merge + rotations) against the packed caches'
     own torch read path, after a left-padded prefill and decode steps."""
@@ -382,6 +408,7 @@ def run_all(device, small=True):
     check_rotatekv_mha(device, small, results)
     if str(device).startswith("cuda"):
         check_rotatekv_scores_cuda(device, results)
+        check_values_cuda(device, results)
     check_packed_caches(device, results)
     check_fp_partial(device, results)
     return results

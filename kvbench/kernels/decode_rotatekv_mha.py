@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
-from kvbench.kernels import decode_mha, rotatekv_scores_cuda
+from kvbench.kernels import decode_mha, rotatekv_scores_cuda, values_cuda
 from kvbench.kernels.decode_mha import LOG2E
 
 
@@ -481,10 +481,32 @@ if triton is not None:
 VALUE_LAUNCH = dict(block_n=64, num_warps=4, splits_per_sm=8)  # 0.073 ms alone, against 0.085 at 4 an SM
 
 
+def _values_pass(scores, v_codes, v_scale, v_zero, lengths, bits, group_size, max_len, num_splits, value_launch,
+                 values_impl):
+    """The second pass of the two-pass read: `values_cuda` (tensor cores) where it applies and NVRTC
+    works, else `decode_mha.values_from_scores` (Triton); `values_impl` forces one."""
+    from kvbench.kernels import nvrtc
+    from kvbench.kernels.decode_attention import interpreting
+
+    if values_impl not in (None, "triton", "cuda"):
+        raise ValueError(f"decode_rotatekv_mha: values_impl must be 'triton', 'cuda' or None, not {values_impl!r}")
+    d = v_codes.shape[-1] * 8 // bits
+    cuda_ok = (values_cuda.supports(d, bits, group_size, True) and scores.is_cuda and not interpreting()
+               and v_scale.dtype == torch.float16)
+    if values_impl == "cuda" and not cuda_ok:
+        raise ValueError("decode_rotatekv_mha: the CUDA values pass needs 2-bit values of 128 channels in groups "
+                         "of 64 or 128, fp16 scales and a CUDA device")
+    if cuda_ok and values_impl != "triton" and (values_impl == "cuda" or nvrtc.available()):
+        return values_cuda.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, group_size=group_size,
+                                              max_len=max_len, num_splits=num_splits)
+    return decode_mha.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, bits=bits, group_size=group_size,
+                                         max_len=max_len, num_splits=num_splits, **(value_launch or VALUE_LAUNCH))
+
+
 def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths, positions, cos, sin,
                         scaling, *, bits, group_size, head_group, pre_rope=True, max_len=None, num_splits=None,
                         block_n=16, num_warps=4, num_stages=2, splits_per_sm=2, stack_heads=None, two_pass=True,
-                        value_launch=None, f16_dequant=None, maxnreg=None, scores_impl=None):
+                        value_launch=None, f16_dequant=None, maxnreg=None, scores_impl=None, values_impl=None):
     """`decode_attention.decode_rotatekv`'s contract for shapes `supports` accepts: q [B, H, D]
     after RoPE and unrotated; partials whose outputs are in the value-rotated space. Queries and
     the pre-RoPE products' operands are fp16 whatever q's dtype (bf16 queries are converted).
@@ -503,7 +525,9 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
     the scores kernel (more programs an SM, some spills; not faster for the default).
     `scores_impl` (two passes): "triton" (`_rotatekv_scores_kernel`) or "cuda" (the hand-laid
     `rotatekv_scores_cuda` kernel: pre-RoPE keys, 4-head groups of 128 at 2 bits, compiled by NVRTC
-    at first use); None takes "cuda" where it applies and compiles, else "triton"."""
+    at first use); None takes "cuda" where it applies and compiles, else "triton". `values_impl`
+    (two passes): the same choice for the values pass ("cuda": `values_cuda`, tensor cores; 2-bit
+    values of 128 channels in groups of 64 or 128)."""
     from kvbench.kernels.decode_attention import (_out, _pow2, _require_triton, _sign_matrix_on, interpreting,
                                                    split_plan)
 
@@ -556,9 +580,8 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
         ns_c, nit_c = split_plan(max_len, 32, b * ngrp, q.device, per_sm=splits_per_sm, num_splits=num_splits)
         rotatekv_scores_cuda.rotatekv_scores(q.contiguous(), k_codes, k_scale, k_zero, gid, lengths, positions, cos,
                                              sin, sm_scale, scores, split_len=nit_c * 32, num_splits=ns_c)
-        return decode_mha.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, bits=bits,
-                                             group_size=group_size, max_len=max_len, num_splits=num_splits,
-                                             **(value_launch or VALUE_LAUNCH))
+        return _values_pass(scores, v_codes, v_scale, v_zero, lengths, bits, group_size, max_len, num_splits,
+                            value_launch, values_impl)
     if two_pass:
         scores = torch.empty(b, hkv, cap, dtype=torch.float32, device=q.device)
         _rotatekv_scores_kernel[(b * ngrp, ns)](
@@ -568,9 +591,8 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
             ASM=not interpreting(),
             num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )  # fmt: skip
-        return decode_mha.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, bits=bits,
-                                             group_size=group_size, max_len=max_len, num_splits=num_splits,
-                                             **(value_launch or VALUE_LAUNCH))
+        return _values_pass(scores, v_codes, v_scale, v_zero, lengths, bits, group_size, max_len, num_splits,
+                            value_launch, values_impl)
     o, lse = _out(q, ns)
     v_strides = (v_scale.stride(0), v_scale.stride(1), v_scale.stride(2))
     _rotatekv_mha_kernel[(b * ngrp, ns)](

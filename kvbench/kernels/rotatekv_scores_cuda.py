@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import torch
 
+from kvbench.kernels import nvrtc
+
 D = 128  # head_dim this kernel is laid out for
 HG = 4  # heads a Hadamard group
 TILE = 8  # tokens a warp tile (the product's N)
@@ -435,29 +437,19 @@ def source(nq: int, min_blocks: int = MIN_BLOCKS) -> str:
     return _SOURCE.replace("__NQ__", str(nq)).replace("__MINB__", str(min_blocks))
 
 
-_KERNELS: dict = {}
-_AVAILABLE: list = []
+def _kernel(nq: int, device, min_blocks: int = MIN_BLOCKS):
+    return nvrtc.compile_source(source(nq, min_blocks), "rotatekv_scores", device)
 
 
 def available() -> bool:
-    """Whether NVRTC compiles and loads the kernel here (once; a failure is remembered, and the
-    caller falls back to the Triton pass)."""
-    if not _AVAILABLE:
-        try:
-            _kernel(32, torch.device("cuda", torch.cuda.current_device()))
-            _AVAILABLE.append(True)
-        except Exception:  # no NVRTC, an old torch without _compile_kernel, a driver that refuses the PTX
-            _AVAILABLE.append(False)
-    return _AVAILABLE[0]
-
-
-def _kernel(nq: int, device, min_blocks: int = MIN_BLOCKS):
-    key = (nq, str(device), min_blocks)
-    if key not in _KERNELS:
-        from torch.cuda import _compile_kernel
-
-        _KERNELS[key] = _compile_kernel(source(nq, min_blocks), "rotatekv_scores")
-    return _KERNELS[key]
+    """Whether NVRTC compiles and loads this kernel here (else the caller takes the Triton pass)."""
+    if not nvrtc.available():
+        return False
+    try:
+        _kernel(32, torch.device("cuda", torch.cuda.current_device()))
+        return True
+    except Exception:  # a driver that refuses this kernel's PTX
+        return False
 
 
 _OFFSETS: dict = {}

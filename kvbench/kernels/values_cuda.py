@@ -1,0 +1,231 @@
+"""The values pass of a two-pass decode read as a hand-laid CUDA kernel, on the tensor cores.
+
+Same contract as `decode_mha.values_from_scores` (partials o [B, H, S, D] fp32 and lse [B, H, S] of
+softmax(scores) @ V over each split, scores [B, H, cap] fp32 in the log2 domain), for per-token
+packed values with one query row per KV head: head_dim 128, 2 bits, groups of 64 or 128 channels,
+integer zero points, fp16 scales and zeros.
+
+With one query row, the Triton pass does the products on CUDA cores (about four instructions a
+code). Here a warp takes 16 tokens at a time into one `mma.m16n8k16` per 8 channels:
+
+* **A** (16 x 16 tokens): row p (p = 0..3, a bit plane of the packed bytes) holds p_t * s_t of the
+  plane's group, rounded to fp16 (p_t = 2**(score - max) <= 1); rows 4..15 are zero. Lane L < 16
+  computes token L's weights once; the fragments come from those lanes by four shuffles.
+* **B** (16 tokens x 8 channels): the codes of plane p, read in place: one PRMT puts a byte of two
+  tokens into the two half-words (it serves all four planes), one LOP3 masks the plane and ORs
+  1024's exponent (1024 + c 4**p), one HADD2 removes the 1024 (exact). So a pair of codes costs
+  about 2.25 instructions and the multiply-adds go to the tensor cores.
+* channel of column n of tile (p, jb) = 32 p + 4 n + jb: lane n of a quad column reads word n of
+  each token row (the four bytes jb = 0..3 of that word), so the loads are one 32-bit word a token.
+* D row p of tile (p, jb) is sum_t p_t s_t c_t 4**p; the zero points come off as sum_t A_t z_t, and
+  the four warps' partials are summed in shared memory.
+
+The A weights are fp16 (as flash attention's P is): 2**-11 relative a weight. `emulate_values` is
+the same arithmetic in torch (fp16-rounded weights), for the CPU tests; `kvbench.kernels.checks`
+compares the kernel with the float reference on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvbench.kernels import nvrtc
+
+LOG2E = 1.4426950408889634
+D = 128
+WARPS = 4
+STEP = 16 * WARPS  # tokens a program takes per iteration
+
+
+def supports(head_dim: int, bits: int, group_size: int, integer_zero: bool) -> bool:
+    return head_dim == D and bits == 2 and group_size in (64, 128) and integer_zero
+
+
+_SOURCE = r"""
+#define NG __NG__  // value groups a row (1: groups of 128, 2: of 64)
+
+__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
+    unsigned d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel)); return d;
+}
+__device__ __forceinline__ unsigned lop_and_or(unsigned a, unsigned m, unsigned o) {
+    unsigned d; asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(m), "r"(o)); return d;
+}
+__device__ __forceinline__ unsigned hadd2(unsigned a, unsigned b) {
+    unsigned d; asm("add.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
+}
+__device__ __forceinline__ unsigned short f2h(float f) {
+    unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+}
+__device__ __forceinline__ float h2f(unsigned short h) {
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ void mma_acc(float* d, unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ vw,
+                   const unsigned short* __restrict__ vs, const unsigned short* __restrict__ vz,
+                   const long long* __restrict__ len, float* __restrict__ o, float* __restrict__ lse,
+                   int cap, int H, int split_len, int ns, int vs_b, int vs_h, int vs_t) {
+    __shared__ float s_part[4][128 + 4];
+    __shared__ float s_max[4];
+    const int row = blockIdx.x, b = row / H, h = row % H, split = blockIdx.y;
+    const int start = split * split_len;
+    const int end = min(start + split_len, (int)len[b]);
+    float* orow = o + ((long long)row * ns + split) * 128;
+    if (start >= end) {  // an empty split: nothing to weigh
+        orow[threadIdx.x] = 0.f;
+        if (threadIdx.x == 0) lse[(long long)row * ns + split] = __int_as_float(0xff800000);
+        return;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const float* sr = scr + (long long)row * cap;
+    // the split's exact maximum: nothing is rescaled afterwards
+    float m = -1e30f;
+    for (int i = start + threadIdx.x; i < end; i += 128) m = fmaxf(m, sr[i]);
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, s));
+    if (lane == 0) s_max[warp] = m;
+    __syncthreads();
+    m = fmaxf(fmaxf(s_max[0], s_max[1]), fmaxf(s_max[2], s_max[3]));
+
+    // lane L < 16 weighs token k0 + L: p = 2**(s - max), A = fp16(p s) of each group (packed), and
+    // sums p and A z; the A fragments then come from these lanes by shuffles
+    const unsigned short* vsb = vs + (long long)b * vs_b + (long long)h * vs_h;
+    const unsigned short* vzb = vz + (long long)b * vs_b + (long long)h * vs_h;
+    // this lane's word g of tokens k0 + 2t (+1, +8, +9): a base pointer and constant offsets
+    const unsigned* wl = vw + ((long long)row * cap + 2 * t) * 8 + g;
+    const unsigned sel = (NG == 2 && g >= 2) ? 0x7632u : 0x5410u;  // the half of row g's group
+    float acc[4][4][4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+        for (int jb = 0; jb < 4; ++jb)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[p][jb][r] = 0.f;
+    float l = 0.f, saz0 = 0.f, saz1 = 0.f;
+    for (int k0 = start + 16 * warp; k0 < end; k0 += 64) {
+        unsigned aw = 0u;
+        const int tl = k0 + lane;
+        if (lane < 16 && tl < end) {
+            float pt = exp2f(sr[tl] - m);
+            l += pt;
+            const long long so = (long long)tl * vs_t;
+            unsigned short a0h = f2h(pt * h2f(vsb[so]));
+            saz0 += h2f(a0h) * h2f(vzb[so]);
+            unsigned short a1h = 0;
+            if (NG == 2) {
+                a1h = f2h(pt * h2f(vsb[so + 1]));
+                saz1 += h2f(a1h) * h2f(vzb[so + 1]);
+            }
+            aw = (unsigned)a0h | ((unsigned)a1h << 16);
+        }
+        unsigned x0 = __shfl_sync(0xffffffffu, aw, 2 * t), x1 = __shfl_sync(0xffffffffu, aw, 2 * t + 1);
+        unsigned x2 = __shfl_sync(0xffffffffu, aw, 2 * t + 8), x3 = __shfl_sync(0xffffffffu, aw, 2 * t + 9);
+        unsigned a0 = g < 4 ? prmt(x0, x1, sel) : 0u;  // row g = plane g: tokens 2t, 2t + 1
+        unsigned a2 = g < 4 ? prmt(x2, x3, sel) : 0u;  // tokens 2t + 8, 2t + 9
+        const unsigned* wk = wl + (long long)k0 * 8;
+        const int r0 = k0 + 2 * t;
+        unsigned w0 = r0 < end ? wk[0] : 0u, w1 = r0 + 1 < end ? wk[8] : 0u;
+        unsigned w2 = r0 + 8 < end ? wk[64] : 0u, w3 = r0 + 9 < end ? wk[72] : 0u;
+#pragma unroll
+        for (int jb = 0; jb < 4; ++jb) {
+            unsigned lo = prmt(w0, w1, jb | ((4 + jb) << 8));  // tokens 2t, 2t + 1: byte jb of word g
+            unsigned hi = prmt(w2, w3, jb | ((4 + jb) << 8));  // tokens 2t + 8, 2t + 9
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                unsigned msk = 0x00030003u << (2 * p);
+                unsigned b0 = hadd2(lop_and_or(lo, msk, 0x64006400u), 0xE400E400u);  // c 4**p, exact
+                unsigned b1 = hadd2(lop_and_or(hi, msk, 0x64006400u), 0xE400E400u);
+                mma_acc(acc[p][jb], a0, a2, b0, b1);
+            }
+        }
+    }
+    // sums over the token lanes; row g < 4 of tile (g, jb) holds channels 32 g + 4 (2t + c) + jb
+#pragma unroll
+    for (int s = 1; s < 16; s <<= 1) {
+        l += __shfl_xor_sync(0xffffffffu, l, s);
+        saz0 += __shfl_xor_sync(0xffffffffu, saz0, s);
+        saz1 += __shfl_xor_sync(0xffffffffu, saz1, s);
+    }
+    if (g < 4) {
+        const float inv4 = g == 0 ? 1.f : g == 1 ? 0.25f : g == 2 ? 0.0625f : 0.015625f;
+        const float saz = (NG == 2 && g >= 2) ? saz1 : saz0;
+#pragma unroll
+        for (int p = 0; p < 4; ++p)
+            if (p == g) {
+#pragma unroll
+                for (int jb = 0; jb < 4; ++jb) {
+                    s_part[warp][32 * p + 8 * t + jb] = acc[p][jb][0] * inv4 - saz;
+                    s_part[warp][32 * p + 8 * t + 4 + jb] = acc[p][jb][1] * inv4 - saz;
+                }
+            }
+    }
+    if (lane == 0) s_part[warp][128] = l;
+    __syncthreads();
+    const int c = threadIdx.x;
+    float num = (s_part[0][c] + s_part[1][c]) + (s_part[2][c] + s_part[3][c]);
+    float L = (s_part[0][128] + s_part[1][128]) + (s_part[2][128] + s_part[3][128]);
+    orow[c] = num / L;  // L >= 1: the maximum's own token weighs 1
+    if (c == 0) lse[(long long)row * ns + split] = (m + log2f(L)) / 1.4426950408889634f;
+}
+"""
+
+
+def source(num_groups: int) -> str:
+    return _SOURCE.replace("__NG__", str(num_groups))
+
+
+def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size, max_len=None, num_splits=None,
+                       splits_per_sm=4):
+    """`decode_mha.values_from_scores`'s contract on the tensor cores (shapes `supports` takes)."""
+    from kvbench.kernels.decode_attention import split_plan
+
+    b, h, cap = scores.shape
+    if v_codes.shape[-1] != D * 2 // 8 or not v_codes.is_contiguous() or v_scale.dtype != torch.float16 \
+            or v_zero.stride() != v_scale.stride() or v_scale.stride(-1) != 1:
+        raise ValueError("values_cuda: needs contiguous 2-bit rows of 128 channels, fp16 scales and zeros laid "
+                         "out alike")
+    max_len = cap if max_len is None else max_len
+    ns, nit = split_plan(max_len, STEP, b * h, scores.device, per_sm=splits_per_sm, num_splits=num_splits)
+    o = torch.empty(b, h, ns, D, dtype=torch.float32, device=scores.device)
+    lse = torch.empty(b, h, ns, dtype=torch.float32, device=scores.device)
+    lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
+    kern = nvrtc.compile_source(source(D // group_size), "values_from_scores", scores.device)
+    kern(grid=(b * h, ns, 1), block=(32 * WARPS, 1, 1),
+         args=[scores.contiguous(), v_codes, v_scale, v_zero, lengths, o, lse, int(cap), int(h), int(nit * STEP), int(ns),
+               int(v_scale.stride(0)), int(v_scale.stride(1)), int(v_scale.stride(2))])
+    return o, lse
+
+
+def emulate_values(scores, v_codes, v_scale, v_zero, lengths, *, group_size, split_len):
+    """The kernel's arithmetic in torch: per split, p = 2**(s - max), weights fp16(p s) on the codes
+    minus zero points, divided by sum p. Returns (o [B, H, S, D], lse [B, H, S])."""
+    from kvbench.packing import unpack
+
+    b, h, cap = scores.shape
+    codes = unpack(v_codes, 2, D).float()  # [B, H, cap, D]
+    s = v_scale.float().repeat_interleave(group_size, -1)
+    z = v_zero.float().repeat_interleave(group_size, -1)
+    ns = -(-cap // split_len)
+    o = torch.zeros(b, h, ns, D, device=scores.device)
+    lse = torch.full((b, h, ns), float("-inf"), device=scores.device)
+    for bi in range(b):
+        n = int(lengths[bi])
+        for sp in range(ns):
+            lo, hi = sp * split_len, min((sp + 1) * split_len, n)
+            if lo >= hi:
+                continue
+            sc = scores[bi, :, lo:hi]
+            m = sc.max(-1, keepdim=True).values
+            p = torch.exp2(sc - m)
+            w = (p[..., None] * s[bi, :, lo:hi]).half().float()  # [H, T, D]
+            num = (w * (codes[bi, :, lo:hi] - z[bi, :, lo:hi])).sum(1)
+            lsum = p.sum(-1)
+            o[bi, :, sp] = num / lsum[:, None]
+            lse[bi, :, sp] = (m[:, 0] + torch.log2(lsum)) / LOG2E
+    return o, lse

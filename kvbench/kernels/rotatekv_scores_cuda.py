@@ -441,15 +441,21 @@ def _kernel(nq: int, device, min_blocks: int = MIN_BLOCKS):
     return nvrtc.compile_source(source(nq, min_blocks), "rotatekv_scores", device)
 
 
+_AVAILABLE: list = []
+
+
 def available() -> bool:
-    """Whether NVRTC compiles and loads this kernel here (else the caller takes the Triton pass)."""
-    if not nvrtc.available():
-        return False
-    try:
-        _kernel(32, torch.device("cuda", torch.cuda.current_device()))
-        return True
-    except Exception:  # a driver that refuses this kernel's PTX
-        return False
+    """Whether NVRTC compiles and loads this kernel here (else the caller takes the Triton pass);
+    checked once, as every decode read asks."""
+    if not _AVAILABLE:
+        ok = nvrtc.available()
+        if ok:
+            try:
+                _kernel(32, torch.device("cuda", torch.cuda.current_device()))
+            except Exception:  # a driver that refuses this kernel's PTX
+                ok = False
+        _AVAILABLE.append(ok)
+    return _AVAILABLE[0]
 
 
 _OFFSETS: dict = {}

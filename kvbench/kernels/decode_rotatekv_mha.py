@@ -547,10 +547,21 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
         raise ValueError("decode_rotatekv_mha: f16_dequant and maxnreg apply to the two-pass read's scores kernel")
     if f16_dequant and not pre_rope:
         raise ValueError("decode_rotatekv_mha: f16_dequant needs pre-RoPE keys (it feeds the H_{D/2} products)")
+    # The hand-laid CUDA scores pass: where its shape and dtypes fit and no Triton-only option is set.
+    if scores_impl not in (None, "triton", "cuda"):
+        raise ValueError(f"decode_rotatekv_mha: scores_impl must be 'triton', 'cuda' or None, not {scores_impl!r}")
+    cuda_fits = (two_pass and not f16_dequant and not stack_heads and not maxnreg
+                 and rotatekv_scores_cuda.supports(hq // hkv, d, bits, hg, nq, pre_rope)
+                 and cos.dtype == torch.float16 and k_scale.dtype == torch.float16 and q.is_cuda
+                 and not interpreting())
+    if scores_impl == "cuda" and not cuda_fits:
+        raise ValueError("decode_rotatekv_mha: the CUDA scores kernel needs two passes, pre-RoPE keys, 4-head "
+                         "groups of 128 at 2 bits, key groups a multiple of 8 (at most 64), fp16 scales and "
+                         "cos/sin, a CUDA device, and none of f16_dequant / stack_heads / maxnreg")
+    use_cuda_scores = cuda_fits and scores_impl != "triton" and (scores_impl == "cuda"
+                                                                 or rotatekv_scores_cuda.available())
     if f16_dequant is None:  # (the Triton scores pass's choice; the CUDA pass has its own fp16 path)
-        f16_dequant = two_pass and pre_rope and not gather and scores_impl != "cuda" and not (
-            scores_impl is None and rotatekv_scores_cuda.supports(hq // hkv, d, bits, hg, nq, pre_rope)
-            and q.is_cuda and not interpreting() and rotatekv_scores_cuda.available())
+        f16_dequant = two_pass and pre_rope and not gather and not use_cuda_scores
     if stack_heads is None:
         stack_heads = gather and pre_rope and hg == 4 and not two_pass
     if stack_heads and (hg != 4 or not pre_rope):
@@ -564,17 +575,7 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
         hsign = _sign_matrix_on(d, torch.float32, q.device)
         q = q.float() @ hsign
     q = q.to(torch.float16)
-    if scores_impl not in (None, "triton", "cuda"):
-        raise ValueError(f"decode_rotatekv_mha: scores_impl must be 'triton', 'cuda' or None, not {scores_impl!r}")
-    cuda_ok = (two_pass and not f16_dequant and not stack_heads and not maxnreg
-               and rotatekv_scores_cuda.supports(hq // hkv, d, bits, hg, nq, pre_rope) and nq % 8 == 0
-               and cos.dtype == torch.float16 and k_scale.dtype == torch.float16 and q.is_cuda
-               and not interpreting())
-    if scores_impl == "cuda" and not cuda_ok:
-        raise ValueError("decode_rotatekv_mha: the CUDA scores kernel needs two passes, pre-RoPE keys, 4-head "
-                         "groups of 128 at 2 bits, key groups a multiple of 8, a CUDA device, and none of "
-                         "f16_dequant / stack_heads / maxnreg")
-    if two_pass and cuda_ok and scores_impl != "triton" and (scores_impl == "cuda" or rotatekv_scores_cuda.available()):
+    if use_cuda_scores:
         scores = torch.empty(b, hkv, cap, dtype=torch.float32, device=q.device)
         # the CUDA kernel's programs take whole splits of 32-token steps (4 warps x 8 tokens)
         ns_c, nit_c = split_plan(max_len, 32, b * ngrp, q.device, per_sm=splits_per_sm, num_splits=num_splits)

@@ -49,7 +49,7 @@ WARPS = 4
 
 
 def supports(gq: int, head_dim: int, bits: int, head_group: int, nq: int, pre_rope: bool) -> bool:
-    return gq == 1 and head_dim == D and bits == 2 and head_group == HG and pre_rope and 0 < nq <= 64
+    return gq == 1 and head_dim == D and bits == 2 and head_group == HG and pre_rope and 0 < nq <= 64 and nq % 8 == 0
 
 
 def _sylvester(n: int) -> torch.Tensor:
@@ -437,8 +437,14 @@ def source(nq: int, min_blocks: int = MIN_BLOCKS) -> str:
     return _SOURCE.replace("__NQ__", str(nq)).replace("__MINB__", str(min_blocks))
 
 
+_KERNELS: dict = {}
+
+
 def _kernel(nq: int, device, min_blocks: int = MIN_BLOCKS):
-    return nvrtc.compile_source(source(nq, min_blocks), "rotatekv_scores", device)
+    key = (nq, str(device), min_blocks)  # (not the source: every decode read asks)
+    if key not in _KERNELS:
+        _KERNELS[key] = nvrtc.compile_source(source(nq, min_blocks), "rotatekv_scores", device)
+    return _KERNELS[key]
 
 
 _AVAILABLE: list = []

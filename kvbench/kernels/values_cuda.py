@@ -176,6 +176,9 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
 """
 
 
+_KERNELS: dict = {}
+
+
 def source(num_groups: int) -> str:
     return _SOURCE.replace("__NG__", str(num_groups))
 
@@ -195,7 +198,10 @@ def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size,
     o = torch.empty(b, h, ns, D, dtype=torch.float32, device=scores.device)
     lse = torch.empty(b, h, ns, dtype=torch.float32, device=scores.device)
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
-    kern = nvrtc.compile_source(source(D // group_size), "values_from_scores", scores.device)
+    key = (D // group_size, str(scores.device))  # (not the source: every decode read asks)
+    if key not in _KERNELS:
+        _KERNELS[key] = nvrtc.compile_source(source(D // group_size), "values_from_scores", scores.device)
+    kern = _KERNELS[key]
     kern(grid=(b * h, ns, 1), block=(32 * WARPS, 1, 1),
          args=[scores.contiguous(), v_codes, v_scale, v_zero, lengths, o, lse, int(cap), int(h), int(nit * STEP), int(ns),
                int(v_scale.stride(0)), int(v_scale.stride(1)), int(v_scale.stride(2))])

@@ -157,13 +157,15 @@ def methods(b, h, d, L, device, smoke):
     pt_bytes = 2 * b * h * L * (d * bits // 8 + 4 * d // G)
     # "tc": the tensor-core kernel (decode_attention); "mha": CUDA cores, one query per KV head
     # (the shipped launch settings first: a run cut short by --budget-s still times them)
-    cfgs = [dict(kernel="mha", block_n=bn, num_warps=nw, splits_per_sm=sp, prefetch=pf)
-            for bn, nw, sp, pf in ((64, 4, 4, True), (64, 4, 4, False), (64, 4, 8, True), (32, 2, 8, True),
-                                   (64, 2, 8, True), (128, 4, 4, True))]
+    # "cuda": the two hand-laid passes (decode_mha_cuda), the default where NVRTC works
+    cfgs = [dict(kernel="mha", impl="cuda", splits_per_sm=sp) for sp in (4, 2, 8)]
+    cfgs += [dict(kernel="mha", impl="triton", block_n=bn, num_warps=nw, splits_per_sm=sp, prefetch=pf)
+             for bn, nw, sp, pf in ((64, 4, 4, True), (64, 4, 4, False), (64, 4, 8, True), (32, 2, 8, True),
+                                    (64, 2, 8, True), (128, 4, 4, True))]
     cfgs += [dict(kernel="tc", block_n=64, num_warps=4, fold_offset=True)]
     if smoke:
         cfgs = [dict(kernel="tc", block_n=16, num_warps=4, num_splits=2),
-                dict(kernel="mha", block_n=16, num_warps=4, num_splits=2)]
+                dict(kernel="mha", impl="triton", block_n=16, num_warps=4, num_splits=2)]
 
     def per_token(qq, cfg, G=G, kk=kk, vv=vv):
         c = {k: v for k, v in cfg.items() if k != "kernel"}
@@ -267,7 +269,7 @@ def methods(b, h, d, L, device, smoke):
             rcfgs = []
             if pre:  # the hand-laid CUDA scores pass (rotatekv_scores_cuda), the launcher's default where it applies
                 rcfgs += [dict(kernel="cc", scores_impl="cuda", splits_per_sm=sp) for sp in (2, 4)]
-                rcfgs += [dict(kernel="cc", scores_impl="cuda", values_impl="cuda", splits_per_sm=2)]
+                rcfgs += [dict(kernel="cc", scores_impl="cuda", values_impl="triton", splits_per_sm=2)]
             rcfgs += [dict(kernel="cc", block_n=bn, num_warps=4, splits_per_sm=sp, scores_impl="triton")
                       for bn, sp in ((16, 4), (16, 8), (32, 2))]
             # fused: one online softmax, the values in the same loop (the fifth session's kernel)
@@ -287,9 +289,11 @@ def methods(b, h, d, L, device, smoke):
                                                                            two_pass=True)]
                                                                      if hg == 4 else [])
         if hg == 1 and not pre and not reorder:  # quarot's read path: the MHA kernel takes it
-            rcfgs = [dict(kernel="mha", block_n=bn, num_warps=4, splits_per_sm=sp) for bn, sp in ((64, 4), (128, 4), (64, 8))]
+            rcfgs = [dict(kernel="mha", impl="cuda", splits_per_sm=4)]
+            rcfgs += [dict(kernel="mha", impl="triton", block_n=bn, num_warps=4, splits_per_sm=sp)
+                      for bn, sp in ((64, 4), (128, 4), (64, 8))]
             if smoke:
-                rcfgs = [dict(kernel="mha", block_n=16, num_warps=4, num_splits=2)]
+                rcfgs = [dict(kernel="mha", impl="triton", block_n=16, num_warps=4, num_splits=2)]
 
         def rkv_partials(cfg, kc_r, ks_r, kz_r, gid, vv_r, hg, pre, G):
             if cfg.get("kernel") == "mha":

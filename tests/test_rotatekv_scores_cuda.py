@@ -82,21 +82,23 @@ def test_cuda_scores_refused_cleanly_off_gpu():
                             group_size=128, head_group=4, scores_impl="cuda")
 
 
-@pytest.mark.parametrize("group,split_len", [(128, 64), (64, 192)])
-def test_values_emulation_matches_float64_reference(group, split_len):
-    """`values_cuda`'s arithmetic (fp16 weights p s on codes minus zeros, sum p, per split) against
-    softmax(2**scores) @ dequantized values, merged over splits."""
+@pytest.mark.parametrize("group,split_len,integer_zero", [(128, 64, True), (64, 192, True), (64, 128, False)])
+def test_values_emulation_matches_float64_reference(group, split_len, integer_zero):
+    """`values_cuda`'s arithmetic (fp16 weights p s on codes minus integer zeros, or plus p z for
+    KIVI's float zeros; sum p; per split) against softmax(2**scores) @ dequantized values, merged
+    over splits."""
     from kvbench.kernels import reference as ref
     from kvbench.kernels import values_cuda as vc
 
     gen = torch.Generator().manual_seed(2)
     b, h, cap = 2, 3, 300
     lengths = torch.tensor([300, 77])
-    vcodes, vscale, vzero = checks._store(gen, b, h, cap, 128, 2, group, "cpu")
+    vcodes, vscale, vzero = checks._store(gen, b, h, cap, 128, 2, group, "cpu", float_zero=not integer_zero)
     scores = torch.randn(b, h, cap, generator=gen) * 3
-    o, lse = vc.emulate_values(scores, vcodes, vscale, vzero, lengths, group_size=group, split_len=split_len)
+    o, lse = vc.emulate_values(scores, vcodes, vscale, vzero, lengths, group_size=group, split_len=split_len,
+                               integer_zero=integer_zero)
     got = ref.merge_partials([(o, lse)])
-    v = ref.unpack_per_token(vcodes, vscale, vzero, 2, group, True).double()
+    v = ref.unpack_per_token(vcodes, vscale, vzero, 2, group, integer_zero).double()
     valid = torch.arange(cap)[None, None, :] < lengths[:, None, None]
     ln = torch.where(valid, scores.double() * math.log(2.0), torch.tensor(float("-inf"), dtype=torch.float64))
     want = (torch.softmax(ln, -1)[..., None] * v).sum(2)
@@ -108,4 +110,8 @@ def test_values_source_is_specialized():
     from kvbench.kernels import values_cuda as vc
 
     assert "#define NG 2" in vc.source(2) and "__NG__" not in vc.source(1)
-    assert vc.supports(128, 2, 64, True) and not vc.supports(64, 2, 64, True) and not vc.supports(128, 4, 64, True)
+    src = vc.source(1, tiles=8, integer_zero=False)
+    assert "#define U 8" in src and "#define INTZ 0" in src and "__" + "U__" not in src
+    with pytest.raises(ValueError, match="tiles"):
+        vc.source(1, tiles=3)
+    assert vc.supports(128, 2, 64) and not vc.supports(64, 2, 64) and not vc.supports(128, 4, 64)

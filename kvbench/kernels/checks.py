@@ -80,9 +80,10 @@ def check_per_token(device, small=True, results=None):
 
 
 def check_per_token_mha(device, small=True, results=None):
-    """The CUDA-core kernel for one query head per KV head (`decode_mha`), every bit width, integer
-    and float zeros, one to four groups a row, ragged lengths and empty splits."""
-    from kvbench.kernels import decode_mha
+    """The kernels for one query head per KV head (`decode_mha`'s Triton kernel and, where it fits,
+    the two CUDA passes of `decode_mha_cuda`), every bit width, integer and float zeros, one to
+    four groups a row, ragged lengths and empty splits."""
+    from kvbench.kernels import decode_mha, decode_mha_cuda
 
     results = [] if results is None else results
     gen = torch.Generator().manual_seed(5)
@@ -90,18 +91,50 @@ def check_per_token_mha(device, small=True, results=None):
     cap = 83 if small else 3000
     lengths = torch.tensor([83, 37, 1] if small else [3000, 2999, 1517, 1]).to(device)
     for bits, group, int_zero in ((2, 64, True), (2, 32, True), (2, 16, True), (4, 64, False), (4, 32, True),
-                                  (8, 64, True)):
+                                  (8, 64, True), (2, 128, True)):
         if not decode_mha.supports(1, d, bits, group):
             continue
         k = _store(gen, lengths.numel(), h, cap, d, bits, group, device, not int_zero)
         v = _store(gen, lengths.numel(), h, cap, d, bits, group, device, not int_zero)
         q = _query(gen, lengths.numel(), h, d, device)
-        o, lse = decode_mha.decode_per_token_mha(q, *k, *v, lengths, d**-0.5, bits=bits, group_size=group,
-                                                 integer_zero=int_zero, num_splits=3 if small else None,
-                                                 block_n=16 if small else 64)
         ro, rl = ref.ref_decode_per_token(q.float(), *k, *v, lengths, d**-0.5, bits=bits, group_size=group,
                                           integer_zero=int_zero)
-        _compare(f"per_token_mha bits={bits} G={group} int_zero={int_zero}", o, lse, ro, rl, results)
+        impls = ["triton"] + (["cuda"] if decode_mha_cuda.fits(q, k[1], v[1], bits, group, int_zero) else [])
+        for impl in impls:
+            o, lse = decode_mha.decode_per_token_mha(q, *k, *v, lengths, d**-0.5, bits=bits, group_size=group,
+                                                     integer_zero=int_zero, num_splits=3 if small else None,
+                                                     block_n=16 if small else 64, impl=impl)
+            _compare(f"per_token_mha {impl} bits={bits} G={group} int_zero={int_zero}", o, lse, ro, rl, results)
+    return results
+
+
+def check_token_scores_cuda(device, results=None):
+    """The CUDA key pass for per-token keys (`token_scores_cuda`) against its torch emulation (same
+    operands and channel map) and the float64 scores: groups of 32, 64 and 128, lengths off the
+    16-token tile, batch > 1, an outlier query channel, splits that end mid-tile."""
+    from kvbench.kernels import token_scores_cuda as tc
+
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(7)
+    b, h, cap = 3, 8, 701
+    lengths = torch.tensor([701, 650, 3], device=device)
+    sm = 128**-0.5 * 1.4426950408889634
+    for group, splits in ((64, 1), (128, 3), (32, 5)):
+        kc, ks, kz = _store(gen, b, h, cap, 128, 2, group, device)
+        q = _query(gen, b, h, 128, device).half()
+        scr = torch.full((b, h, cap), float("nan"), device=device)
+        split_len = -(-cap // splits // tc.STEP) * tc.STEP
+        tc.token_scores(q, kc, ks, kz, lengths, sm, scr, group_size=group, split_len=split_len,
+                        num_splits=-(-cap // split_len))
+        emu = tc.emulate_scores(q, kc, ks, kz, lengths, sm, group_size=group)
+        k = ref.unpack_per_token(kc, ks, kz, 2, group, True).double()
+        want = torch.einsum("bhd,bhcd->bhc", q.double(), k) * sm
+        valid = torch.isfinite(emu)
+        err_ref = float((scr.double() - want)[valid].abs().max())
+        scale = float(want[valid].abs().max())
+        results.append({"kernel": f"token_scores_cuda G={group} splits={splits}", "max_abs_err": err_ref,
+                        "bound": REL_BOUND * scale, "err_vs_emulation": float((scr - emu)[valid].abs().max()),
+                        "ok": bool(err_ref <= REL_BOUND * scale and not scr[valid].isnan().any())})
     return results
 
 
@@ -303,25 +336,29 @@ def check_rotatekv_scores_cuda(device, results=None):
 
 def check_values_cuda(device, results=None):
     """The tensor-core values pass (`values_cuda`) against the float reference: softmax(2**scores)
-    @ dequantized values, groups of 64 and 128, several splits, lengths off the 64-token step."""
+    @ dequantized values, groups of 32, 64 and 128, integer and float zeros, several splits, lengths
+    off the 64-token step."""
     from kvbench.kernels import values_cuda as vc
 
     results = [] if results is None else results
     gen = torch.Generator().manual_seed(6)
     b, h, cap = 4, 8, 700
     lengths = torch.tensor([700, 699, 311, 2], device=device)
-    for group, splits in ((128, None), (64, None), (64, 3)):
-        vcodes, vscale, vzero = _store(gen, b, h, cap, 128, 2, group, device)
+    for group, splits, int_zero in ((128, None, True), (64, None, True), (64, 3, True), (32, None, False),
+                                    (32, 2, True)):
+        vcodes, vscale, vzero = _store(gen, b, h, cap, 128, 2, group, device, float_zero=not int_zero)
         scores = (torch.randn(b, h, cap, generator=gen) * 3).to(device)
-        o, lse = vc.values_from_scores(scores, vcodes, vscale, vzero, lengths, group_size=group, num_splits=splits)
-        v = ref.unpack_per_token(vcodes, vscale, vzero, 2, group, True).double()
+        o, lse = vc.values_from_scores(scores, vcodes, vscale, vzero, lengths, group_size=group, num_splits=splits,
+                                       integer_zero=int_zero)
+        v = ref.unpack_per_token(vcodes, vscale, vzero, 2, group, int_zero).double()
         valid = torch.arange(cap, device=device)[None, None, :] < lengths[:, None, None]
         ln = scores.double() * math.log(2.0)
         ln = torch.where(valid, ln, torch.full_like(ln, float("-inf")))
         w = torch.softmax(ln, -1)
         r_out = (w[..., None] * v).sum(2)[:, :, None].float()
         r_lse = torch.logsumexp(ln, -1)[:, :, None].float()
-        _compare(f"values_cuda G={group} splits={splits or 'auto'}", o, lse, r_out, r_lse, results)
+        _compare(f"values_cuda G={group} int_zero={int_zero} splits={splits or 'auto'}", o, lse, r_out, r_lse,
+                 results)
     return results
 
 
@@ -409,6 +446,7 @@ def run_all(device, small=True):
     if str(device).startswith("cuda"):
         check_rotatekv_scores_cuda(device, results)
         check_values_cuda(device, results)
+        check_token_scores_cuda(device, results)
     check_packed_caches(device, results)
     check_fp_partial(device, results)
     return results

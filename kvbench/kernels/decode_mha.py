@@ -285,11 +285,16 @@ if triton is not None:
 
 def decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, *,
                          bits, group_size, integer_zero=True, max_len=None, num_splits=None, block_n=64,
-                         num_warps=4, num_stages=2, splits_per_sm=2, k_scale_heads_last=False, prefetch=True):
+                         num_warps=4, num_stages=2, splits_per_sm=2, k_scale_heads_last=False, prefetch=True,
+                         impl=None):
     """Partials (o [B, Hq, S, D] fp32, lse [B, Hq, S]) of q [B, Hq, D] (Hq == Hkv) over per-token
     packed K/V; same contract and layouts as `decode_attention.decode_per_token`.
     `k_scale_heads_last`: key scales/zeros are [B, 1, cap, Hkv] (one group a head, RotateKV's
-    layout without reordering) instead of [B, Hkv, cap, D/G]."""
+    layout without reordering) instead of [B, Hkv, cap, D/G].
+    `impl`: "triton" (this module's one-pass kernel, the launch settings above), "cuda" (two
+    hand-laid passes on the tensor cores, `decode_mha_cuda`; 2-bit, groups of 32, 64 or 128) or None:
+    "cuda" where it fits and NVRTC works."""
+    from kvbench.kernels import decode_mha_cuda
     from kvbench.kernels.decode_attention import _out, _require_triton, interpreting, split_plan
 
     _require_triton()
@@ -298,12 +303,17 @@ def decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     if not supports(hq // hkv, d, bits, group_size) or hq != hkv:
         raise ValueError(f"decode_per_token_mha: unsupported shape (heads {hq}/{hkv}, D {d}, bits {bits}, "
                          f"group {group_size})")
+    if k_scale_heads_last and (group_size != d or k_scale.shape[-1] != hkv):
+        raise ValueError("k_scale_heads_last needs one group a head (group_size == head_dim)")
+    if decode_mha_cuda.use_cuda(impl, q, k_scale, v_scale, bits, group_size, integer_zero, "decode_per_token_mha"):
+        return decode_mha_cuda.decode_per_token_mha_cuda(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+                                                         lengths, scaling, group_size=group_size, max_len=max_len,
+                                                         num_splits=num_splits, splits_per_sm=splits_per_sm,
+                                                         k_scale_heads_last=k_scale_heads_last)
     max_len = cap if max_len is None else max_len
     ns, nit = split_plan(max_len, block_n, b * hkv, q.device, per_sm=splits_per_sm, num_splits=num_splits)
     o, lse = _out(q, ns)
     if k_scale_heads_last:
-        if group_size != d or k_scale.shape[-1] != hkv:
-            raise ValueError("k_scale_heads_last needs one group a head (group_size == head_dim)")
         k_strides = (k_scale.stride(0), k_scale.stride(3), k_scale.stride(2))
     else:
         k_strides = (k_scale.stride(0), k_scale.stride(1), k_scale.stride(2))

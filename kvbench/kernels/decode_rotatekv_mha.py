@@ -483,20 +483,21 @@ VALUE_LAUNCH = dict(block_n=64, num_warps=4, splits_per_sm=8)  # 0.073 ms alone,
 
 def _values_pass(scores, v_codes, v_scale, v_zero, lengths, bits, group_size, max_len, num_splits, value_launch,
                  values_impl):
-    """The second pass of the two-pass read: `decode_mha.values_from_scores` (Triton) unless
-    `values_impl="cuda"` asks for `values_cuda` (tensor cores). Both measured 0.081 ms at B8 x 8192 on
-    the H100 (eighth session), so the default stays with the older, more general kernel."""
+    """The second pass of the two-pass read: `values_cuda` (tensor cores, U tiles of loads in flight a
+    warp) where it fits and NVRTC works, unless `values_impl="triton"` asks for
+    `decode_mha.values_from_scores` (CUDA cores; `value_launch` is its launch settings)."""
+    from kvbench.kernels import nvrtc
     from kvbench.kernels.decode_attention import interpreting
 
     if values_impl not in (None, "triton", "cuda"):
         raise ValueError(f"decode_rotatekv_mha: values_impl must be 'triton', 'cuda' or None, not {values_impl!r}")
     d = v_codes.shape[-1] * 8 // bits
-    cuda_ok = (values_cuda.supports(d, bits, group_size, True) and scores.is_cuda and not interpreting()
+    cuda_ok = (values_cuda.supports(d, bits, group_size) and scores.is_cuda and not interpreting()
                and v_scale.dtype == torch.float16)
     if values_impl == "cuda" and not cuda_ok:
         raise ValueError("decode_rotatekv_mha: the CUDA values pass needs 2-bit values of 128 channels in groups "
-                         "of 64 or 128, fp16 scales and a CUDA device")
-    if values_impl == "cuda":
+                         "of 32, 64 or 128, fp16 scales and a CUDA device")
+    if cuda_ok and values_impl != "triton" and (values_impl == "cuda" or nvrtc.available()):
         return values_cuda.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, group_size=group_size,
                                               max_len=max_len, num_splits=num_splits)
     return decode_mha.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, bits=bits, group_size=group_size,
@@ -526,8 +527,9 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
     `scores_impl` (two passes): "triton" (`_rotatekv_scores_kernel`) or "cuda" (the hand-laid
     `rotatekv_scores_cuda` kernel: pre-RoPE keys, 4-head groups of 128 at 2 bits, compiled by NVRTC
     at first use); None takes "cuda" where it applies and compiles, else "triton". `values_impl`
-    (two passes): "triton" (the default) or "cuda" for the values pass (`values_cuda`, tensor cores;
-    2-bit values of 128 channels in groups of 64 or 128; measured no faster)."""
+    (two passes): "cuda" (`values_cuda`, tensor cores; 2-bit values of 128 channels in groups of
+    32, 64 or 128) or "triton" (`decode_mha.values_from_scores`); None takes "cuda" where it applies
+    and compiles."""
     from kvbench.kernels.decode_attention import (_out, _pow2, _require_triton, _sign_matrix_on, interpreting,
                                                    split_plan)
 

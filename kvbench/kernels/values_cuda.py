@@ -2,8 +2,9 @@
 
 Same contract as `decode_mha.values_from_scores` (partials o [B, H, S, D] fp32 and lse [B, H, S] of
 softmax(scores) @ V over each split, scores [B, H, cap] fp32 in the log2 domain), for per-token
-packed values with one query row per KV head: head_dim 128, 2 bits, groups of 64 or 128 channels,
-integer zero points, fp16 scales and zeros.
+packed values with one query row per KV head: head_dim 128, 2 bits, groups of 32, 64 or 128
+channels, fp16 scales and zeros; integer zero points ((c - z) s: rtn, quarot, RotateKV) or the group
+minimum (c s + z: KIVI).
 
 With one query row, the Triton pass does the products on CUDA cores (about four instructions a
 code). Here a warp takes 16 tokens at a time into one `mma.m16n8k16` per 8 channels:
@@ -17,8 +18,12 @@ code). Here a warp takes 16 tokens at a time into one `mma.m16n8k16` per 8 chann
   about 2.25 instructions and the multiply-adds go to the tensor cores.
 * channel of column n of tile (p, jb) = 32 p + 4 n + jb: lane n of a quad column reads word n of
   each token row (the four bytes jb = 0..3 of that word), so the loads are one 32-bit word a token.
-* D row p of tile (p, jb) is sum_t p_t s_t c_t 4**p; the zero points come off as sum_t A_t z_t, and
-  the four warps' partials are summed in shared memory.
+* D row p of tile (p, jb) is sum_t p_t s_t c_t 4**p; the zero points come off as sum_t A_t z_t
+  (integer zeros) or on as sum_t p_t z_t (float zeros), and the four warps' partials are summed in
+  shared memory.
+* **U tiles a warp an iteration, all loads first**: each warp issues the loads of U tiles (codes,
+  scores, scales, kept raw) before computing any. With one tile (the first version) the pass ran
+  at a third of the copy bandwidth, waiting on each tile's loads (docs/kernel-notes.md).
 
 The A weights are fp16 (as flash attention's P is): 2**-11 relative a weight. `emulate_values` is
 the same arithmetic in torch (fp16-rounded weights), for the CPU tests; `kvbench.kernels.checks`
@@ -34,15 +39,17 @@ from kvbench.kernels import nvrtc
 LOG2E = 1.4426950408889634
 D = 128
 WARPS = 4
-STEP = 16 * WARPS  # tokens a program takes per iteration
+STEP = 16 * WARPS  # tokens a program takes per tile row (splits are whole multiples)
 
 
-def supports(head_dim: int, bits: int, group_size: int, integer_zero: bool) -> bool:
-    return head_dim == D and bits == 2 and group_size in (64, 128) and integer_zero
+def supports(head_dim: int, bits: int, group_size: int) -> bool:
+    return head_dim == D and bits == 2 and group_size in (32, 64, 128)
 
 
 _SOURCE = r"""
-#define NG __NG__  // value groups a row (1: groups of 128, 2: of 64)
+#define NG __NG__  // value groups a row (1: groups of 128, 2: of 64, 4: of 32)
+#define U __U__  // 16-token tiles a warp loads before it computes any of them
+#define INTZ __INTZ__  // 1: integer zero points, (c - z) s; 0: the group minimum, c s + z
 
 __device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
     unsigned d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel)); return d;
@@ -84,8 +91,9 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const float* sr = scr + (long long)row * cap;
-    // the split's exact maximum: nothing is rescaled afterwards
+    // the split's exact maximum: nothing is rescaled afterwards (unrolled: several loads in flight)
     float m = -1e30f;
+#pragma unroll 8
     for (int i = start + threadIdx.x; i < end; i += 128) m = fmaxf(m, sr[i]);
 #pragma unroll
     for (int s = 16; s > 0; s >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, s));
@@ -94,12 +102,14 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
     m = fmaxf(fmaxf(s_max[0], s_max[1]), fmaxf(s_max[2], s_max[3]));
 
     // lane L < 16 weighs token k0 + L: p = 2**(s - max), A = fp16(p s) of each group (packed), and
-    // sums p and A z; the A fragments then come from these lanes by shuffles
+    // sums p and the zero-point term; the A fragments then come from these lanes by shuffles
     const unsigned short* vsb = vs + (long long)b * vs_b + (long long)h * vs_h;
     const unsigned short* vzb = vz + (long long)b * vs_b + (long long)h * vs_h;
     // this lane's word g of tokens k0 + 2t (+1, +8, +9): a base pointer and constant offsets
-    const unsigned* wl = vw + ((long long)row * cap + 2 * t) * 8 + g;
-    const unsigned sel = (NG == 2 && g >= 2) ? 0x7632u : 0x5410u;  // the half of row g's group
+    const unsigned* wl = vw + (long long)row * cap * 8 + g;
+    // row g (plane g: channels 32 g ..) takes group gi's weight: half gi % 2 of word gi / 2
+    const int gi = g * NG / 4;
+    const unsigned sel = (gi & 1) ? 0x7632u : 0x5410u;
     float acc[4][4][4];
 #pragma unroll
     for (int p = 0; p < 4; ++p)
@@ -107,41 +117,63 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
         for (int jb = 0; jb < 4; ++jb)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[p][jb][r] = 0.f;
-    float l = 0.f, saz0 = 0.f, saz1 = 0.f;
-    for (int k0 = start + 16 * warp; k0 < end; k0 += 64) {
-        unsigned aw = 0u;
-        const int tl = k0 + lane;
-        if (lane < 16 && tl < end) {
-            float pt = exp2f(sr[tl] - m);
-            l += pt;
-            const long long so = (long long)tl * vs_t;
-            unsigned short a0h = f2h(pt * h2f(vsb[so]));
-            saz0 += h2f(a0h) * h2f(vzb[so]);
-            unsigned short a1h = 0;
-            if (NG == 2) {
-                a1h = f2h(pt * h2f(vsb[so + 1]));
-                saz1 += h2f(a1h) * h2f(vzb[so + 1]);
-            }
-            aw = (unsigned)a0h | ((unsigned)a1h << 16);
+    float l = 0.f, saz[NG];
+#pragma unroll
+    for (int i = 0; i < NG; ++i) saz[i] = 0.f;
+    // A warp takes U tiles of 16 tokens an iteration (tile u at k0 + 64 u): every load of the U
+    // tiles is issued before any arithmetic, so U times the bytes are in flight (one tile at a
+    // time left this pass waiting on memory at a third of the copy bandwidth)
+    for (int k0 = start + 16 * warp; k0 < end; k0 += 64 * U) {
+        // loads unconditional (token indices clamped to the last valid one: a clamped token's
+        // weight is zero) and kept raw: converting a loaded value right away would wait for it there
+        float sc[U];
+        unsigned short sv[U][NG], zv[U][NG];
+        unsigned w[U][4];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int tl = min(k0 + 64 * u + (lane & 15), end - 1), so = tl * vs_t;
+            sc[u] = sr[tl];
+#pragma unroll
+            for (int i = 0; i < NG; ++i) { sv[u][i] = vsb[so + i]; zv[u][i] = vzb[so + i]; }
+            const int r0 = k0 + 64 * u + 2 * t;
+            w[u][0] = wl[8 * min(r0, end - 1)];
+            w[u][1] = wl[8 * min(r0 + 1, end - 1)];
+            w[u][2] = wl[8 * min(r0 + 8, end - 1)];
+            w[u][3] = wl[8 * min(r0 + 9, end - 1)];
         }
-        unsigned x0 = __shfl_sync(0xffffffffu, aw, 2 * t), x1 = __shfl_sync(0xffffffffu, aw, 2 * t + 1);
-        unsigned x2 = __shfl_sync(0xffffffffu, aw, 2 * t + 8), x3 = __shfl_sync(0xffffffffu, aw, 2 * t + 9);
-        unsigned a0 = g < 4 ? prmt(x0, x1, sel) : 0u;  // row g = plane g: tokens 2t, 2t + 1
-        unsigned a2 = g < 4 ? prmt(x2, x3, sel) : 0u;  // tokens 2t + 8, 2t + 9
-        const unsigned* wk = wl + (long long)k0 * 8;
-        const int r0 = k0 + 2 * t;
-        unsigned w0 = r0 < end ? wk[0] : 0u, w1 = r0 + 1 < end ? wk[8] : 0u;
-        unsigned w2 = r0 + 8 < end ? wk[64] : 0u, w3 = r0 + 9 < end ? wk[72] : 0u;
 #pragma unroll
-        for (int jb = 0; jb < 4; ++jb) {
-            unsigned lo = prmt(w0, w1, jb | ((4 + jb) << 8));  // tokens 2t, 2t + 1: byte jb of word g
-            unsigned hi = prmt(w2, w3, jb | ((4 + jb) << 8));  // tokens 2t + 8, 2t + 9
+        for (int u = 0; u < U; ++u) {
+            unsigned aw[2] = {0u, 0u};  // fp16 weights of groups (0, 1) and (2, 3)
+            if (lane < 16 && k0 + 64 * u + lane < end) {
+                float pt = exp2f(sc[u] - m);
+                l += pt;
 #pragma unroll
-            for (int p = 0; p < 4; ++p) {
-                unsigned msk = 0x00030003u << (2 * p);
-                unsigned b0 = hadd2(lop_and_or(lo, msk, 0x64006400u), 0xE400E400u);  // c 4**p, exact
-                unsigned b1 = hadd2(lop_and_or(hi, msk, 0x64006400u), 0xE400E400u);
-                mma_acc(acc[p][jb], a0, a2, b0, b1);
+                for (int i = 0; i < NG; ++i) {
+                    unsigned short ah = f2h(pt * h2f(sv[u][i]));
+                    saz[i] += INTZ ? h2f(ah) * h2f(zv[u][i]) : pt * h2f(zv[u][i]);
+                    aw[i / 2] |= (unsigned)ah << (16 * (i % 2));
+                }
+            }
+            unsigned x0 = __shfl_sync(0xffffffffu, aw[0], 2 * t), x1 = __shfl_sync(0xffffffffu, aw[0], 2 * t + 1);
+            unsigned x2 = __shfl_sync(0xffffffffu, aw[0], 2 * t + 8), x3 = __shfl_sync(0xffffffffu, aw[0], 2 * t + 9);
+            if (NG == 4) {  // rows 2, 3 take the second word
+                unsigned y0 = __shfl_sync(0xffffffffu, aw[1], 2 * t), y1 = __shfl_sync(0xffffffffu, aw[1], 2 * t + 1);
+                unsigned y2 = __shfl_sync(0xffffffffu, aw[1], 2 * t + 8), y3 = __shfl_sync(0xffffffffu, aw[1], 2 * t + 9);
+                if (gi >= 2) { x0 = y0; x1 = y1; x2 = y2; x3 = y3; }
+            }
+            unsigned a0 = g < 4 ? prmt(x0, x1, sel) : 0u;  // row g = plane g: tokens 2t, 2t + 1
+            unsigned a2 = g < 4 ? prmt(x2, x3, sel) : 0u;  // tokens 2t + 8, 2t + 9
+#pragma unroll
+            for (int jb = 0; jb < 4; ++jb) {
+                unsigned lo = prmt(w[u][0], w[u][1], jb | ((4 + jb) << 8));  // tokens 2t, 2t + 1: byte jb of word g
+                unsigned hi = prmt(w[u][2], w[u][3], jb | ((4 + jb) << 8));  // tokens 2t + 8, 2t + 9
+#pragma unroll
+                for (int p = 0; p < 4; ++p) {
+                    unsigned msk = 0x00030003u << (2 * p);
+                    unsigned b0 = hadd2(lop_and_or(lo, msk, 0x64006400u), 0xE400E400u);  // c 4**p, exact
+                    unsigned b1 = hadd2(lop_and_or(hi, msk, 0x64006400u), 0xE400E400u);
+                    mma_acc(acc[p][jb], a0, a2, b0, b1);
+                }
             }
         }
     }
@@ -149,19 +181,24 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
 #pragma unroll
     for (int s = 1; s < 16; s <<= 1) {
         l += __shfl_xor_sync(0xffffffffu, l, s);
-        saz0 += __shfl_xor_sync(0xffffffffu, saz0, s);
-        saz1 += __shfl_xor_sync(0xffffffffu, saz1, s);
+#pragma unroll
+        for (int i = 0; i < NG; ++i) saz[i] += __shfl_xor_sync(0xffffffffu, saz[i], s);
     }
     if (g < 4) {
         const float inv4 = g == 0 ? 1.f : g == 1 ? 0.25f : g == 2 ? 0.0625f : 0.015625f;
-        const float saz = (NG == 2 && g >= 2) ? saz1 : saz0;
+        // integer zero points: sum_t A_t (c_t - z_t); float zeros (the group minimum): sum A_t c_t + p_t z_t
+        float sz = saz[0];
+#pragma unroll
+        for (int i = 1; i < NG; ++i)
+            if (i == gi) sz = saz[i];
+        sz *= INTZ ? -1.f : 1.f;
 #pragma unroll
         for (int p = 0; p < 4; ++p)
             if (p == g) {
 #pragma unroll
                 for (int jb = 0; jb < 4; ++jb) {
-                    s_part[warp][32 * p + 8 * t + jb] = acc[p][jb][0] * inv4 - saz;
-                    s_part[warp][32 * p + 8 * t + 4 + jb] = acc[p][jb][1] * inv4 - saz;
+                    s_part[warp][32 * p + 8 * t + jb] = acc[p][jb][0] * inv4 + sz;
+                    s_part[warp][32 * p + 8 * t + 4 + jb] = acc[p][jb][1] * inv4 + sz;
                 }
             }
     }
@@ -178,14 +215,22 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
 
 _KERNELS: dict = {}
 
+# 16-token tiles a warp loads before computing (`U` in the source): 1 measured 0.081 ms at B8 x 8192
+# on the H100 (eighth session), load-latency bound; see docs/kernel-notes.md for the sweep.
+TILES = 4
 
-def source(num_groups: int) -> str:
-    return _SOURCE.replace("__NG__", str(num_groups))
+
+def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True) -> str:
+    if tiles not in (1, 2, 4, 8) or num_groups not in (1, 2, 4):
+        raise ValueError("values_cuda.source: tiles must be 1, 2, 4 or 8 and groups a row 1, 2 or 4")
+    return (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
+            .replace("__INTZ__", str(int(integer_zero))))
 
 
-def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size, max_len=None, num_splits=None,
-                       splits_per_sm=4):
-    """`decode_mha.values_from_scores`'s contract on the tensor cores (shapes `supports` takes)."""
+def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size, integer_zero=True, max_len=None,
+                       num_splits=None, splits_per_sm=4, tiles=TILES):
+    """`decode_mha.values_from_scores`'s contract on the tensor cores (shapes `supports` takes).
+    `integer_zero=False`: zeros are the group minimum (KIVI's values: c s + z)."""
     from kvbench.kernels.decode_attention import split_plan
 
     b, h, cap = scores.shape
@@ -194,13 +239,15 @@ def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size,
         raise ValueError("values_cuda: needs contiguous 2-bit rows of 128 channels, fp16 scales and zeros laid "
                          "out alike")
     max_len = cap if max_len is None else max_len
+    # splits in whole 64-token steps (a program's four warps cover any such range in tiles of 16)
     ns, nit = split_plan(max_len, STEP, b * h, scores.device, per_sm=splits_per_sm, num_splits=num_splits)
     o = torch.empty(b, h, ns, D, dtype=torch.float32, device=scores.device)
     lse = torch.empty(b, h, ns, dtype=torch.float32, device=scores.device)
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
-    key = (D // group_size, str(scores.device))  # (not the source: every decode read asks)
+    key = (D // group_size, tiles, bool(integer_zero), str(scores.device))  # (not the source: every read asks)
     if key not in _KERNELS:
-        _KERNELS[key] = nvrtc.compile_source(source(D // group_size), "values_from_scores", scores.device)
+        _KERNELS[key] = nvrtc.compile_source(source(D // group_size, tiles, integer_zero), "values_from_scores",
+                                             scores.device)
     kern = _KERNELS[key]
     kern(grid=(b * h, ns, 1), block=(32 * WARPS, 1, 1),
          args=[scores.contiguous(), v_codes, v_scale, v_zero, lengths, o, lse, int(cap), int(h), int(nit * STEP), int(ns),
@@ -208,9 +255,10 @@ def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size,
     return o, lse
 
 
-def emulate_values(scores, v_codes, v_scale, v_zero, lengths, *, group_size, split_len):
+def emulate_values(scores, v_codes, v_scale, v_zero, lengths, *, group_size, split_len, integer_zero=True):
     """The kernel's arithmetic in torch: per split, p = 2**(s - max), weights fp16(p s) on the codes
-    minus zero points, divided by sum p. Returns (o [B, H, S, D], lse [B, H, S])."""
+    minus zero points (integer zeros) or plus p z (float zeros), divided by sum p.
+    Returns (o [B, H, S, D], lse [B, H, S])."""
     from kvbench.packing import unpack
 
     b, h, cap = scores.shape
@@ -230,7 +278,10 @@ def emulate_values(scores, v_codes, v_scale, v_zero, lengths, *, group_size, spl
             m = sc.max(-1, keepdim=True).values
             p = torch.exp2(sc - m)
             w = (p[..., None] * s[bi, :, lo:hi]).half().float()  # [H, T, D]
-            num = (w * (codes[bi, :, lo:hi] - z[bi, :, lo:hi])).sum(1)
+            if integer_zero:
+                num = (w * (codes[bi, :, lo:hi] - z[bi, :, lo:hi])).sum(1)
+            else:
+                num = (w * codes[bi, :, lo:hi] + p[..., None] * z[bi, :, lo:hi]).sum(1)
             lsum = p.sum(-1)
             o[bi, :, sp] = num / lsum[:, None]
             lse[bi, :, sp] = (m[:, 0] + torch.log2(lsum)) / LOG2E

@@ -1,0 +1,96 @@
+"""Launch sweep of the hand-laid two-pass read for per-token packed K/V, each pass alone and both:
+`token_scores_cuda` (keys) and `values_cuda` (values, also RotateKV's and KIVI's values pass), with
+U = tiles a warp loads before computing x splits an SM. Llama-2-7B shape (32 heads of 128, MHA),
+batch 8, context 8192, 2 bits, groups of 64 (values also 32 with float zeros: KIVI's). 20 launches
+captured in a CUDA graph, median over 20 replays; bandwidth over the bytes each pass must read,
+as a fraction of this run's copy bandwidth. Usage: python benchmarks/two_pass_cuda_sweep.py --out F"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from kvbench.kernels import checks, token_scores_cuda as tc, values_cuda as vc  # noqa: E402
+from kvbench.kernels.decode_attention import split_plan  # noqa: E402
+
+
+def graph_ms(fn, launches=20, reps=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    graph.replay()
+    ts = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        graph.replay()
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1) / launches)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def copy_gbps():
+    n = 2**30 // 2
+    src = torch.empty(n, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * n * 2 / (graph_ms(lambda: dst.copy_(src), launches=5, reps=10) * 1e-3) / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    b, h, cap, group = 8, 32, 8192, 64
+    kc, ks, kz = checks._store(gen, b, h, cap, 128, 2, group, "cuda")
+    v = {(g, iz): checks._store(gen, b, h, cap, 128, 2, g, "cuda", float_zero=not iz)
+         for g, iz in ((64, True), (32, False))}
+    q = (torch.randn(b, h, 128, generator=gen) * 0.3).half().cuda()
+    lengths = torch.full((b,), cap, device="cuda")
+    scores = (torch.randn(b, h, cap, generator=gen) * 3).cuda()
+    scr = torch.empty(b, h, cap, device="cuda")
+    sm = 128**-0.5 * 1.4426950408889634
+    bw = copy_gbps()
+    rows = []
+
+    def record(name, ms, nbytes, **cfg):
+        gbps = nbytes / (ms * 1e-3) / 1e9
+        rows.append(dict(pass_=name, **cfg, ms=ms, GBps=gbps, fraction_of_copy=gbps / bw))
+        print(rows[-1], flush=True)
+
+    key_bytes = b * h * cap * (32 + 4 * 128 // group)
+    for tiles in (1, 2, 4):
+        for per_sm in (2, 4, 8):
+            ns, nit = split_plan(cap, tc.STEP, b * h, "cuda", per_sm=per_sm)
+
+            def keys():
+                tc.token_scores(q, kc, ks, kz, lengths, sm, scr, group_size=group, split_len=nit * tc.STEP,
+                                num_splits=ns, tiles=tiles)
+
+            record("token_scores G64", graph_ms(keys), key_bytes + b * h * cap * 4, tiles=tiles, splits_per_sm=per_sm)
+    for (g, iz), (vcodes, vscale, vzero) in v.items():
+        val_bytes = b * h * cap * (32 + 4 * 128 // g + 4)  # codes, scale and zero, the score
+        for tiles in (1, 2, 4, 8):
+            for per_sm in (2, 4, 8):
+
+                def values():
+                    vc.values_from_scores(scores, vcodes, vscale, vzero, lengths, group_size=g, integer_zero=iz,
+                                          splits_per_sm=per_sm, tiles=tiles)
+
+                record(f"values G{g} int_zero={iz}", graph_ms(values), val_bytes, tiles=tiles, splits_per_sm=per_sm)
+    json.dump(dict(device=torch.cuda.get_device_name(), copy_GBps=bw,
+                   shape="B8 x 8192, 32 heads of 128, MHA, 2 bits", rows=rows), open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

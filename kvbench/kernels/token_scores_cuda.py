@@ -1,0 +1,240 @@
+"""The key pass of a two-pass decode read over per-token packed keys (rtn, quarot: keys after RoPE,
+one scale and zero a token and group) as a hand-laid CUDA kernel, on the tensor cores.
+
+`decode_mha` reads keys and values in one Triton kernel on CUDA cores (about four instructions a
+code, 0.127 ms at B8 x 8192: 44% of the copy bandwidth, issue- and latency-bound; docs/kernel-notes.md).
+Here the keys' codes go to the tensor cores untouched by scales, and `values_cuda` reads the values:
+
+* **the score of a group without its scale**: with (c - z) s dequantization, a token's score is
+  sum_g s_g (q_g . c_g - z_g sum(q_g)), so the per-code work is only turning c into fp16 and the
+  product q_g . c_g; the scale and zero cost two FMA a token and group.
+* **A = the codes in place** (16 tokens x 16 channels a `mma.m16n8k16`): lane (g, t) owns tokens g
+  and g + 8 of the tile and words 2t, 2t + 1 of their 32-byte rows (one 8-byte load each). One
+  PRMT puts byte jb of the two words into the half-words (it serves the byte's four bit planes),
+  one LOP3 masks plane p and ORs 1024's exponent (1024 + c 4**p), one HFMA2 by
+  (4**-p, -1024 4**-p) leaves c (exact): about 1.1 instructions a code.
+* **B = the query, one column a key group**: product m (0..7) takes byte jb = m // 2 and planes
+  (2 (m % 2), 2 (m % 2) + 1), so its k rows are channels 32 p + 4 w + jb (`channel_map`); column n
+  of B holds the query's entries of those channels that are in group n, zero elsewhere (built on
+  the host, `query_operand`), so D column n is q_n . c_n of group n and all eight products
+  accumulate into one tile. Lane (g, t) then holds groups 2t, 2t + 1 of tokens g and g + 8: it
+  applies their scales and zeros (one 32-bit load each), and one shuffle adds groups 2, 3.
+* **U tiles a warp** (16 tokens each) loaded before any is computed: the bytes in flight that the
+  values pass lacked (docs/kernel-notes.md, eighth session).
+
+Contract: `token_scores(...)` writes scores [B, H, cap] fp32 in the log2 domain (softmax scale *
+log2 e folded in), valid below each row's length, for `values_cuda.values_from_scores` to read.
+Error: fp16 query operands (as every fp16 read here), fp32 accumulation, exact codes; the scale
+and zero in fp32. `emulate_scores` runs the same operands and index maps in torch for CPU tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvbench.kernels import nvrtc
+
+D = 128
+WARPS = 4
+TILE = 16  # tokens a product
+TILES = 4  # tiles a warp loads before computing
+STEP = TILE * WARPS  # splits are whole multiples of this (64 tokens)
+
+
+def supports(gq: int, head_dim: int, bits: int, group_size: int) -> bool:
+    return gq == 1 and head_dim == D and bits == 2 and group_size in (32, 64, 128)
+
+
+def channel_map() -> torch.Tensor:
+    """[8 products m, 4 lanes t, 4 halves] -> key channel: halves (k = 2t, 2t + 1, 2t + 8, 2t + 9) of
+    product m are byte jb = m // 2 of words 2t, 2t + 1, planes 2 (m % 2) (k < 8) and 2 (m % 2) + 1."""
+    m = torch.arange(8)[:, None, None]
+    t = torch.arange(4)[None, :, None]
+    half = torch.arange(4)[None, None, :]
+    jb, p = m // 2, 2 * (m % 2) + half // 2
+    word = 2 * t + half % 2
+    return 32 * p + 4 * word + jb
+
+
+def query_operand(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """q [B, H, 128] -> B fragments [B, H, 8 products, NG columns, 4 lanes, 4 halves] fp16: column r
+    keeps the query entries of key group r (zero for the other groups' channels)."""
+    ch = channel_map().to(q.device)  # [8, 4, 4]
+    ng = D // group_size
+    vals = q.half()[..., ch]  # [B, H, 8, 4, 4]
+    rows = (ch // group_size)[None] == torch.arange(ng, device=q.device)[:, None, None, None]  # [NG, 8, 4, 4]
+    return (vals[:, :, None] * rows.to(vals.dtype)).transpose(2, 3).contiguous()  # [B, H, 8, NG, 4, 4]
+
+
+def group_sums(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """sum of each key group's fp16 query entries (as the products see them), fp32 [B, H, NG]."""
+    b, h, _ = q.shape
+    return q.half().float().reshape(b, h, D // group_size, group_size).sum(-1).contiguous()
+
+
+_SOURCE = r"""
+#define NG __NG__  // key groups a row (128 / group size)
+#define U __U__    // 16-token tiles a warp loads before computing
+
+__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
+    unsigned d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel)); return d;
+}
+__device__ __forceinline__ unsigned lop_and_or(unsigned a, unsigned m, unsigned o) {
+    unsigned d; asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(m), "r"(o)); return d;
+}
+__device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
+    unsigned d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+__device__ __forceinline__ float lo2f(unsigned x) {
+    float f; asm("{.reg .f16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, l;}" : "=f"(f) : "r"(x)); return f;
+}
+__device__ __forceinline__ float hi2f(unsigned x) {
+    float f; asm("{.reg .f16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, h;}" : "=f"(f) : "r"(x)); return f;
+}
+__device__ __forceinline__ void mma_acc(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                        unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// the codes of plane p of a PRMT-paired byte as exact fp16 pairs:
+// (1024 + c 4**p) * 4**-p - 1024 * 4**-p = c
+__device__ __forceinline__ unsigned plane(unsigned x, int p) {
+    const unsigned mul = p == 0 ? 0x3C003C00u : p == 1 ? 0x34003400u : p == 2 ? 0x2C002C00u : 0x24002400u;
+    const unsigned add = p == 0 ? 0xE400E400u : p == 1 ? 0xDC00DC00u : p == 2 ? 0xD400D400u : 0xCC00CC00u;
+    return hfma2(lop_and_or(x, 0x00030003u << (2 * p), 0x64006400u), mul, add);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks,
+             const unsigned short* __restrict__ kz, const uint2* __restrict__ qop,
+             const float* __restrict__ qsum, const long long* __restrict__ len, float* __restrict__ scr,
+             float sm_scale, int cap, int H, int split_len, int ks_b, int ks_h, int ks_t) {
+    const int row = blockIdx.x, b = row / H, h = row % H;
+    const int start = blockIdx.y * split_len;
+    const int end = min(start + split_len, (int)len[b]);
+    if (start >= end) return;  // (scores past a row's length are never read)
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    // B fragments of the 8 products: column n < NG is key group n's query (lane g holds column g)
+    unsigned b0[8], b1[8];
+#pragma unroll
+    for (int m = 0; m < 8; ++m) {
+        uint2 x = make_uint2(0u, 0u);
+        if (g < NG) x = qop[(((long long)row * 8 + m) * NG + g) * 4 + t];
+        b0[m] = x.x; b1[m] = x.y;
+    }
+    // D columns 2t, 2t + 1 are groups 2t, 2t + 1: lane t (< NG / 2, or 0) finishes them. Its scale and
+    // zero pair (one 32-bit load each; one half-word with one group) and the groups' query sums:
+    const int gp = NG >= 2 ? 2 * (t % (NG / 2)) : 0;
+    const float q0 = qsum[row * NG + gp], q1 = NG >= 2 ? qsum[row * NG + gp + 1] : 0.f;
+    const long long sbase = (long long)b * ks_b + (long long)h * ks_h + gp;
+    const unsigned short* ksb = ks + sbase;
+    const unsigned short* kzb = kz + sbase;
+    const uint2* kr = kw + (long long)row * cap * 4 + t;  // token n: kr[4 n] = its words 2t, 2t + 1
+    float* sr = scr + (long long)row * cap;
+    for (int k0 = start + 16 * U * warp; k0 < end; k0 += 16 * U * 4) {
+        // every load of the U tiles first, unconditional (token indices clamped to the last valid
+        // one: what a clamped row yields is never stored), and kept raw: converting a loaded value
+        // right away would wait for it there
+        uint2 wa[U], wb[U];
+        unsigned sa[U], za[U], sb[U], zb[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int ta = min(k0 + 16 * u + g, end - 1), tb = min(k0 + 16 * u + g + 8, end - 1);
+            wa[u] = kr[4 * ta];
+            wb[u] = kr[4 * tb];
+            if (NG >= 2) {
+                sa[u] = *reinterpret_cast<const unsigned*>(ksb + ta * ks_t);
+                za[u] = *reinterpret_cast<const unsigned*>(kzb + ta * ks_t);
+                sb[u] = *reinterpret_cast<const unsigned*>(ksb + tb * ks_t);
+                zb[u] = *reinterpret_cast<const unsigned*>(kzb + tb * ks_t);
+            } else {
+                sa[u] = ksb[ta * ks_t]; za[u] = kzb[ta * ks_t]; sb[u] = ksb[tb * ks_t]; zb[u] = kzb[tb * ks_t];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            // A = keys: rows g (token g) and g + 8, k = this lane's channels of product m
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int jb = 0; jb < 4; ++jb) {
+                const unsigned xa = prmt(wa[u].x, wa[u].y, jb | ((4 + jb) << 8));  // byte jb of words 2t, 2t + 1
+                const unsigned xb = prmt(wb[u].x, wb[u].y, jb | ((4 + jb) << 8));
+#pragma unroll
+                for (int hp = 0; hp < 2; ++hp)  // product m = 2 jb + hp: planes 2 hp (k < 8) and 2 hp + 1
+                    mma_acc(acc, plane(xa, 2 * hp), plane(xb, 2 * hp), plane(xa, 2 * hp + 1), plane(xb, 2 * hp + 1),
+                            b0[2 * jb + hp], b1[2 * jb + hp]);
+            }
+            // acc: (token g, groups 2t, 2t + 1), (token g + 8, same groups)
+            float ra = lo2f(sa[u]) * (acc[0] - lo2f(za[u]) * q0), rb = lo2f(sb[u]) * (acc[2] - lo2f(zb[u]) * q0);
+            if (NG >= 2) {
+                ra += hi2f(sa[u]) * (acc[1] - hi2f(za[u]) * q1);
+                rb += hi2f(sb[u]) * (acc[3] - hi2f(zb[u]) * q1);
+            }
+            if (NG == 4) { ra += __shfl_xor_sync(0xffffffffu, ra, 1); rb += __shfl_xor_sync(0xffffffffu, rb, 1); }
+            const int ta = k0 + 16 * u + g;
+            if (t == 0) {
+                if (ta < end) sr[ta] = ra * sm_scale;
+                if (ta + 8 < end) sr[ta + 8] = rb * sm_scale;
+            }
+        }
+    }
+}
+"""
+
+_KERNELS: dict = {}
+
+
+def source(num_groups: int, tiles: int = TILES) -> str:
+    if num_groups not in (1, 2, 4) or tiles not in (1, 2, 4, 8):
+        raise ValueError("token_scores_cuda.source: groups a row must be 1, 2 or 4 and tiles 1, 2, 4 or 8")
+    return _SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
+
+
+def _pairs_aligned(k_scale, k_zero, ng):
+    """With several groups the kernel reads two adjacent fp16 scales (and zeros) as one 32-bit word."""
+    if ng == 1:
+        return True
+    return (k_scale.stride(-1) == 1 and all(st % 2 == 0 for st in k_scale.stride()[:-1])
+            and k_scale.data_ptr() % 4 == 0 and k_zero.data_ptr() % 4 == 0)
+
+
+def token_scores(q, k_codes, k_scale, k_zero, lengths, sm_scale, scores, *, group_size, split_len, num_splits,
+                 tiles=TILES):
+    """Write scores [B, H, cap] fp32 (log2 domain: `sm_scale` includes log2 e) of q [B, H, 128] over
+    per-token packed 2-bit keys with integer zero points, in splits of `split_len` tokens (a multiple
+    of `STEP`)."""
+    b, h, cap = scores.shape
+    if split_len % STEP or not k_codes.is_contiguous() or k_codes.shape[-1] != D // 4 \
+            or k_scale.dtype != torch.float16 or k_zero.stride() != k_scale.stride() or not _pairs_aligned(
+                k_scale, k_zero, D // group_size):
+        raise ValueError("token_scores_cuda: needs contiguous 2-bit rows of 128 channels, fp16 scales and zeros "
+                         "laid out alike (a token's groups adjacent), splits a multiple of 64 tokens")
+    ng = D // group_size
+    qop = query_operand(q, group_size)
+    qsum = group_sums(q, group_size)
+    lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
+    key = (ng, tiles, str(q.device))
+    if key not in _KERNELS:
+        _KERNELS[key] = nvrtc.compile_source(source(ng, tiles), "token_scores", q.device)
+    _KERNELS[key](grid=(b * h, num_splits, 1), block=(32 * WARPS, 1, 1),
+                  args=[k_codes, k_scale, k_zero, qop, qsum, lengths, scores, float(sm_scale), int(cap), int(h),
+                        int(split_len), int(k_scale.stride(0)), int(k_scale.stride(1)), int(k_scale.stride(2))])
+    return scores
+
+
+def emulate_scores(q, k_codes, k_scale, k_zero, lengths, sm_scale, *, group_size):
+    """The kernel's arithmetic in torch: the same query operand and channel map, exact codes, products
+    in float32, then s_g (dot_g - z_g sum(q_g)) summed over groups. -inf past each row's length."""
+    from kvbench.packing import unpack
+
+    b, h, cap = k_codes.shape[:3]
+    codes = unpack(k_codes, 2, D).float()  # [B, H, cap, D]
+    ch = channel_map().to(q.device)  # [8, 4, 4]
+    qop = query_operand(q, group_size).float()  # [B, H, 8, NG, 4, 4]
+    dots = torch.einsum("bhmrtk,bhcmtk->bhcr", qop, codes[..., ch])  # [B, H, cap, NG]
+    s, z = k_scale.float(), k_zero.float()
+    out = (s * (dots - z * group_sums(q, group_size)[:, :, None])).sum(-1) * sm_scale
+    valid = torch.arange(cap, device=q.device)[None, None] < lengths.to(q.device)[:, None, None]
+    return torch.where(valid, out, torch.full_like(out, float("-inf")))

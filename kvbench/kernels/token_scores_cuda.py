@@ -45,6 +45,18 @@ def supports(gq: int, head_dim: int, bits: int, group_size: int) -> bool:
     return gq == 1 and head_dim == D and bits == 2 and group_size in (32, 64, 128)
 
 
+_MAPS: dict = {}
+
+
+def _channel_map_on(device) -> torch.Tensor:
+    """`channel_map` on `device`, cached: no host-to-device copy per call (none is allowed while a
+    CUDA graph is being captured)."""
+    key = str(device)
+    if key not in _MAPS:
+        _MAPS[key] = channel_map().to(device)
+    return _MAPS[key]
+
+
 def channel_map() -> torch.Tensor:
     """[8 products m, 4 lanes t, 4 halves] -> key channel: halves (k = 2t, 2t + 1, 2t + 8, 2t + 9) of
     product m are byte jb = m // 2 of words 2t, 2t + 1, planes 2 (m % 2) (k < 8) and 2 (m % 2) + 1."""
@@ -59,7 +71,7 @@ def channel_map() -> torch.Tensor:
 def query_operand(q: torch.Tensor, group_size: int) -> torch.Tensor:
     """q [B, H, 128] -> B fragments [B, H, 8 products, NG columns, 4 lanes, 4 halves] fp16: column r
     keeps the query entries of key group r (zero for the other groups' channels)."""
-    ch = channel_map().to(q.device)  # [8, 4, 4]
+    ch = _channel_map_on(q.device)  # [8, 4, 4]
     ng = D // group_size
     vals = q.half()[..., ch]  # [B, H, 8, 4, 4]
     rows = (ch // group_size)[None] == torch.arange(ng, device=q.device)[:, None, None, None]  # [NG, 8, 4, 4]
@@ -110,7 +122,8 @@ extern "C" __global__ void __launch_bounds__(128)
 token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks,
              const unsigned short* __restrict__ kz, const uint2* __restrict__ qop,
              const float* __restrict__ qsum, const long long* __restrict__ len, float* __restrict__ scr,
-             float sm_scale, int cap, int H, int split_len, int ks_b, int ks_h, int ks_t) {
+             double sm_scale_d, int cap, int H, int split_len, int ks_b, int ks_h, int ks_t) {
+    const float sm_scale = (float)sm_scale_d;  // (the launcher passes Python floats as doubles)
     const int row = blockIdx.x, b = row / H, h = row % H;
     const int start = blockIdx.y * split_len;
     const int end = min(start + split_len, (int)len[b]);

@@ -181,11 +181,14 @@ def check_kivi_mha(device, small=True, results=None):
         kc, ks, kz, v = _kivi_store(gen, b, h, capg, d, bits, group, device)
         q = _query(gen, b, h, d, device)
         nq = torch.tensor([capg * group, 2 * group, 0] + [(capg - 1) * group] * (b - 3)).to(device)
-        o, lse = km.decode_kivi_mha(q, kc, ks, kz, *v, nq, d**-0.5, bits=bits, group_size=group,
-                                    num_splits=3 if small else None, groups_per_tile=2 if small else None,
-                                    block_n=16 if small else 64)
         ro, rl = ref.ref_decode_kivi(q.float(), kc, ks, kz, *v, nq, d**-0.5, bits=bits, group_size=group)
-        _compare(f"kivi_mha bits={bits} G={group}", o, lse, ro, rl, results)
+        # the values pass in the same Triton kernel, and (2-bit rows of 128 on CUDA) on the tensor cores
+        impls = ["triton"] + (["cuda"] if str(device).startswith("cuda") and d == 128 and bits == 2 else [])
+        for impl in impls:
+            o, lse = km.decode_kivi_mha(q, kc, ks, kz, *v, nq, d**-0.5, bits=bits, group_size=group,
+                                        num_splits=3 if small else None, groups_per_tile=2 if small else None,
+                                        block_n=16 if small else 64, values_impl=impl)
+            _compare(f"kivi_mha {impl} bits={bits} G={group}", o, lse, ro, rl, results)
     return results
 
 

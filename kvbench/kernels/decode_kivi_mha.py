@@ -57,6 +57,7 @@ if triton is not None:
         sm_scale, capg, capt, vs_b, vs_h, vs_t,
         NIT: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
         GT: tl.constexpr, CT: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, ASM: tl.constexpr,
+        KEYS_ONLY: tl.constexpr = False,
     ):
         NPL: tl.constexpr = 8 // BITS
         K: tl.constexpr = 2 * NPL  # codes per half-word
@@ -111,6 +112,8 @@ if triton is not None:
             tl.store(scr_ptr + tbase + t3, s_lo, mask=gm3)
             tl.store(scr_ptr + tbase + t3 + 2, s_hi, mask=gm3)
             m = tl.maximum(m, tl.max(tl.max(tl.max(tl.where(gm3, tl.maximum(s_lo, s_hi), -1e30), 2), 1), 0))
+        if KEYS_ONLY:  # the values pass is `values_cuda`, launched after this kernel
+            return
         tl.debug_barrier()  # the scores written by other threads of this program are read below
 
         # ---- pass 2: values of tokens [gstart * G, gend * G), decode_mha's value read with the exact maximum
@@ -120,9 +123,13 @@ if triton is not None:
 
 
 def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling, *, bits, group_size,
-                    max_len=None, num_splits=None, groups_per_tile=None, block_n=64, num_warps=4, splits_per_sm=4):
+                    max_len=None, num_splits=None, groups_per_tile=None, block_n=64, num_warps=4, splits_per_sm=4,
+                    values_impl=None):
     """Partials over KIVI's quantized tokens [0, nq[b]) for q [B, H, D] (one query head per KV
-    head); the layouts of `decode_attention.decode_kivi`."""
+    head); the layouts of `decode_attention.decode_kivi`. `values_impl`: "cuda" (this kernel's key
+    pass, then `values_cuda` on the tensor cores: 2-bit values of 128 channels), "triton" (both
+    passes in this kernel) or None: "cuda" where it fits and NVRTC works."""
+    from kvbench.kernels import nvrtc, values_cuda
     from kvbench.kernels.decode_attention import _out, _require_triton, interpreting, split_plan
 
     _require_triton()
@@ -138,14 +145,25 @@ def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, s
     bn = math.gcd(block_n, gt * g)  # value tiles of a power of two that divides the key tile
     total_groups = -(-(capt if max_len is None else max_len) // g)
     ns, nit = split_plan(total_groups, gt, b * hkv, q.device, per_sm=splits_per_sm, num_splits=num_splits)
-    o, lse = _out(q, ns)
+    if values_impl not in (None, "triton", "cuda"):
+        raise ValueError(f"decode_kivi_mha: values_impl must be 'triton', 'cuda' or None, not {values_impl!r}")
+    cuda_fits = (values_cuda.supports(d, bits, g) and q.is_cuda and not interpreting()
+                 and v_scale.dtype == torch.float16 and v_codes.is_contiguous())
+    if values_impl == "cuda" and not cuda_fits:
+        raise ValueError("decode_kivi_mha: the CUDA values pass needs 2-bit values of 128 channels in groups of 32, "
+                         "64 or 128, fp16 scales and a CUDA device")
+    keys_only = cuda_fits and values_impl != "triton" and (values_impl == "cuda" or nvrtc.available())
+    o, lse = (None, None) if keys_only else _out(q, ns)
     scratch = torch.empty(b * hkv * capt, dtype=torch.float32, device=q.device)  # scores, token by token
     # the key tensors are indexed as contiguous (no-ops for a cache's own tensors)
     k_codes, k_scale, k_zero = k_codes.contiguous(), k_scale.contiguous(), k_zero.contiguous()
     _kivi_mha_kernel[(b * hkv, ns)](
         q.contiguous(), k_codes.view(torch.int32), k_scale, k_zero, v_codes.view(torch.int32), v_scale, v_zero, nq,
-        scratch, o, lse, scaling * LOG2E, capg, capt, v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
+        scratch, scratch if keys_only else o, scratch if keys_only else lse, scaling * LOG2E, capg, capt, v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
         NIT=nit, HKV=hkv, D=d, BITS=bits, G=g, GT=gt, CT=KEY_LANES, BN=bn, NS=ns, ASM=not interpreting(),
-        num_warps=num_warps,
+        KEYS_ONLY=keys_only, num_warps=num_warps,
     )  # fmt: skip
+    if keys_only:
+        return values_cuda.values_from_scores(scratch.view(b, hkv, capt), v_codes, v_scale, v_zero, nq, group_size=g,
+                                              integer_zero=False, max_len=min(capt, total_groups * g))
     return o, lse

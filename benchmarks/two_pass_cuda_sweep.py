@@ -1,6 +1,7 @@
 """Launch sweep of the hand-laid two-pass read for per-token packed K/V, each pass alone and both:
 `token_scores_cuda` (keys) and `values_cuda` (values, also RotateKV's and KIVI's values pass), with
-U = tiles a warp loads before computing x splits an SM. Llama-2-7B shape (32 heads of 128, MHA),
+U = tiles a warp loads before computing x pipe (the next U tiles' loads in flight during this
+iteration's arithmetic) x splits an SM; then both passes as `decode_mha_cuda` runs them. Llama-2-7B shape (32 heads of 128, MHA),
 batch 8, context 8192, 2 bits, groups of 64 (values also 32 with float zeros: KIVI's). 20 launches
 captured in a CUDA graph, median over 20 replays; bandwidth over the bytes each pass must read,
 as a fraction of this run's copy bandwidth. Usage: python benchmarks/two_pass_cuda_sweep.py --out F"""
@@ -14,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from kvbench.kernels import checks, token_scores_cuda as tc, values_cuda as vc  # noqa: E402
+from kvbench.kernels import checks, decode_mha_cuda, token_scores_cuda as tc, values_cuda as vc  # noqa: E402
 from kvbench.kernels.decode_attention import split_plan  # noqa: E402
 
 
@@ -70,24 +71,36 @@ def main():
 
     key_bytes = b * h * cap * (32 + 4 * 128 // group)
     for tiles in (1, 2, 4):
-        for per_sm in (2, 4, 8):
-            ns, nit = split_plan(cap, tc.STEP, b * h, "cuda", per_sm=per_sm)
+        for pipe in (False, True):
+            for per_sm in (4, 8):
+                ns, nit = split_plan(cap, tc.STEP, b * h, "cuda", per_sm=per_sm)
 
-            def keys():
-                tc.token_scores(q, kc, ks, kz, lengths, sm, scr, group_size=group, split_len=nit * tc.STEP,
-                                num_splits=ns, tiles=tiles)
+                def keys():
+                    tc.token_scores(q, kc, ks, kz, lengths, sm, scr, group_size=group, split_len=nit * tc.STEP,
+                                    num_splits=ns, tiles=tiles, pipe=pipe)
 
-            record("token_scores G64", graph_ms(keys), key_bytes + b * h * cap * 4, tiles=tiles, splits_per_sm=per_sm)
+                record("token_scores G64", graph_ms(keys), key_bytes + b * h * cap * 4, tiles=tiles, pipe=pipe,
+                       splits_per_sm=per_sm)
     for (g, iz), (vcodes, vscale, vzero) in v.items():
         val_bytes = b * h * cap * (32 + 4 * 128 // g + 4)  # codes, scale and zero, the score
-        for tiles in (1, 2, 4, 8):
-            for per_sm in (2, 4, 8):
+        for tiles in (1, 2, 4):
+            for pipe in (False, True):
+                for per_sm in (4, 8):
 
-                def values():
-                    vc.values_from_scores(scores, vcodes, vscale, vzero, lengths, group_size=g, integer_zero=iz,
-                                          splits_per_sm=per_sm, tiles=tiles)
+                    def values():
+                        vc.values_from_scores(scores, vcodes, vscale, vzero, lengths, group_size=g, integer_zero=iz,
+                                              splits_per_sm=per_sm, tiles=tiles, pipe=pipe)
 
-                record(f"values G{g} int_zero={iz}", graph_ms(values), val_bytes, tiles=tiles, splits_per_sm=per_sm)
+                    record(f"values G{g} int_zero={iz}", graph_ms(values), val_bytes, tiles=tiles, pipe=pipe,
+                           splits_per_sm=per_sm)
+    # both passes as decode_per_token_mha runs them (its defaults), the packed bytes of K and V
+    vcodes, vscale, vzero = v[(64, True)]
+    for per_sm in (4, 8):
+        def both():
+            decode_mha_cuda.decode_per_token_mha_cuda(q, kc, ks, kz, vcodes, vscale, vzero, lengths, 128**-0.5,
+                                                      group_size=group, splits_per_sm=per_sm)
+
+        record("both passes G64", graph_ms(both), 2 * key_bytes, splits_per_sm=per_sm)
     json.dump(dict(device=torch.cuda.get_device_name(), copy_GBps=bw,
                    shape="B8 x 8192, 32 heads of 128, MHA, 2 bits", rows=rows), open(args.out, "w"), indent=1)
 

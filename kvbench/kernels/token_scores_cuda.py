@@ -15,12 +15,14 @@ Here the keys' codes go to the tensor cores untouched by scales, and `values_cud
   (4**-p, -1024 4**-p) leaves c (exact): about 1.1 instructions a code.
 * **B = the query, one column a key group**: product m (0..7) takes byte jb = m // 2 and planes
   (2 (m % 2), 2 (m % 2) + 1), so its k rows are channels 32 p + 4 w + jb (`channel_map`); column n
-  of B holds the query's entries of those channels that are in group n, zero elsewhere (built on
-  the host, `query_operand`), so D column n is q_n . c_n of group n and all eight products
+  of B holds the query's entries of those channels that are in group n, zero elsewhere (built in
+  the kernel from q, four 16-byte loads a lane; `query_operand` states the same layout in torch
+  for the emulation), so D column n is q_n . c_n of group n and all eight products
   accumulate into one tile. Lane (g, t) then holds groups 2t, 2t + 1 of tokens g and g + 8: it
   applies their scales and zeros (one 32-bit load each), and one shuffle adds groups 2, 3.
-* **U tiles a warp** (16 tokens each) loaded before any is computed: the bytes in flight that the
-  values pass lacked (docs/kernel-notes.md, eighth session).
+* **U tiles a warp** (16 tokens each) loaded before any is computed, and optionally (`pipe`) the
+  next U tiles' loads issued before this iteration's arithmetic: the bytes in flight that the
+  first values pass lacked (docs/kernel-notes.md, eighth and ninth sessions).
 
 Contract: `token_scores(...)` writes scores [B, H, cap] fp32 in the log2 domain (softmax scale *
 log2 e folded in), valid below each row's length, for `values_cuda.values_from_scores` to read.
@@ -87,6 +89,7 @@ def group_sums(q: torch.Tensor, group_size: int) -> torch.Tensor:
 _SOURCE = r"""
 #define NG __NG__  // key groups a row (128 / group size)
 #define U __U__    // 16-token tiles a warp loads before computing
+#define PIPE __PIPE__  // 1: the next iteration's loads in flight during this one's arithmetic
 
 __device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
     unsigned d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel)); return d;
@@ -110,6 +113,7 @@ __device__ __forceinline__ void mma_acc(float* d, unsigned a0, unsigned a1, unsi
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+__device__ __forceinline__ unsigned u4w(uint4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 // the codes of plane p of a PRMT-paired byte as exact fp16 pairs:
 // (1024 + c 4**p) * 4**-p - 1024 * 4**-p = c
 __device__ __forceinline__ unsigned plane(unsigned x, int p) {
@@ -118,10 +122,35 @@ __device__ __forceinline__ unsigned plane(unsigned x, int p) {
     return hfma2(lop_and_or(x, 0x00030003u << (2 * p), 0x64006400u), mul, add);
 }
 
+// the loads of U tiles: every load unconditional (token indices clamped to the last valid one:
+// what a clamped row yields is never stored) and kept raw (converting a loaded value right away
+// would wait for it there)
+struct KTile {
+    uint2 wa[U], wb[U];
+    unsigned sa[U], za[U], sb[U], zb[U];
+};
+__device__ __forceinline__ void load_tiles(KTile& v, int k0, int end, int g, int ks_t, const uint2* kr,
+                                           const unsigned short* ksb, const unsigned short* kzb) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int ta = min(k0 + 16 * u + g, end - 1), tb = min(k0 + 16 * u + g + 8, end - 1);
+        v.wa[u] = kr[4 * ta];
+        v.wb[u] = kr[4 * tb];
+        if (NG >= 2) {
+            v.sa[u] = *reinterpret_cast<const unsigned*>(ksb + ta * ks_t);
+            v.za[u] = *reinterpret_cast<const unsigned*>(kzb + ta * ks_t);
+            v.sb[u] = *reinterpret_cast<const unsigned*>(ksb + tb * ks_t);
+            v.zb[u] = *reinterpret_cast<const unsigned*>(kzb + tb * ks_t);
+        } else {
+            v.sa[u] = ksb[ta * ks_t]; v.za[u] = kzb[ta * ks_t]; v.sb[u] = ksb[tb * ks_t]; v.zb[u] = kzb[tb * ks_t];
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(128)
 token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks,
-             const unsigned short* __restrict__ kz, const uint2* __restrict__ qop,
-             const float* __restrict__ qsum, const long long* __restrict__ len, float* __restrict__ scr,
+             const unsigned short* __restrict__ kz, const unsigned short* __restrict__ q,
+             const long long* __restrict__ len, float* __restrict__ scr,
              double sm_scale_d, int cap, int H, int split_len, int ks_b, int ks_h, int ks_t) {
     const float sm_scale = (float)sm_scale_d;  // (the launcher passes Python floats as doubles)
     const int row = blockIdx.x, b = row / H, h = row % H;
@@ -129,43 +158,57 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
     const int end = min(start + split_len, (int)len[b]);
     if (start >= end) return;  // (scores past a row's length are never read)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    // B fragments of the 8 products: column n < NG is key group n's query (lane g holds column g)
+    // B fragments of the 8 products, built here from q (the layout `query_operand` states): column
+    // n < NG is key group n's query, lane g holds column g. Lane t needs channels 32 p + 8 t + i
+    // (i = 4 e + jb < 8) of each plane p: one 16-byte load a plane, zero where plane p is not in
+    // group g (a plane's 32 channels lie in one group).
+    const unsigned short* qrow = q + (long long)row * 128;
+    uint4 qv[4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        const int pg = p * NG / 4;  // the group of plane p
+        qv[p] = (g < NG && pg == g) ? *reinterpret_cast<const uint4*>(qrow + 32 * p + 8 * t) : make_uint4(0u, 0u, 0u, 0u);
+    }
     unsigned b0[8], b1[8];
 #pragma unroll
-    for (int m = 0; m < 8; ++m) {
-        uint2 x = make_uint2(0u, 0u);
-        if (g < NG) x = qop[(((long long)row * 8 + m) * NG + g) * 4 + t];
-        b0[m] = x.x; b1[m] = x.y;
+    for (int m = 0; m < 8; ++m) {  // product m = 2 jb + hp: halves (jb, 4 + jb) of planes 2 hp, 2 hp + 1
+        const int jb = m >> 1, hp = m & 1;
+        const unsigned sel = (jb & 1) ? 0x7632u : 0x5410u;
+        b0[m] = prmt(u4w(qv[2 * hp], jb >> 1), u4w(qv[2 * hp], 2 + (jb >> 1)), sel);
+        b1[m] = prmt(u4w(qv[2 * hp + 1], jb >> 1), u4w(qv[2 * hp + 1], 2 + (jb >> 1)), sel);
+    }
+    // the groups' query sums (fp16 entries summed in fp32): lane L sums channels 4 L .. 4 L + 3
+    // (group 4 L / G), the lanes of a group reduce, then each lane takes the two groups it finishes
+    float qsl;
+    {
+        const uint2 x = *reinterpret_cast<const uint2*>(qrow + 4 * lane);
+        qsl = (lo2f(x.x) + hi2f(x.x)) + (lo2f(x.y) + hi2f(x.y));
+#pragma unroll
+        for (int s = 1; s < 32 / NG; s <<= 1) qsl += __shfl_xor_sync(0xffffffffu, qsl, s);
     }
     // D columns 2t, 2t + 1 are groups 2t, 2t + 1: lane t (< NG / 2, or 0) finishes them. Its scale and
     // zero pair (one 32-bit load each; one half-word with one group) and the groups' query sums:
     const int gp = NG >= 2 ? 2 * (t % (NG / 2)) : 0;
-    const float q0 = qsum[row * NG + gp], q1 = NG >= 2 ? qsum[row * NG + gp + 1] : 0.f;
+    const float q0 = __shfl_sync(0xffffffffu, qsl, gp * 32 / NG);
+    const float q1 = NG >= 2 ? __shfl_sync(0xffffffffu, qsl, ((gp + 1) * 32 / NG) & 31) : 0.f;
     const long long sbase = (long long)b * ks_b + (long long)h * ks_h + gp;
     const unsigned short* ksb = ks + sbase;
     const unsigned short* kzb = kz + sbase;
     const uint2* kr = kw + (long long)row * cap * 4 + t;  // token n: kr[4 n] = its words 2t, 2t + 1
     float* sr = scr + (long long)row * cap;
+    // U tiles' loads first (kept raw); with PIPE the next iteration's loads are issued before this
+    // one's arithmetic (register double-buffering)
+    KTile cur, nxt;
+    if (PIPE) load_tiles(cur, start + 16 * U * warp, end, g, ks_t, kr, ksb, kzb);
     for (int k0 = start + 16 * U * warp; k0 < end; k0 += 16 * U * 4) {
-        // every load of the U tiles first, unconditional (token indices clamped to the last valid
-        // one: what a clamped row yields is never stored), and kept raw: converting a loaded value
-        // right away would wait for it there
-        uint2 wa[U], wb[U];
-        unsigned sa[U], za[U], sb[U], zb[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int ta = min(k0 + 16 * u + g, end - 1), tb = min(k0 + 16 * u + g + 8, end - 1);
-            wa[u] = kr[4 * ta];
-            wb[u] = kr[4 * tb];
-            if (NG >= 2) {
-                sa[u] = *reinterpret_cast<const unsigned*>(ksb + ta * ks_t);
-                za[u] = *reinterpret_cast<const unsigned*>(kzb + ta * ks_t);
-                sb[u] = *reinterpret_cast<const unsigned*>(ksb + tb * ks_t);
-                zb[u] = *reinterpret_cast<const unsigned*>(kzb + tb * ks_t);
-            } else {
-                sa[u] = ksb[ta * ks_t]; za[u] = kzb[ta * ks_t]; sb[u] = ksb[tb * ks_t]; zb[u] = kzb[tb * ks_t];
-            }
-        }
+        if (PIPE) load_tiles(nxt, k0 + 16 * U * 4, end, g, ks_t, kr, ksb, kzb);
+        else load_tiles(cur, k0, end, g, ks_t, kr, ksb, kzb);
+        const uint2* wa = cur.wa;
+        const uint2* wb = cur.wb;
+        const unsigned* sa = cur.sa;
+        const unsigned* za = cur.za;
+        const unsigned* sb = cur.sb;
+        const unsigned* zb = cur.zb;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             // A = keys: rows g (token g) and g + 8, k = this lane's channels of product m
@@ -192,6 +235,7 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
                 if (ta + 8 < end) sr[ta + 8] = rb * sm_scale;
             }
         }
+        if (PIPE) cur = nxt;
     }
 }
 """
@@ -199,10 +243,11 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
 _KERNELS: dict = {}
 
 
-def source(num_groups: int, tiles: int = TILES) -> str:
+def source(num_groups: int, tiles: int = TILES, pipe: bool = False) -> str:
     if num_groups not in (1, 2, 4) or tiles not in (1, 2, 4, 8):
         raise ValueError("token_scores_cuda.source: groups a row must be 1, 2 or 4 and tiles 1, 2, 4 or 8")
-    return _SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
+    return (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
+            .replace("__PIPE__", str(int(pipe))))
 
 
 def _pairs_aligned(k_scale, k_zero, ng):
@@ -214,7 +259,7 @@ def _pairs_aligned(k_scale, k_zero, ng):
 
 
 def token_scores(q, k_codes, k_scale, k_zero, lengths, sm_scale, scores, *, group_size, split_len, num_splits,
-                 tiles=TILES):
+                 tiles=TILES, pipe=False):
     """Write scores [B, H, cap] fp32 (log2 domain: `sm_scale` includes log2 e) of q [B, H, 128] over
     per-token packed 2-bit keys with integer zero points, in splits of `split_len` tokens (a multiple
     of `STEP`)."""
@@ -225,14 +270,13 @@ def token_scores(q, k_codes, k_scale, k_zero, lengths, sm_scale, scores, *, grou
         raise ValueError("token_scores_cuda: needs contiguous 2-bit rows of 128 channels, fp16 scales and zeros "
                          "laid out alike (a token's groups adjacent), splits a multiple of 64 tokens")
     ng = D // group_size
-    qop = query_operand(q, group_size)
-    qsum = group_sums(q, group_size)
+    q = q.half().contiguous()  # (the kernel builds its operands from q: `query_operand`, `group_sums`)
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
-    key = (ng, tiles, str(q.device))
+    key = (ng, tiles, bool(pipe), str(q.device))
     if key not in _KERNELS:
-        _KERNELS[key] = nvrtc.compile_source(source(ng, tiles), "token_scores", q.device)
+        _KERNELS[key] = nvrtc.compile_source(source(ng, tiles, pipe), "token_scores", q.device)
     _KERNELS[key](grid=(b * h, num_splits, 1), block=(32 * WARPS, 1, 1),
-                  args=[k_codes, k_scale, k_zero, qop, qsum, lengths, scores, float(sm_scale), int(cap), int(h),
+                  args=[k_codes, k_scale, k_zero, q, lengths, scores, float(sm_scale), int(cap), int(h),
                         int(split_len), int(k_scale.stride(0)), int(k_scale.stride(1)), int(k_scale.stride(2))])
     return scores
 

@@ -49,6 +49,7 @@ def supports(head_dim: int, bits: int, group_size: int) -> bool:
 _SOURCE = r"""
 #define NG __NG__  // value groups a row (1: groups of 128, 2: of 64, 4: of 32)
 #define U __U__  // 16-token tiles a warp loads before it computes any of them
+#define PIPE __PIPE__  // 1: the next iteration's loads in flight during this one's arithmetic
 #define INTZ __INTZ__  // 1: integer zero points, (c - z) s; 0: the group minimum, c s + z
 
 __device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
@@ -71,6 +72,30 @@ __device__ __forceinline__ void mma_acc(float* d, unsigned a0, unsigned a2, unsi
                  "{%0, %1, %2, %3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
+// the loads of U tiles, kept raw (token indices clamped to the last valid one: a clamped token's
+// weight is zero; converting a loaded value right away would wait for it there)
+struct VTile {
+    float sc[U];
+    unsigned short sv[U][NG], zv[U][NG];
+    unsigned w[U][4];
+};
+__device__ __forceinline__ void load_tiles(VTile& v, int k0, int end, int lane, int t, const float* sr,
+                                           const unsigned short* vsb, const unsigned short* vzb, int vs_t,
+                                           const unsigned* wl) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int tl = min(k0 + 64 * u + (lane & 15), end - 1), so = tl * vs_t;
+        v.sc[u] = sr[tl];
+#pragma unroll
+        for (int i = 0; i < NG; ++i) { v.sv[u][i] = vsb[so + i]; v.zv[u][i] = vzb[so + i]; }
+        const int r0 = k0 + 64 * u + 2 * t;
+        v.w[u][0] = wl[8 * min(r0, end - 1)];
+        v.w[u][1] = wl[8 * min(r0 + 1, end - 1)];
+        v.w[u][2] = wl[8 * min(r0 + 8, end - 1)];
+        v.w[u][3] = wl[8 * min(r0 + 9, end - 1)];
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(128)
@@ -122,25 +147,17 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
     for (int i = 0; i < NG; ++i) saz[i] = 0.f;
     // A warp takes U tiles of 16 tokens an iteration (tile u at k0 + 64 u): every load of the U
     // tiles is issued before any arithmetic, so U times the bytes are in flight (one tile at a
-    // time left this pass waiting on memory at a third of the copy bandwidth)
+    // time left this pass waiting on memory at a third of the copy bandwidth). With PIPE the next
+    // iteration's loads are issued before this one's arithmetic (register double-buffering).
+    VTile cur, nxt;
+    if (PIPE) load_tiles(cur, start + 16 * warp, end, lane, t, sr, vsb, vzb, vs_t, wl);
     for (int k0 = start + 16 * warp; k0 < end; k0 += 64 * U) {
-        // loads unconditional (token indices clamped to the last valid one: a clamped token's
-        // weight is zero) and kept raw: converting a loaded value right away would wait for it there
-        float sc[U];
-        unsigned short sv[U][NG], zv[U][NG];
-        unsigned w[U][4];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int tl = min(k0 + 64 * u + (lane & 15), end - 1), so = tl * vs_t;
-            sc[u] = sr[tl];
-#pragma unroll
-            for (int i = 0; i < NG; ++i) { sv[u][i] = vsb[so + i]; zv[u][i] = vzb[so + i]; }
-            const int r0 = k0 + 64 * u + 2 * t;
-            w[u][0] = wl[8 * min(r0, end - 1)];
-            w[u][1] = wl[8 * min(r0 + 1, end - 1)];
-            w[u][2] = wl[8 * min(r0 + 8, end - 1)];
-            w[u][3] = wl[8 * min(r0 + 9, end - 1)];
-        }
+        if (PIPE) load_tiles(nxt, k0 + 64 * U, end, lane, t, sr, vsb, vzb, vs_t, wl);
+        else load_tiles(cur, k0, end, lane, t, sr, vsb, vzb, vs_t, wl);
+        const float* sc = cur.sc;
+        unsigned short (*sv)[NG] = cur.sv;
+        unsigned short (*zv)[NG] = cur.zv;
+        unsigned (*w)[4] = cur.w;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             unsigned aw[2] = {0u, 0u};  // fp16 weights of groups (0, 1) and (2, 3)
@@ -176,6 +193,7 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
                 }
             }
         }
+        if (PIPE) cur = nxt;
     }
     // sums over the token lanes; row g < 4 of tile (g, jb) holds channels 32 g + 4 (2t + c) + jb
 #pragma unroll
@@ -220,15 +238,15 @@ _KERNELS: dict = {}
 TILES = 4
 
 
-def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True) -> str:
+def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, pipe: bool = False) -> str:
     if tiles not in (1, 2, 4, 8) or num_groups not in (1, 2, 4):
         raise ValueError("values_cuda.source: tiles must be 1, 2, 4 or 8 and groups a row 1, 2 or 4")
     return (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
-            .replace("__INTZ__", str(int(integer_zero))))
+            .replace("__INTZ__", str(int(integer_zero))).replace("__PIPE__", str(int(pipe))))
 
 
 def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size, integer_zero=True, max_len=None,
-                       num_splits=None, splits_per_sm=4, tiles=TILES):
+                       num_splits=None, splits_per_sm=4, tiles=TILES, pipe=False):
     """`decode_mha.values_from_scores`'s contract on the tensor cores (shapes `supports` takes).
     `integer_zero=False`: zeros are the group minimum (KIVI's values: c s + z)."""
     from kvbench.kernels.decode_attention import split_plan
@@ -244,9 +262,9 @@ def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size,
     o = torch.empty(b, h, ns, D, dtype=torch.float32, device=scores.device)
     lse = torch.empty(b, h, ns, dtype=torch.float32, device=scores.device)
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
-    key = (D // group_size, tiles, bool(integer_zero), str(scores.device))  # (not the source: every read asks)
+    key = (D // group_size, tiles, bool(integer_zero), bool(pipe), str(scores.device))  # (not the source)
     if key not in _KERNELS:
-        _KERNELS[key] = nvrtc.compile_source(source(D // group_size, tiles, integer_zero), "values_from_scores",
+        _KERNELS[key] = nvrtc.compile_source(source(D // group_size, tiles, integer_zero, pipe), "values_from_scores",
                                              scores.device)
     kern = _KERNELS[key]
     kern(grid=(b * h, ns, 1), block=(32 * WARPS, 1, 1),

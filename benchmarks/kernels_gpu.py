@@ -158,7 +158,7 @@ def methods(b, h, d, L, device, smoke):
     # "tc": the tensor-core kernel (decode_attention); "mha": CUDA cores, one query per KV head
     # (the shipped launch settings first: a run cut short by --budget-s still times them)
     # "cuda": the two hand-laid passes (decode_mha_cuda), the default where NVRTC works
-    cfgs = [dict(kernel="mha", impl="cuda", splits_per_sm=sp) for sp in (4, 2, 8)]
+    cfgs = [dict(kernel="mha", impl="cuda")]  # (each pass its own measured launch settings)
     cfgs += [dict(kernel="mha", impl="triton", block_n=bn, num_warps=nw, splits_per_sm=sp, prefetch=pf)
              for bn, nw, sp, pf in ((64, 4, 4, True), (64, 4, 4, False), (64, 4, 8, True), (32, 2, 8, True),
                                     (64, 2, 8, True), (128, 4, 4, True))]
@@ -215,15 +215,14 @@ def methods(b, h, d, L, device, smoke):
     win_v = torch.randn(b, h, W, d, device=device, generator=gen).half()
     kivi_bytes = b * h * nq_tok * (d * bits // 8 + 4 * d // G) * 2 + b * h * (L - nq_tok) * d * 2 * 2
     # "tc": the tensor-core kernel (decode_attention); "mha": CUDA cores in two passes (decode_kivi_mha)
-    # (values_impl: the values pass on the tensor cores, values_cuda, the default where NVRTC works;
-    # "triton": both passes in the Triton kernel)
-    kcfgs = [dict(kernel="mha", num_warps=nw, splits_per_sm=sp, block_n=64) for nw, sp in ((2, 8), (4, 4), (2, 16))]
-    kcfgs += [dict(kernel="mha", num_warps=nw, splits_per_sm=sp, block_n=bn, values_impl="triton")
-              for nw, sp, bn in ((2, 8, 64), (4, 4, 64), (4, 8, 64), (2, 4, 64), (2, 16, 64), (2, 8, 32))]
+    # (values_impl="cuda": the values pass on the tensor cores, values_cuda, after the Triton key pass)
+    kcfgs = [dict(kernel="mha", num_warps=nw, splits_per_sm=sp, block_n=bn)
+             for nw, sp, bn in ((2, 8, 64), (4, 4, 64), (4, 8, 64), (2, 4, 64), (2, 16, 64), (2, 8, 32))]
+    kcfgs += [dict(kernel="mha", num_warps=2, splits_per_sm=sp, block_n=64, values_impl="cuda") for sp in (8, 16)]
     kcfgs += [dict(kernel="tc", groups_per_tile=8, num_warps=4), dict(kernel="tc", groups_per_tile=16, num_warps=8)]
     if smoke:
         kcfgs = [dict(kernel="tc", groups_per_tile=2, num_warps=4, num_splits=2),
-                 dict(kernel="mha", groups_per_tile=2, num_warps=4, num_splits=2, block_n=16, values_impl="triton")]
+                 dict(kernel="mha", groups_per_tile=2, num_warps=4, num_splits=2, block_n=16)]
 
     def kivi_partials(cfg, G=G):
         c = {k: v for k, v in cfg.items() if k != "kernel"}
@@ -292,7 +291,7 @@ def methods(b, h, d, L, device, smoke):
                                                                            two_pass=True)]
                                                                      if hg == 4 else [])
         if hg == 1 and not pre and not reorder:  # quarot's read path: the MHA kernel takes it
-            rcfgs = [dict(kernel="mha", impl="cuda", splits_per_sm=4)]
+            rcfgs = [dict(kernel="mha", impl="cuda")]
             rcfgs += [dict(kernel="mha", impl="triton", block_n=bn, num_warps=4, splits_per_sm=sp)
                       for bn, sp in ((64, 4), (128, 4), (64, 8))]
             if smoke:

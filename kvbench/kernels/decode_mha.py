@@ -308,8 +308,7 @@ def decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     if decode_mha_cuda.use_cuda(impl, q, k_scale, v_scale, bits, group_size, integer_zero, "decode_per_token_mha"):
         return decode_mha_cuda.decode_per_token_mha_cuda(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                                                          lengths, scaling, group_size=group_size, max_len=max_len,
-                                                         num_splits=num_splits, splits_per_sm=splits_per_sm,
-                                                         k_scale_heads_last=k_scale_heads_last)
+                                                         num_splits=num_splits, k_scale_heads_last=k_scale_heads_last)
     max_len = cap if max_len is None else max_len
     ns, nit = split_plan(max_len, block_n, b * hkv, q.device, per_sm=splits_per_sm, num_splits=num_splits)
     o, lse = _out(q, ns)

@@ -26,10 +26,11 @@ def fits(q, k_scale, v_scale, bits: int, group_size: int, integer_zero: bool) ->
 
 
 def decode_per_token_mha_cuda(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, *,
-                              group_size, max_len=None, num_splits=None, splits_per_sm=4,
+                              group_size, max_len=None, num_splits=None, splits_per_sm=None,
                               k_scale_heads_last=False):
     """Partials of q [B, H, 128] over per-token packed 2-bit K/V (the `decode_mha` layouts).
-    `k_scale_heads_last`: key scales/zeros are [B, 1, cap, H] (one group a head)."""
+    `k_scale_heads_last`: key scales/zeros are [B, 1, cap, H] (one group a head). `splits_per_sm`:
+    None takes each pass's own (measured) setting, else both passes take it."""
     from kvbench.kernels.decode_attention import split_plan
 
     b, h, _ = q.shape
@@ -39,11 +40,13 @@ def decode_per_token_mha_cuda(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
     max_len = cap if max_len is None else max_len
     scores = torch.empty(b, h, cap, dtype=torch.float32, device=q.device)
     step = token_scores_cuda.STEP
-    ns, nit = split_plan(max_len, step, b * h, q.device, per_sm=splits_per_sm, num_splits=num_splits)
+    ns, nit = split_plan(max_len, step, b * h, q.device, per_sm=splits_per_sm or token_scores_cuda.SPLITS_PER_SM,
+                         num_splits=num_splits)
     token_scores_cuda.token_scores(q, k_codes, k_scale, k_zero, lengths, scaling * LOG2E, scores,
                                    group_size=group_size, split_len=nit * step, num_splits=ns)
     return values_cuda.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, group_size=group_size,
-                                          max_len=max_len, num_splits=num_splits, splits_per_sm=splits_per_sm)
+                                          max_len=max_len, num_splits=num_splits,
+                                          splits_per_sm=splits_per_sm or values_cuda.SPLITS_PER_SM)
 
 
 def use_cuda(impl, q, k_scale, v_scale, bits, group_size, integer_zero, where: str) -> bool:

@@ -39,7 +39,8 @@ from kvbench.kernels import nvrtc
 D = 128
 WARPS = 4
 TILE = 16  # tokens a product
-TILES = 4  # tiles a warp loads before computing
+TILES = 2  # tiles a warp loads before computing (H100 sweep, ninth session: 2 at 8 programs an SM)
+SPLITS_PER_SM = 8
 STEP = TILE * WARPS  # splits are whole multiples of this (64 tokens)
 
 

@@ -49,6 +49,7 @@ def supports(head_dim: int, bits: int, group_size: int) -> bool:
 _SOURCE = r"""
 #define NG __NG__  // value groups a row (1: groups of 128, 2: of 64, 4: of 32)
 #define U __U__  // 16-token tiles a warp loads before it computes any of them
+#define MINB __MINB__  // programs an SM the registers are held to
 #define PIPE __PIPE__  // 1: the next iteration's loads in flight during this one's arithmetic
 #define INTZ __INTZ__  // 1: integer zero points, (c - z) s; 0: the group minimum, c s + z
 
@@ -98,7 +99,7 @@ __device__ __forceinline__ void load_tiles(VTile& v, int k0, int end, int lane, 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128)
+extern "C" __global__ void __launch_bounds__(128, MINB)
 values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ vw,
                    const unsigned short* __restrict__ vs, const unsigned short* __restrict__ vz,
                    const long long* __restrict__ len, float* __restrict__ o, float* __restrict__ lse,
@@ -116,6 +117,13 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const float* sr = scr + (long long)row * cap;
+    const unsigned short* vsb = vs + (long long)b * vs_b + (long long)h * vs_h;
+    const unsigned short* vzb = vz + (long long)b * vs_b + (long long)h * vs_h;
+    // this lane's word g of tokens k0 + 2t (+1, +8, +9): a base pointer and constant offsets
+    const unsigned* wl = vw + (long long)row * cap * 8 + g;
+    // the first U tiles' loads go out before the maximum's scan, which their latency then overlaps
+    VTile cur, nxt;
+    load_tiles(cur, start + 16 * warp, end, lane, t, sr, vsb, vzb, vs_t, wl);
     // the split's exact maximum: nothing is rescaled afterwards (unrolled: several loads in flight)
     float m = -1e30f;
 #pragma unroll 8
@@ -128,10 +136,6 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
 
     // lane L < 16 weighs token k0 + L: p = 2**(s - max), A = fp16(p s) of each group (packed), and
     // sums p and the zero-point term; the A fragments then come from these lanes by shuffles
-    const unsigned short* vsb = vs + (long long)b * vs_b + (long long)h * vs_h;
-    const unsigned short* vzb = vz + (long long)b * vs_b + (long long)h * vs_h;
-    // this lane's word g of tokens k0 + 2t (+1, +8, +9): a base pointer and constant offsets
-    const unsigned* wl = vw + (long long)row * cap * 8 + g;
     // row g (plane g: channels 32 g ..) takes group gi's weight: half gi % 2 of word gi / 2
     const int gi = g * NG / 4;
     const unsigned sel = (gi & 1) ? 0x7632u : 0x5410u;
@@ -149,11 +153,8 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
     // tiles is issued before any arithmetic, so U times the bytes are in flight (one tile at a
     // time left this pass waiting on memory at a third of the copy bandwidth). With PIPE the next
     // iteration's loads are issued before this one's arithmetic (register double-buffering).
-    VTile cur, nxt;
-    if (PIPE) load_tiles(cur, start + 16 * warp, end, lane, t, sr, vsb, vzb, vs_t, wl);
     for (int k0 = start + 16 * warp; k0 < end; k0 += 64 * U) {
         if (PIPE) load_tiles(nxt, k0 + 64 * U, end, lane, t, sr, vsb, vzb, vs_t, wl);
-        else load_tiles(cur, k0, end, lane, t, sr, vsb, vzb, vs_t, wl);
         const float* sc = cur.sc;
         unsigned short (*sv)[NG] = cur.sv;
         unsigned short (*zv)[NG] = cur.zv;
@@ -194,6 +195,7 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
             }
         }
         if (PIPE) cur = nxt;
+        else if (k0 + 64 * U < end) load_tiles(cur, k0 + 64 * U, end, lane, t, sr, vsb, vzb, vs_t, wl);
     }
     // sums over the token lanes; row g < 4 of tile (g, jb) holds channels 32 g + 4 (2t + c) + jb
 #pragma unroll
@@ -234,19 +236,27 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
 _KERNELS: dict = {}
 
 # 16-token tiles a warp loads before computing (`U` in the source): 1 measured 0.081 ms at B8 x 8192
-# on the H100 (eighth session), load-latency bound; see docs/kernel-notes.md for the sweep.
+# on the H100 (eighth session), load-latency bound; 4 (no pipelining) 0.054 ms, the best of the
+# ninth session's sweep (docs/kernel-notes.md, results/gpu/nvidia-h100-80gb-hbm3/session9/).
 TILES = 4
+SPLITS_PER_SM = 4
 
 
-def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, pipe: bool = False) -> str:
+def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, pipe: bool = False,
+           min_blocks: int | None = None) -> str:
+    """The kernel's source for these compile-time choices. `min_blocks` (programs an SM the
+    registers are held to): 4 (128 registers) unless four pipelined tiles need 3 not to spill."""
+    if min_blocks is None:
+        min_blocks = 3 if pipe and tiles >= 4 else 4
     if tiles not in (1, 2, 4, 8) or num_groups not in (1, 2, 4):
         raise ValueError("values_cuda.source: tiles must be 1, 2, 4 or 8 and groups a row 1, 2 or 4")
     return (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
-            .replace("__INTZ__", str(int(integer_zero))).replace("__PIPE__", str(int(pipe))))
+            .replace("__INTZ__", str(int(integer_zero))).replace("__PIPE__", str(int(pipe)))
+            .replace("__MINB__", str(min_blocks)))
 
 
 def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size, integer_zero=True, max_len=None,
-                       num_splits=None, splits_per_sm=4, tiles=TILES, pipe=False):
+                       num_splits=None, splits_per_sm=SPLITS_PER_SM, tiles=TILES, pipe=False):
     """`decode_mha.values_from_scores`'s contract on the tensor cores (shapes `supports` takes).
     `integer_zero=False`: zeros are the group minimum (KIVI's values: c s + z)."""
     from kvbench.kernels.decode_attention import split_plan

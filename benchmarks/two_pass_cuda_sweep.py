@@ -1,7 +1,8 @@
 """Launch sweep of the hand-laid two-pass read for per-token packed K/V, each pass alone and both:
 `token_scores_cuda` (keys) and `values_cuda` (values, also RotateKV's and KIVI's values pass), with
 U = tiles a warp loads before computing x pipe (the next U tiles' loads in flight during this
-iteration's arithmetic) x splits an SM; then both passes as `decode_mha_cuda` runs them. Llama-2-7B shape (32 heads of 128, MHA),
+iteration's arithmetic) x splits an SM (values: also the codes as the products' A or B operand);
+then both passes as `decode_mha_cuda` runs them. Llama-2-7B shape (32 heads of 128, MHA),
 batch 8, context 8192, 2 bits, groups of 64 (values also 32 with float zeros: KIVI's). 20 launches
 captured in a CUDA graph, median over 20 replays; bandwidth over the bytes each pass must read,
 as a fraction of this run's copy bandwidth. Usage: python benchmarks/two_pass_cuda_sweep.py --out F"""
@@ -70,7 +71,7 @@ def main():
         print(rows[-1], flush=True)
 
     key_bytes = b * h * cap * (32 + 4 * 128 // group)
-    for tiles in (1, 2, 4):
+    for tiles in (2, 4):
         for pipe in (False, True):
             for per_sm in (4, 8):
                 ns, nit = split_plan(cap, tc.STEP, b * h, "cuda", per_sm=per_sm)
@@ -83,16 +84,18 @@ def main():
                        splits_per_sm=per_sm)
     for (g, iz), (vcodes, vscale, vzero) in v.items():
         val_bytes = b * h * cap * (32 + 4 * 128 // g + 4)  # codes, scale and zero, the score
-        for tiles in (1, 2, 4):
-            for pipe in (False, True):
-                for per_sm in (4, 8):
+        for codes_a in (False, True):
+            for tiles in (2, 4):
+                for pipe in (False, True):
+                    for per_sm in (4, 8):
 
-                    def values():
-                        vc.values_from_scores(scores, vcodes, vscale, vzero, lengths, group_size=g, integer_zero=iz,
-                                              splits_per_sm=per_sm, tiles=tiles, pipe=pipe)
+                        def values():
+                            vc.values_from_scores(scores, vcodes, vscale, vzero, lengths, group_size=g,
+                                                  integer_zero=iz, splits_per_sm=per_sm, tiles=tiles, pipe=pipe,
+                                                  codes_a=codes_a)
 
-                    record(f"values G{g} int_zero={iz}", graph_ms(values), val_bytes, tiles=tiles, pipe=pipe,
-                           splits_per_sm=per_sm)
+                        record(f"values G{g} int_zero={iz}", graph_ms(values), val_bytes, codes_a=codes_a,
+                               tiles=tiles, pipe=pipe, splits_per_sm=per_sm)
     # both passes as decode_per_token_mha runs them (its defaults), the packed bytes of K and V
     vcodes, vscale, vzero = v[(64, True)]
     for per_sm in (4, 8):

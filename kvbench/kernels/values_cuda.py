@@ -50,6 +50,7 @@ _SOURCE = r"""
 #define NG __NG__  // value groups a row (1: groups of 128, 2: of 64, 4: of 32)
 #define U __U__  // 16-token tiles a warp loads before it computes any of them
 #define MINB __MINB__  // programs an SM the registers are held to
+#define CODES_A __CODES_A__  // 1: the codes are the A operand (8 products a 16-token tile), 0: B (16)
 #define PIPE __PIPE__  // 1: the next iteration's loads in flight during this one's arithmetic
 #define INTZ __INTZ__  // 1: integer zero points, (c - z) s; 0: the group minimum, c s + z
 
@@ -67,6 +68,22 @@ __device__ __forceinline__ unsigned short f2h(float f) {
 }
 __device__ __forceinline__ float h2f(unsigned short h) {
     float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
+    unsigned d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+// the codes of plane p of a PRMT-paired byte as exact fp16 pairs: (1024 + c 4**p) 4**-p - 1024 4**-p = c
+__device__ __forceinline__ unsigned plane(unsigned x, int p) {
+    const unsigned mul = p == 0 ? 0x3C003C00u : p == 1 ? 0x34003400u : p == 2 ? 0x2C002C00u : 0x24002400u;
+    const unsigned add = p == 0 ? 0xE400E400u : p == 1 ? 0xDC00DC00u : p == 2 ? 0xD400D400u : 0xCC00CC00u;
+    return hfma2(lop_and_or(x, 0x00030003u << (2 * p), 0x64006400u), mul, add);
+}
+__device__ __forceinline__ void mma4(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                     unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 __device__ __forceinline__ void mma_acc(float* d, unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -139,6 +156,15 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
     // row g (plane g: channels 32 g ..) takes group gi's weight: half gi % 2 of word gi / 2
     const int gi = g * NG / 4;
     const unsigned sel = (gi & 1) ? 0x7632u : 0x5410u;
+#if CODES_A
+    float acc[4][2][4];  // [jb][hp]: rows g (plane hp) and g + 8 (plane hp + 2), columns = groups
+#pragma unroll
+    for (int jb = 0; jb < 4; ++jb)
+#pragma unroll
+        for (int hp = 0; hp < 2; ++hp)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[jb][hp][r] = 0.f;
+#else
     float acc[4][4][4];
 #pragma unroll
     for (int p = 0; p < 4; ++p)
@@ -146,6 +172,7 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
         for (int jb = 0; jb < 4; ++jb)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[p][jb][r] = 0.f;
+#endif
     float l = 0.f, saz[NG];
 #pragma unroll
     for (int i = 0; i < NG; ++i) saz[i] = 0.f;
@@ -177,8 +204,27 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
             if (NG == 4) {  // rows 2, 3 take the second word
                 unsigned y0 = __shfl_sync(0xffffffffu, aw[1], 2 * t), y1 = __shfl_sync(0xffffffffu, aw[1], 2 * t + 1);
                 unsigned y2 = __shfl_sync(0xffffffffu, aw[1], 2 * t + 8), y3 = __shfl_sync(0xffffffffu, aw[1], 2 * t + 9);
-                if (gi >= 2) { x0 = y0; x1 = y1; x2 = y2; x3 = y3; }
+                if ((CODES_A ? g : gi) >= 2) { x0 = y0; x1 = y1; x2 = y2; x3 = y3; }
             }
+#if CODES_A
+            // B (16 tokens x 8 columns): column n < NG holds group n's weights (lane g: column g)
+            unsigned wb0 = 0u, wb1 = 0u;
+            if (g < NG) {
+                const unsigned selg = (g & 1) ? 0x7632u : 0x5410u;
+                wb0 = prmt(x0, x1, selg);  // tokens 2t, 2t + 1
+                wb1 = prmt(x2, x3, selg);  // tokens 2t + 8, 2t + 9
+            }
+#pragma unroll
+            for (int jb = 0; jb < 4; ++jb) {
+                // A (16 channels x 16 tokens): row g is channel 32 hp + 4 g + jb, row g + 8 the same in
+                // plane hp + 2; lo / hi hold byte jb of word g of tokens (2t, 2t + 1) / (2t + 8, 2t + 9)
+                const unsigned lo = prmt(w[u][0], w[u][1], jb | ((4 + jb) << 8));
+                const unsigned hi = prmt(w[u][2], w[u][3], jb | ((4 + jb) << 8));
+#pragma unroll
+                for (int hp = 0; hp < 2; ++hp)
+                    mma4(acc[jb][hp], plane(lo, hp), plane(lo, hp + 2), plane(hi, hp), plane(hi, hp + 2), wb0, wb1);
+            }
+#else
             unsigned a0 = g < 4 ? prmt(x0, x1, sel) : 0u;  // row g = plane g: tokens 2t, 2t + 1
             unsigned a2 = g < 4 ? prmt(x2, x3, sel) : 0u;  // tokens 2t + 8, 2t + 9
 #pragma unroll
@@ -193,17 +239,33 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
                     mma_acc(acc[p][jb], a0, a2, b0, b1);
                 }
             }
+#endif
         }
         if (PIPE) cur = nxt;
         else if (k0 + 64 * U < end) load_tiles(cur, k0 + 64 * U, end, lane, t, sr, vsb, vzb, vs_t, wl);
     }
-    // sums over the token lanes; row g < 4 of tile (g, jb) holds channels 32 g + 4 (2t + c) + jb
+    // sums over the token lanes (all 32: with CODES_A lanes up to 29 apply the zero terms)
 #pragma unroll
-    for (int s = 1; s < 16; s <<= 1) {
+    for (int s = 1; s < 32; s <<= 1) {
         l += __shfl_xor_sync(0xffffffffu, l, s);
 #pragma unroll
         for (int i = 0; i < NG; ++i) saz[i] += __shfl_xor_sync(0xffffffffu, saz[i], s);
     }
+#if CODES_A
+    // D row r of product (jb, hp) is channel 32 p + 4 g + jb (p = hp, or hp + 2 for r = g + 8); its
+    // group's column col = p NG / 4 sits in lane t = col / 2, entry 2 (r >= 8) + col % 2
+#pragma unroll
+    for (int jb = 0; jb < 4; ++jb)
+#pragma unroll
+        for (int hp = 0; hp < 2; ++hp)
+#pragma unroll
+            for (int rh = 0; rh < 2; ++rh) {
+                const int p = hp + 2 * rh, col = p * NG / 4;
+                if (t == col / 2)
+                    s_part[warp][32 * p + 4 * g + jb] = acc[jb][hp][2 * rh + (col & 1)] + (INTZ ? -saz[col] : saz[col]);
+            }
+#else
+    // row g < 4 of tile (g, jb) holds channels 32 g + 4 (2t + c) + jb
     if (g < 4) {
         const float inv4 = g == 0 ? 1.f : g == 1 ? 0.25f : g == 2 ? 0.0625f : 0.015625f;
         // integer zero points: sum_t A_t (c_t - z_t); float zeros (the group minimum): sum A_t c_t + p_t z_t
@@ -222,6 +284,7 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
                 }
             }
     }
+#endif
     if (lane == 0) s_part[warp][128] = l;
     __syncthreads();
     const int c = threadIdx.x;
@@ -240,23 +303,25 @@ _KERNELS: dict = {}
 # ninth session's sweep (docs/kernel-notes.md, results/gpu/nvidia-h100-80gb-hbm3/session9/).
 TILES = 4
 SPLITS_PER_SM = 4
+CODES_A = False  # the codes as the products' B operand (16 a tile) or A (8 a tile): see the sweep
 
 
 def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, pipe: bool = False,
-           min_blocks: int | None = None) -> str:
+           min_blocks: int | None = None, codes_a: bool = CODES_A) -> str:
     """The kernel's source for these compile-time choices. `min_blocks` (programs an SM the
-    registers are held to): 4 (128 registers) unless four pipelined tiles need 3 not to spill."""
-    if min_blocks is None:
-        min_blocks = 3 if pipe and tiles >= 4 else 4
+    registers are held to): 4 (128 registers) unless four pipelined tiles need 3 not to spill, or
+    the codes-as-A variant with two tiles fits 5."""
+    if min_blocks is None:  # (codes as A, two tiles: under 102 registers, so five programs fit)
+        min_blocks = 3 if pipe and tiles >= 4 else 5 if codes_a and tiles <= 2 and not pipe else 4
     if tiles not in (1, 2, 4, 8) or num_groups not in (1, 2, 4):
         raise ValueError("values_cuda.source: tiles must be 1, 2, 4 or 8 and groups a row 1, 2 or 4")
     return (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
             .replace("__INTZ__", str(int(integer_zero))).replace("__PIPE__", str(int(pipe)))
-            .replace("__MINB__", str(min_blocks)))
+            .replace("__MINB__", str(min_blocks)).replace("__CODES_A__", str(int(codes_a))))
 
 
 def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size, integer_zero=True, max_len=None,
-                       num_splits=None, splits_per_sm=SPLITS_PER_SM, tiles=TILES, pipe=False):
+                       num_splits=None, splits_per_sm=SPLITS_PER_SM, tiles=TILES, pipe=False, codes_a=None):
     """`decode_mha.values_from_scores`'s contract on the tensor cores (shapes `supports` takes).
     `integer_zero=False`: zeros are the group minimum (KIVI's values: c s + z)."""
     from kvbench.kernels.decode_attention import split_plan
@@ -272,10 +337,11 @@ def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size,
     o = torch.empty(b, h, ns, D, dtype=torch.float32, device=scores.device)
     lse = torch.empty(b, h, ns, dtype=torch.float32, device=scores.device)
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
-    key = (D // group_size, tiles, bool(integer_zero), bool(pipe), str(scores.device))  # (not the source)
-    if key not in _KERNELS:
-        _KERNELS[key] = nvrtc.compile_source(source(D // group_size, tiles, integer_zero, pipe), "values_from_scores",
-                                             scores.device)
+    codes_a = CODES_A if codes_a is None else codes_a
+    key = (D // group_size, tiles, bool(integer_zero), bool(pipe), bool(codes_a), str(scores.device))
+    if key not in _KERNELS:  # (keyed by the choices, not the source: every decode read asks)
+        _KERNELS[key] = nvrtc.compile_source(source(D // group_size, tiles, integer_zero, pipe, codes_a=codes_a),
+                                             "values_from_scores", scores.device)
     kern = _KERNELS[key]
     kern(grid=(b * h, ns, 1), block=(32 * WARPS, 1, 1),
          args=[scores.contiguous(), v_codes, v_scale, v_zero, lengths, o, lse, int(cap), int(h), int(nit * STEP), int(ns),

@@ -7,23 +7,26 @@ channels, fp16 scales and zeros; integer zero points ((c - z) s: rtn, quarot, Ro
 minimum (c s + z: KIVI).
 
 With one query row, the Triton pass does the products on CUDA cores (about four instructions a
-code). Here a warp takes 16 tokens at a time into one `mma.m16n8k16` per 8 channels:
+code). Here a warp takes 16 tokens at a time into `mma.m16n8k16` products, the codes read in place:
+lane (g, t) loads word g of tokens 2t, 2t + 1, 2t + 8, 2t + 9 (one 32-bit word a token row), one
+PRMT puts byte jb of two tokens into the half-words (it serves the byte's four bit planes), one
+LOP3 masks plane p and ORs 1024's exponent, one fp16x2 FMA (or add) leaves the code: about 2.25
+instructions a pair of codes. Word w, byte jb, plane p is channel 32 p + 4 w + jb.
 
-* **A** (16 x 16 tokens): row p (p = 0..3, a bit plane of the packed bytes) holds p_t * s_t of the
-  plane's group, rounded to fp16 (p_t = 2**(score - max) <= 1); rows 4..15 are zero. Lane L < 16
-  computes token L's weights once; the fragments come from those lanes by four shuffles.
-* **B** (16 tokens x 8 channels): the codes of plane p, read in place: one PRMT puts a byte of two
-  tokens into the two half-words (it serves all four planes), one LOP3 masks the plane and ORs
-  1024's exponent (1024 + c 4**p), one HADD2 removes the 1024 (exact). So a pair of codes costs
-  about 2.25 instructions and the multiply-adds go to the tensor cores.
-* channel of column n of tile (p, jb) = 32 p + 4 n + jb: lane n of a quad column reads word n of
-  each token row (the four bytes jb = 0..3 of that word), so the loads are one 32-bit word a token.
-* D row p of tile (p, jb) is sum_t p_t s_t c_t 4**p; the zero points come off as sum_t A_t z_t
-  (integer zeros) or on as sum_t p_t z_t (float zeros), and the four warps' partials are summed in
-  shared memory.
+* **codes as A** (the default, `CODES_A`): A (16 channels x 16 tokens) row g is channel
+  32 hp + 4 g + jb and row g + 8 the same in plane hp + 2, so 8 products cover a tile; B (16 tokens
+  x 8 columns) column n < NG holds group n's weights fp16(p_t s_t) (p_t = 2**(score - max) <= 1).
+  D row r, column "its channel's group" is that channel's sum: 32 accumulators a lane.
+* **codes as B** (the eighth session's layout): A row p (a bit plane) holds the plane's group
+  weights, rows 4..15 zero; B (16 tokens x 8 channels) is plane p's codes: 16 products a tile,
+  one useful row each, 64 accumulators. 13-16% slower (ninth session's sweep).
+* Lane L < 16 computes token L's weights once; the fragments come from those lanes by four
+  shuffles (eight with four groups). The zero points come off as sum_t A_t z_t (integer zeros) or
+  on as sum_t p_t z_t (float zeros); the four warps' partials are summed in shared memory.
 * **U tiles a warp an iteration, all loads first**: each warp issues the loads of U tiles (codes,
-  scores, scales, kept raw) before computing any. With one tile (the first version) the pass ran
-  at a third of the copy bandwidth, waiting on each tile's loads (docs/kernel-notes.md).
+  scores, scales, kept raw) before computing any, the first ones before the scan for the split's
+  maximum. With one tile (the first version) the pass ran at a third of the copy bandwidth,
+  waiting on each tile's loads (docs/kernel-notes.md).
 
 The A weights are fp16 (as flash attention's P is): 2**-11 relative a weight. `emulate_values` is
 the same arithmetic in torch (fp16-rounded weights), for the CPU tests; `kvbench.kernels.checks`
@@ -299,11 +302,13 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
 _KERNELS: dict = {}
 
 # 16-token tiles a warp loads before computing (`U` in the source): 1 measured 0.081 ms at B8 x 8192
-# on the H100 (eighth session), load-latency bound; 4 (no pipelining) 0.054 ms, the best of the
-# ninth session's sweep (docs/kernel-notes.md, results/gpu/nvidia-h100-80gb-hbm3/session9/).
+# on the H100 (eighth session), load-latency bound; 4 (no pipelining, codes as A) 0.0475 ms, the
+# best of the ninth session's sweep (docs/kernel-notes.md, results/gpu/nvidia-h100-80gb-hbm3/session9/).
 TILES = 4
 SPLITS_PER_SM = 4
-CODES_A = False  # the codes as the products' B operand (16 a tile) or A (8 a tile): see the sweep
+# the codes as the products' A operand (8 products a 16-token tile, 32 accumulators) rather than B
+# (16, 64): 0.0475 against 0.0558 ms (groups of 64), 0.054 against 0.063 (KIVI's 32, float zeros)
+CODES_A = True
 
 
 def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, pipe: bool = False,

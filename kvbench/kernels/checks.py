@@ -123,18 +123,26 @@ def check_token_scores_cuda(device, results=None):
         kc, ks, kz = _store(gen, b, h, cap, 128, 2, group, device)
         q = _query(gen, b, h, 128, device).half()
         scr = torch.full((b, h, cap), float("nan"), device=device)
+        tmax = torch.full((b, h, -(-cap // 16)), float("nan"), device=device)
         split_len = -(-cap // splits // tc.STEP) * tc.STEP
         tc.token_scores(q, kc, ks, kz, lengths, sm, scr, group_size=group, split_len=split_len,
-                        num_splits=-(-cap // split_len))
+                        num_splits=-(-cap // split_len), tile_max=tmax)
         emu = tc.emulate_scores(q, kc, ks, kz, lengths, sm, group_size=group)
         k = ref.unpack_per_token(kc, ks, kz, 2, group, True).double()
         want = torch.einsum("bhd,bhcd->bhc", q.double(), k) * sm
         valid = torch.isfinite(emu)
         err_ref = float((scr.double() - want)[valid].abs().max())
         scale = float(want[valid].abs().max())
+        # each 16-token tile's maximum, over its valid tokens, exactly (tiles past a row's end unread)
+        padded = torch.where(valid, scr, torch.full_like(scr, float("-inf")))
+        padded = torch.nn.functional.pad(padded, (0, tmax.shape[-1] * 16 - cap), value=float("-inf"))
+        want_max = padded.reshape(b, h, -1, 16).amax(-1)
+        seen = torch.isfinite(want_max)
+        max_ok = bool(torch.equal(tmax[seen], want_max[seen]))
         results.append({"kernel": f"token_scores_cuda G={group} splits={splits}", "max_abs_err": err_ref,
                         "bound": REL_BOUND * scale, "err_vs_emulation": float((scr - emu)[valid].abs().max()),
-                        "ok": bool(err_ref <= REL_BOUND * scale and not scr[valid].isnan().any())})
+                        "tile_max_exact": max_ok,
+                        "ok": bool(err_ref <= REL_BOUND * scale and not scr[valid].isnan().any() and max_ok)})
     return results
 
 

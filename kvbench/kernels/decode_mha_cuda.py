@@ -39,14 +39,15 @@ def decode_per_token_mha_cuda(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
         k_scale, k_zero = k_scale.permute(0, 3, 2, 1), k_zero.permute(0, 3, 2, 1)
     max_len = cap if max_len is None else max_len
     scores = torch.empty(b, h, cap, dtype=torch.float32, device=q.device)
+    tile_max = torch.empty(b, h, -(-cap // 16), dtype=torch.float32, device=q.device)  # the values pass's maxima
     step = token_scores_cuda.STEP
     ns, nit = split_plan(max_len, step, b * h, q.device, per_sm=splits_per_sm or token_scores_cuda.SPLITS_PER_SM,
                          num_splits=num_splits)
     token_scores_cuda.token_scores(q, k_codes, k_scale, k_zero, lengths, scaling * LOG2E, scores,
-                                   group_size=group_size, split_len=nit * step, num_splits=ns)
+                                   group_size=group_size, split_len=nit * step, num_splits=ns, tile_max=tile_max)
     return values_cuda.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, group_size=group_size,
                                           max_len=max_len, num_splits=num_splits,
-                                          splits_per_sm=splits_per_sm or values_cuda.SPLITS_PER_SM)
+                                          splits_per_sm=splits_per_sm or values_cuda.SPLITS_PER_SM, tile_max=tile_max)
 
 
 def use_cuda(impl, q, k_scale, v_scale, bits, group_size, integer_zero, where: str) -> bool:

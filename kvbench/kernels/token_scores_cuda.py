@@ -151,8 +151,9 @@ __device__ __forceinline__ void load_tiles(KTile& v, int k0, int end, int g, int
 extern "C" __global__ void __launch_bounds__(128)
 token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks,
              const unsigned short* __restrict__ kz, const unsigned short* __restrict__ q,
-             const long long* __restrict__ len, float* __restrict__ scr,
+             const long long* __restrict__ len, float* __restrict__ scr, float* __restrict__ tmax,
              double sm_scale_d, int cap, int H, int split_len, int ks_b, int ks_h, int ks_t) {
+    const int tiles_cap = (cap + 15) / 16;
     const float sm_scale = (float)sm_scale_d;  // (the launcher passes Python floats as doubles)
     const int row = blockIdx.x, b = row / H, h = row % H;
     const int start = blockIdx.y * split_len;
@@ -231,10 +232,18 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
             }
             if (NG == 4) { ra += __shfl_xor_sync(0xffffffffu, ra, 1); rb += __shfl_xor_sync(0xffffffffu, rb, 1); }
             const int ta = k0 + 16 * u + g;
+            ra *= sm_scale;
+            rb *= sm_scale;
             if (t == 0) {
-                if (ta < end) sr[ta] = ra * sm_scale;
-                if (ta + 8 < end) sr[ta + 8] = rb * sm_scale;
+                if (ta < end) sr[ta] = ra;
+                if (ta + 8 < end) sr[ta + 8] = rb;
             }
+            // the tile's maximum (16 tokens), for the values pass: no scan of the scores there
+            float mx = fmaxf(ta < end ? ra : -1e30f, ta + 8 < end ? rb : -1e30f);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+            if (lane == 0 && k0 + 16 * u < end) tmax[(long long)row * tiles_cap + (k0 + 16 * u) / 16] = mx;
         }
         if (PIPE) cur = nxt;
     }
@@ -260,10 +269,11 @@ def _pairs_aligned(k_scale, k_zero, ng):
 
 
 def token_scores(q, k_codes, k_scale, k_zero, lengths, sm_scale, scores, *, group_size, split_len, num_splits,
-                 tiles=TILES, pipe=False):
+                 tile_max=None, tiles=TILES, pipe=False):
     """Write scores [B, H, cap] fp32 (log2 domain: `sm_scale` includes log2 e) of q [B, H, 128] over
     per-token packed 2-bit keys with integer zero points, in splits of `split_len` tokens (a multiple
-    of `STEP`)."""
+    of `STEP`), and each 16-token tile's maximum into `tile_max` [B, H, ceil(cap / 16)] fp32 (for
+    `values_cuda.values_from_scores`; a scratch tensor is used if None)."""
     b, h, cap = scores.shape
     if split_len % STEP or not k_codes.is_contiguous() or k_codes.shape[-1] != D // 4 \
             or k_scale.dtype != torch.float16 or k_zero.stride() != k_scale.stride() or not _pairs_aligned(
@@ -272,12 +282,16 @@ def token_scores(q, k_codes, k_scale, k_zero, lengths, sm_scale, scores, *, grou
                          "laid out alike (a token's groups adjacent), splits a multiple of 64 tokens")
     ng = D // group_size
     q = q.half().contiguous()  # (the kernel builds its operands from q: `query_operand`, `group_sums`)
+    if tile_max is None:
+        tile_max = torch.empty(b, h, -(-cap // 16), dtype=torch.float32, device=q.device)
+    elif tile_max.shape != (b, h, -(-cap // 16)) or not tile_max.is_contiguous():
+        raise ValueError("token_scores_cuda: tile_max must be a contiguous [B, H, ceil(cap / 16)] tensor")
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
     key = (ng, tiles, bool(pipe), str(q.device))
     if key not in _KERNELS:
         _KERNELS[key] = nvrtc.compile_source(source(ng, tiles, pipe), "token_scores", q.device)
     _KERNELS[key](grid=(b * h, num_splits, 1), block=(32 * WARPS, 1, 1),
-                  args=[k_codes, k_scale, k_zero, q, lengths, scores, float(sm_scale), int(cap), int(h),
+                  args=[k_codes, k_scale, k_zero, q, lengths, scores, tile_max, float(sm_scale), int(cap), int(h),
                         int(split_len), int(k_scale.stride(0)), int(k_scale.stride(1)), int(k_scale.stride(2))])
     return scores
 

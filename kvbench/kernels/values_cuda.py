@@ -122,7 +122,8 @@ __device__ __forceinline__ void load_tiles(VTile& v, int k0, int end, int lane, 
 extern "C" __global__ void __launch_bounds__(128, MINB)
 values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ vw,
                    const unsigned short* __restrict__ vs, const unsigned short* __restrict__ vz,
-                   const long long* __restrict__ len, float* __restrict__ o, float* __restrict__ lse,
+                   const long long* __restrict__ len, const float* __restrict__ tmax, int has_tmax,
+                   float* __restrict__ o, float* __restrict__ lse,
                    int cap, int H, int split_len, int ns, int vs_b, int vs_h, int vs_t) {
     __shared__ float s_part[4][128 + 4];
     __shared__ float s_max[4];
@@ -144,10 +145,17 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
     // the first U tiles' loads go out before the maximum's scan, which their latency then overlaps
     VTile cur, nxt;
     load_tiles(cur, start + 16 * warp, end, lane, t, sr, vsb, vzb, vs_t, wl);
-    // the split's exact maximum: nothing is rescaled afterwards (unrolled: several loads in flight)
+    // the split's exact maximum: nothing is rescaled afterwards. From the key pass's 16-token tile
+    // maxima where it wrote them (a split starts on a tile), else a scan of the scores (unrolled:
+    // several loads in flight)
     float m = -1e30f;
+    if (has_tmax) {
+        const float* mr = tmax + (long long)row * ((cap + 15) / 16);
+        for (int i = start / 16 + threadIdx.x; i < (end + 15) / 16; i += 128) m = fmaxf(m, mr[i]);
+    } else {
 #pragma unroll 8
-    for (int i = start + threadIdx.x; i < end; i += 128) m = fmaxf(m, sr[i]);
+        for (int i = start + threadIdx.x; i < end; i += 128) m = fmaxf(m, sr[i]);
+    }
 #pragma unroll
     for (int s = 16; s > 0; s >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, s));
     if (lane == 0) s_max[warp] = m;
@@ -326,9 +334,12 @@ def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, pipe:
 
 
 def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size, integer_zero=True, max_len=None,
-                       num_splits=None, splits_per_sm=SPLITS_PER_SM, tiles=TILES, pipe=False, codes_a=None):
+                       num_splits=None, splits_per_sm=SPLITS_PER_SM, tiles=TILES, pipe=False, codes_a=None,
+                       tile_max=None):
     """`decode_mha.values_from_scores`'s contract on the tensor cores (shapes `supports` takes).
-    `integer_zero=False`: zeros are the group minimum (KIVI's values: c s + z)."""
+    `integer_zero=False`: zeros are the group minimum (KIVI's values: c s + z). `tile_max`: the
+    maxima of the scores' 16-token tiles [B, H, ceil(cap / 16)] (`token_scores_cuda` writes them),
+    read instead of scanning the scores for each split's maximum."""
     from kvbench.kernels.decode_attention import split_plan
 
     b, h, cap = scores.shape
@@ -342,6 +353,8 @@ def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size,
     o = torch.empty(b, h, ns, D, dtype=torch.float32, device=scores.device)
     lse = torch.empty(b, h, ns, dtype=torch.float32, device=scores.device)
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
+    if tile_max is not None and (tile_max.shape != (b, h, -(-cap // 16)) or not tile_max.is_contiguous()):
+        raise ValueError("values_cuda: tile_max must be a contiguous [B, H, ceil(cap / 16)] tensor")
     codes_a = CODES_A if codes_a is None else codes_a
     key = (D // group_size, tiles, bool(integer_zero), bool(pipe), bool(codes_a), str(scores.device))
     if key not in _KERNELS:  # (keyed by the choices, not the source: every decode read asks)
@@ -349,7 +362,8 @@ def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size,
                                              "values_from_scores", scores.device)
     kern = _KERNELS[key]
     kern(grid=(b * h, ns, 1), block=(32 * WARPS, 1, 1),
-         args=[scores.contiguous(), v_codes, v_scale, v_zero, lengths, o, lse, int(cap), int(h), int(nit * STEP), int(ns),
+         args=[scores.contiguous(), v_codes, v_scale, v_zero, lengths, scores if tile_max is None else tile_max,
+               int(tile_max is not None), o, lse, int(cap), int(h), int(nit * STEP), int(ns),
                int(v_scale.stride(0)), int(v_scale.stride(1)), int(v_scale.stride(2))])
     return o, lse
 

@@ -96,14 +96,23 @@ def main():
 
                         record(f"values G{g} int_zero={iz}", graph_ms(values), val_bytes, codes_a=codes_a,
                                tiles=tiles, pipe=pipe, splits_per_sm=per_sm)
-    # both passes as decode_per_token_mha runs them (its defaults), the packed bytes of K and V
+    # both passes as decode_per_token_mha runs them (each its own launch settings), the packed bytes
+    # of K and V; then the same with the values pass scanning the scores for each split's maximum
+    # instead of reading the key pass's tile maxima
     vcodes, vscale, vzero = v[(64, True)]
-    for per_sm in (4, 8):
-        def both():
-            decode_mha_cuda.decode_per_token_mha_cuda(q, kc, ks, kz, vcodes, vscale, vzero, lengths, 128**-0.5,
-                                                      group_size=group, splits_per_sm=per_sm)
 
-        record("both passes G64", graph_ms(both), 2 * key_bytes, splits_per_sm=per_sm)
+    def both():
+        decode_mha_cuda.decode_per_token_mha_cuda(q, kc, ks, kz, vcodes, vscale, vzero, lengths, 128**-0.5,
+                                                  group_size=group)
+
+    record("both passes G64", graph_ms(both), 2 * key_bytes, splits_per_sm="own")
+    ns, nit = split_plan(cap, tc.STEP, b * h, "cuda", per_sm=tc.SPLITS_PER_SM)
+
+    def both_scan():
+        tc.token_scores(q, kc, ks, kz, lengths, sm, scr, group_size=group, split_len=nit * tc.STEP, num_splits=ns)
+        vc.values_from_scores(scr, vcodes, vscale, vzero, lengths, group_size=group)
+
+    record("both passes G64, values scan the scores", graph_ms(both_scan), 2 * key_bytes, splits_per_sm="own")
     json.dump(dict(device=torch.cuda.get_device_name(), copy_GBps=bw,
                    shape="B8 x 8192, 32 heads of 128, MHA, 2 bits", rows=rows), open(args.out, "w"), indent=1)
 

@@ -126,10 +126,11 @@ def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, s
                     max_len=None, num_splits=None, groups_per_tile=None, block_n=64, num_warps=4, splits_per_sm=4,
                     values_impl=None):
     """Partials over KIVI's quantized tokens [0, nq[b]) for q [B, H, D] (one query head per KV
-    head); the layouts of `decode_attention.decode_kivi`. `values_impl`: "triton" (both passes in
-    this kernel; also None) or "cuda" (this kernel's key pass, then `values_cuda` on the tensor
-    cores: 2-bit values of 128 channels). Not the default: on the H100 the key pass is this read's
-    cost and the split measured no faster (0.166 against 0.150 ms at B8 x 8192, ninth session)."""
+    head); the layouts of `decode_attention.decode_kivi`. `values_impl`: "cuda" (this kernel's key
+    pass, then `values_cuda` on the tensor cores: 2-bit values of 128 channels), "triton" (both
+    passes in this kernel) or None: "cuda" where it fits and NVRTC works (H100, B8 x 8192: 0.143
+    against 0.151 ms with the codes-as-A values pass; ninth session)."""
+    from kvbench.kernels import nvrtc
     from kvbench.kernels import values_cuda
     from kvbench.kernels.decode_attention import _out, _require_triton, interpreting, split_plan
 
@@ -153,7 +154,7 @@ def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, s
     if values_impl == "cuda" and not cuda_fits:
         raise ValueError("decode_kivi_mha: the CUDA values pass needs 2-bit values of 128 channels in groups of 32, "
                          "64 or 128, fp16 scales and a CUDA device")
-    keys_only = values_impl == "cuda"
+    keys_only = cuda_fits and values_impl != "triton" and (values_impl == "cuda" or nvrtc.available())
     o, lse = (None, None) if keys_only else _out(q, ns)
     scratch = torch.empty(b * hkv * capt, dtype=torch.float32, device=q.device)  # scores, token by token
     # the key tensors are indexed as contiguous (no-ops for a cache's own tensors)

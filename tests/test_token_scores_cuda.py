@@ -72,3 +72,15 @@ def test_cuda_read_refused_cleanly_off_gpu():
         decode_mha.decode_per_token_mha(q, *k, *v, torch.tensor([16]), 0.1, bits=2, group_size=64, impl="cuda")
     with pytest.raises(ValueError, match="impl must be"):
         decode_mha.decode_per_token_mha(q, *k, *v, torch.tensor([16]), 0.1, bits=2, group_size=64, impl="fast")
+
+
+def test_kivi_cuda_values_refused_cleanly_off_gpu():
+    from kvbench.kernels import decode_kivi_mha as km
+
+    gen = torch.Generator().manual_seed(2)
+    kc, ks, kz, v = checks._kivi_store(gen, 1, 2, 2, 128, 2, 32, "cpu")
+    q = torch.randn(1, 2, 128).half()
+    with pytest.raises(ValueError, match="CUDA values pass needs"):
+        km.decode_kivi_mha(q, kc, ks, kz, *v, torch.tensor([64]), 0.1, bits=2, group_size=32, values_impl="cuda")
+    with pytest.raises(ValueError, match="values_impl must be"):
+        km.decode_kivi_mha(q, kc, ks, kz, *v, torch.tensor([64]), 0.1, bits=2, group_size=32, values_impl="fast")

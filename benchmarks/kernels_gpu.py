@@ -215,10 +215,12 @@ def methods(b, h, d, L, device, smoke):
     win_v = torch.randn(b, h, W, d, device=device, generator=gen).half()
     kivi_bytes = b * h * nq_tok * (d * bits // 8 + 4 * d // G) * 2 + b * h * (L - nq_tok) * d * 2 * 2
     # "tc": the tensor-core kernel (decode_attention); "mha": CUDA cores in two passes (decode_kivi_mha)
-    # (the values pass on the tensor cores, values_cuda, after the Triton key pass where NVRTC works;
-    # values_impl="triton": both passes in the Triton kernel)
-    kcfgs = [dict(kernel="mha", num_warps=2, splits_per_sm=sp, block_n=64) for sp in (8, 16)]
-    kcfgs += [dict(kernel="mha", num_warps=nw, splits_per_sm=sp, block_n=bn, values_impl="triton")
+    # (the default where NVRTC works: both passes hand-laid CUDA, kivi_scores_cuda + values_cuda;
+    # scores_impl="triton": the Triton key pass, then values_cuda; values_impl="triton" as well: both
+    # passes in the Triton kernel)
+    kcfgs = [dict(kernel="mha")]
+    kcfgs += [dict(kernel="mha", num_warps=2, splits_per_sm=sp, block_n=64, scores_impl="triton") for sp in (8, 16)]
+    kcfgs += [dict(kernel="mha", num_warps=nw, splits_per_sm=sp, block_n=bn, values_impl="triton", scores_impl="triton")
               for nw, sp, bn in ((2, 8, 64), (4, 4, 64), (4, 8, 64), (2, 4, 64), (2, 16, 64), (2, 8, 32))]
     kcfgs += [dict(kernel="tc", groups_per_tile=8, num_warps=4), dict(kernel="tc", groups_per_tile=16, num_warps=8)]
     if smoke:

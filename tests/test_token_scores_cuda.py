@@ -84,3 +84,32 @@ def test_kivi_cuda_values_refused_cleanly_off_gpu():
         km.decode_kivi_mha(q, kc, ks, kz, *v, torch.tensor([64]), 0.1, bits=2, group_size=32, values_impl="cuda")
     with pytest.raises(ValueError, match="values_impl must be"):
         km.decode_kivi_mha(q, kc, ks, kz, *v, torch.tensor([64]), 0.1, bits=2, group_size=32, values_impl="fast")
+
+
+@pytest.mark.parametrize("b,h,capg,nq", [(2, 3, 5, [160, 64]), (3, 2, 3, [96, 0, 32])])
+def test_kivi_emulated_key_pass_matches_float64_reference(b, h, capg, nq):
+    """`kivi_scores_cuda.emulate_scores` (fp16 q s per group and channel on exact codes, fp32 bias)
+    against float64 q . dequantized keys; -inf past each row's quantized tokens."""
+    from kvbench.kernels import kivi_scores_cuda as kq
+    from kvbench.quant import QuantSpec, Quantized, dequantize
+
+    gen = torch.Generator().manual_seed(capg)
+    kc, ks, kz, _ = checks._kivi_store(gen, b, h, capg, 128, 2, 32, "cpu")
+    q = checks._query(gen, b, h, 128, "cpu").half()
+    nq = torch.tensor(nq)
+    got = kq.emulate_scores(q, kc, ks, kz, nq, SM)
+    k = dequantize(Quantized(ref.unpack(kc, 2, 32), ks[..., None], kz[..., None]), QuantSpec(2, 32, integer_zero=False))
+    want = torch.einsum("bhd,bhgdt->bhgt", q.double(), k.double()).reshape(b, h, capg * 32) * SM
+    valid = (torch.arange(capg * 32)[None, None] < nq[:, None, None]).expand_as(got)
+    assert torch.isneginf(got[~valid]).all()
+    assert (got.double() - want)[valid].abs().max() <= checks.REL_BOUND * want[valid].abs().max()
+
+
+def test_kivi_cuda_key_pass_refused_cleanly_off_gpu():
+    from kvbench.kernels import decode_kivi_mha as km
+
+    gen = torch.Generator().manual_seed(3)
+    kc, ks, kz, v = checks._kivi_store(gen, 1, 2, 2, 128, 2, 32, "cpu")
+    q = torch.randn(1, 2, 128).half()
+    with pytest.raises(ValueError, match="CUDA key pass needs"):
+        km.decode_kivi_mha(q, kc, ks, kz, *v, torch.tensor([64]), 0.1, bits=2, group_size=32, scores_impl="cuda")

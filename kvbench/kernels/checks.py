@@ -190,13 +190,18 @@ def check_kivi_mha(device, small=True, results=None):
         q = _query(gen, b, h, d, device)
         nq = torch.tensor([capg * group, 2 * group, 0] + [(capg - 1) * group] * (b - 3)).to(device)
         ro, rl = ref.ref_decode_kivi(q.float(), kc, ks, kz, *v, nq, d**-0.5, bits=bits, group_size=group)
-        # the values pass in the same Triton kernel, and (2-bit rows of 128 on CUDA) on the tensor cores
-        impls = ["triton"] + (["cuda"] if str(device).startswith("cuda") and d == 128 and bits == 2 else [])
-        for impl in impls:
+        # both passes in the Triton kernel; (2-bit rows of 128 on CUDA) the values pass on the tensor
+        # cores after the Triton key pass, and (groups of 32) both passes in CUDA
+        impls = [("triton", "triton")]
+        if str(device).startswith("cuda") and d == 128 and bits == 2:
+            impls += [("triton", "cuda")] + ([("cuda", "cuda")] if group == 32 else [])
+        for scores_impl, values_impl in impls:
             o, lse = km.decode_kivi_mha(q, kc, ks, kz, *v, nq, d**-0.5, bits=bits, group_size=group,
                                         num_splits=3 if small else None, groups_per_tile=2 if small else None,
-                                        block_n=16 if small else 64, values_impl=impl)
-            _compare(f"kivi_mha {impl} bits={bits} G={group}", o, lse, ro, rl, results)
+                                        block_n=16 if small else 64, values_impl=values_impl,
+                                        scores_impl=scores_impl)
+            _compare(f"kivi_mha keys {scores_impl} values {values_impl} bits={bits} G={group}", o, lse, ro, rl,
+                     results)
     return results
 
 
@@ -345,6 +350,40 @@ def check_rotatekv_scores_cuda(device, results=None):
     return results
 
 
+def check_kivi_scores_cuda(device, results=None):
+    """KIVI's CUDA key pass (`kivi_scores_cuda`) against its torch emulation and the float64 scores,
+    with each 16-token tile's maximum exact: ragged quantized lengths (an empty row), batch > 1, an
+    outlier channel in the scales, several splits."""
+    from kvbench.kernels import kivi_scores_cuda as kq
+
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(8)
+    b, h, capg = 3, 8, 37
+    cap = capg * 32
+    for per in (64, 8):  # groups a split: one split; five (smaller than a program's 32-group step)
+        kc, ks, kz, _ = _kivi_store(gen, b, h, capg, 128, 2, 32, device)
+        q = _query(gen, b, h, 128, device).half()
+        nq = torch.tensor([cap, 11 * 32, 0], device=device)
+        sm = 128**-0.5 * 1.4426950408889634
+        scr = torch.full((b, h, cap), float("nan"), device=device)
+        tmax = torch.full((b, h, cap // 16), float("nan"), device=device)
+        kq.kivi_scores(q, kc, ks, kz, nq, sm, scr, tmax, split_groups=per, num_splits=-(-capg // per))
+        emu = kq.emulate_scores(q, kc, ks, kz, nq, sm)
+        kfull = ref.dequantize(ref.Quantized(ref.unpack(kc, 2, 32), ks[..., None], kz[..., None]),
+                               ref.QuantSpec(2, 32, integer_zero=False)).double()  # [B, H, capg, D, 32]
+        want = torch.einsum("bhd,bhgdt->bhgt", q.double(), kfull).reshape(b, h, cap) * sm
+        valid = torch.isfinite(emu)
+        err = float((scr.double() - want)[valid].abs().max())
+        scale = float(want[valid].abs().max())
+        padded = torch.where(valid, scr, torch.full_like(scr, float("-inf"))).reshape(b, h, -1, 16).amax(-1)
+        seen = torch.isfinite(padded)
+        max_ok = bool(torch.equal(tmax[seen], padded[seen]))
+        results.append({"kernel": f"kivi_scores_cuda groups a split={per}", "max_abs_err": err, "bound": REL_BOUND * scale,
+                        "err_vs_emulation": float((scr - emu)[valid].abs().max()), "tile_max_exact": max_ok,
+                        "ok": bool(err <= REL_BOUND * scale and not scr[valid].isnan().any() and max_ok)})
+    return results
+
+
 def check_values_cuda(device, results=None):
     """The tensor-core values pass (`values_cuda`) against the float reference: softmax(2**scores)
     @ dequantized values, groups of 32, 64 and 128, integer and float zeros, several splits, lengths
@@ -459,6 +498,7 @@ def run_all(device, small=True):
         check_rotatekv_scores_cuda(device, results)
         check_values_cuda(device, results)
         check_token_scores_cuda(device, results)
+        check_kivi_scores_cuda(device, results)
     check_packed_caches(device, results)
     check_fp_partial(device, results)
     return results

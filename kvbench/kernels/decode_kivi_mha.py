@@ -124,13 +124,15 @@ if triton is not None:
 
 def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling, *, bits, group_size,
                     max_len=None, num_splits=None, groups_per_tile=None, block_n=64, num_warps=4, splits_per_sm=4,
-                    values_impl=None):
+                    values_impl=None, scores_impl=None):
     """Partials over KIVI's quantized tokens [0, nq[b]) for q [B, H, D] (one query head per KV
     head); the layouts of `decode_attention.decode_kivi`. `values_impl`: "cuda" (this kernel's key
     pass, then `values_cuda` on the tensor cores: 2-bit values of 128 channels), "triton" (both
     passes in this kernel) or None: "cuda" where it fits and NVRTC works (H100, B8 x 8192: 0.143
-    against 0.151 ms with the codes-as-A values pass; ninth session)."""
-    from kvbench.kernels import nvrtc
+    against 0.151 ms with the codes-as-A values pass; ninth session). `scores_impl`: "cuda" (the
+    key pass on the tensor cores, `kivi_scores_cuda`: groups of 32 at 2 bits, with the CUDA values
+    pass), "triton" (this module's kernel) or None: "cuda" where it fits and NVRTC works."""
+    from kvbench.kernels import kivi_scores_cuda, nvrtc
     from kvbench.kernels import values_cuda
     from kvbench.kernels.decode_attention import _out, _require_triton, interpreting, split_plan
 
@@ -155,6 +157,23 @@ def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, s
         raise ValueError("decode_kivi_mha: the CUDA values pass needs 2-bit values of 128 channels in groups of 32, "
                          "64 or 128, fp16 scales and a CUDA device")
     keys_only = cuda_fits and values_impl != "triton" and (values_impl == "cuda" or nvrtc.available())
+    if scores_impl not in (None, "triton", "cuda"):
+        raise ValueError(f"decode_kivi_mha: scores_impl must be 'triton', 'cuda' or None, not {scores_impl!r}")
+    scores_fit = keys_only and kivi_scores_cuda.supports(1, d, bits, g) and k_scale.dtype == torch.float16
+    if scores_impl == "cuda" and not scores_fit:
+        raise ValueError("decode_kivi_mha: the CUDA key pass needs 2-bit keys in groups of 32 tokens, 128 channels, "
+                         "fp16 scales, the CUDA values pass and a CUDA device")
+    if scores_fit and scores_impl != "triton":
+        scores = torch.empty(b, hkv, capt, dtype=torch.float32, device=q.device)
+        tile_max = torch.empty(b, hkv, -(-capt // 16), dtype=torch.float32, device=q.device)
+        step = kivi_scores_cuda.WARPS * kivi_scores_cuda.GROUPS_PER_WARP  # groups a program takes an iteration
+        ns_k, nit_k = split_plan(total_groups, step, b * hkv, q.device, per_sm=kivi_scores_cuda.SPLITS_PER_SM,
+                                 num_splits=num_splits)
+        kivi_scores_cuda.kivi_scores(q, k_codes, k_scale, k_zero, nq, scaling * LOG2E, scores, tile_max,
+                                     split_groups=nit_k * step, num_splits=ns_k)
+        return values_cuda.values_from_scores(scores, v_codes, v_scale, v_zero, nq, group_size=g, integer_zero=False,
+                                              max_len=min(capt, total_groups * g), num_splits=num_splits,
+                                              tile_max=tile_max)
     o, lse = (None, None) if keys_only else _out(q, ns)
     scratch = torch.empty(b * hkv * capt, dtype=torch.float32, device=q.device)  # scores, token by token
     # the key tensors are indexed as contiguous (no-ops for a cache's own tensors)

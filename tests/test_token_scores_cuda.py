@@ -74,18 +74,6 @@ def test_cuda_read_refused_cleanly_off_gpu():
         decode_mha.decode_per_token_mha(q, *k, *v, torch.tensor([16]), 0.1, bits=2, group_size=64, impl="fast")
 
 
-def test_kivi_cuda_values_refused_cleanly_off_gpu():
-    from kvbench.kernels import decode_kivi_mha as km
-
-    gen = torch.Generator().manual_seed(2)
-    kc, ks, kz, v = checks._kivi_store(gen, 1, 2, 2, 128, 2, 32, "cpu")
-    q = torch.randn(1, 2, 128).half()
-    with pytest.raises(ValueError, match="CUDA values pass needs"):
-        km.decode_kivi_mha(q, kc, ks, kz, *v, torch.tensor([64]), 0.1, bits=2, group_size=32, values_impl="cuda")
-    with pytest.raises(ValueError, match="values_impl must be"):
-        km.decode_kivi_mha(q, kc, ks, kz, *v, torch.tensor([64]), 0.1, bits=2, group_size=32, values_impl="fast")
-
-
 @pytest.mark.parametrize("b,h,capg,nq", [(2, 3, 5, [160, 64]), (3, 2, 3, [96, 0, 32])])
 def test_kivi_emulated_key_pass_matches_float64_reference(b, h, capg, nq):
     """`kivi_scores_cuda.emulate_scores` (fp16 q s per group and channel on exact codes, fp32 bias)
@@ -105,11 +93,15 @@ def test_kivi_emulated_key_pass_matches_float64_reference(b, h, capg, nq):
     assert (got.double() - want)[valid].abs().max() <= checks.REL_BOUND * want[valid].abs().max()
 
 
-def test_kivi_cuda_key_pass_refused_cleanly_off_gpu():
+@pytest.mark.parametrize("option,match", [(dict(scores_impl="cuda"), "CUDA key pass needs"),
+                                          (dict(values_impl="cuda"), "CUDA values pass needs"),
+                                          (dict(values_impl="fast"), "values_impl must be"),
+                                          (dict(scores_impl="fast"), "scores_impl must be")])
+def test_kivi_cuda_passes_refused_cleanly_off_gpu(option, match):
     from kvbench.kernels import decode_kivi_mha as km
 
     gen = torch.Generator().manual_seed(3)
     kc, ks, kz, v = checks._kivi_store(gen, 1, 2, 2, 128, 2, 32, "cpu")
     q = torch.randn(1, 2, 128).half()
-    with pytest.raises(ValueError, match="CUDA key pass needs"):
-        km.decode_kivi_mha(q, kc, ks, kz, *v, torch.tensor([64]), 0.1, bits=2, group_size=32, scores_impl="cuda")
+    with pytest.raises(ValueError, match=match):
+        km.decode_kivi_mha(q, kc, ks, kz, *v, torch.tensor([64]), 0.1, bits=2, group_size=32, **option)

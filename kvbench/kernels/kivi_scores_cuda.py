@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from kvbench.kernels import nvrtc
+from kvbench.kernels.cuda_prelude import PRELUDE
 
 D = 128
 G = 32  # tokens a group (the 8-byte channel rows at 2 bits)
@@ -43,38 +44,6 @@ def supports(gq: int, head_dim: int, bits: int, group_size: int) -> bool:
 
 _SOURCE = r"""
 #define MINB __MINB__  // programs an SM the registers are held to
-__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
-    unsigned d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel)); return d;
-}
-__device__ __forceinline__ unsigned lop_and_or(unsigned a, unsigned m, unsigned o) {
-    unsigned d; asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(m), "r"(o)); return d;
-}
-__device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
-    unsigned d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
-}
-__device__ __forceinline__ unsigned hmul2(unsigned a, unsigned b) {
-    unsigned d; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
-}
-__device__ __forceinline__ float lo2f(unsigned x) {
-    float f; asm("{.reg .f16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, l;}" : "=f"(f) : "r"(x)); return f;
-}
-__device__ __forceinline__ float hi2f(unsigned x) {
-    float f; asm("{.reg .f16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, h;}" : "=f"(f) : "r"(x)); return f;
-}
-__device__ __forceinline__ void mma_acc(float* d, unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
-}
-// the codes of plane p of a PRMT-paired byte as exact fp16 pairs: (1024 + c 4**p) 4**-p - 1024 4**-p = c
-__device__ __forceinline__ unsigned plane(unsigned x, int p) {
-    const unsigned mul = p == 0 ? 0x3C003C00u : p == 1 ? 0x34003400u : p == 2 ? 0x2C002C00u : 0x24002400u;
-    const unsigned add = p == 0 ? 0xE400E400u : p == 1 ? 0xDC00DC00u : p == 2 ? 0xD400D400u : 0xCC00CC00u;
-    return hfma2(lop_and_or(x, 0x00030003u << (2 * p), 0x64006400u), mul, add);
-}
-__device__ __forceinline__ unsigned u4w(uint4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
-
 extern "C" __global__ void __launch_bounds__(128, MINB)
 kivi_scores(const uint4* __restrict__ kc, const unsigned* __restrict__ ks, const unsigned* __restrict__ kz,
             const unsigned* __restrict__ q, const long long* __restrict__ nq, float* __restrict__ scr,
@@ -155,7 +124,7 @@ MIN_BLOCKS = 3  # 160 registers without spills (4 spills 56 bytes)
 
 
 def source(min_blocks: int = MIN_BLOCKS) -> str:
-    return _SOURCE.replace("__MINB__", str(min_blocks))
+    return PRELUDE + _SOURCE.replace("__MINB__", str(min_blocks))
 
 
 def kivi_scores(q, k_codes, k_scale, k_zero, nq, sm_scale, scores, tile_max, *, split_groups, num_splits):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from kvbench.kernels import nvrtc
+from kvbench.kernels.cuda_prelude import PRELUDE
 
 D = 128
 WARPS = 4
@@ -91,37 +92,6 @@ _SOURCE = r"""
 #define NG __NG__  // key groups a row (128 / group size)
 #define U __U__    // 16-token tiles a warp loads before computing
 #define PIPE __PIPE__  // 1: the next iteration's loads in flight during this one's arithmetic
-
-__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
-    unsigned d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel)); return d;
-}
-__device__ __forceinline__ unsigned lop_and_or(unsigned a, unsigned m, unsigned o) {
-    unsigned d; asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(m), "r"(o)); return d;
-}
-__device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
-    unsigned d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
-}
-__device__ __forceinline__ float lo2f(unsigned x) {
-    float f; asm("{.reg .f16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, l;}" : "=f"(f) : "r"(x)); return f;
-}
-__device__ __forceinline__ float hi2f(unsigned x) {
-    float f; asm("{.reg .f16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, h;}" : "=f"(f) : "r"(x)); return f;
-}
-__device__ __forceinline__ void mma_acc(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
-                                        unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ unsigned u4w(uint4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
-// the codes of plane p of a PRMT-paired byte as exact fp16 pairs:
-// (1024 + c 4**p) * 4**-p - 1024 * 4**-p = c
-__device__ __forceinline__ unsigned plane(unsigned x, int p) {
-    const unsigned mul = p == 0 ? 0x3C003C00u : p == 1 ? 0x34003400u : p == 2 ? 0x2C002C00u : 0x24002400u;
-    const unsigned add = p == 0 ? 0xE400E400u : p == 1 ? 0xDC00DC00u : p == 2 ? 0xD400D400u : 0xCC00CC00u;
-    return hfma2(lop_and_or(x, 0x00030003u << (2 * p), 0x64006400u), mul, add);
-}
 
 // the loads of U tiles: every load unconditional (token indices clamped to the last valid one:
 // what a clamped row yields is never stored) and kept raw (converting a loaded value right away
@@ -221,7 +191,7 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
                 const unsigned xb = prmt(wb[u].x, wb[u].y, jb | ((4 + jb) << 8));
 #pragma unroll
                 for (int hp = 0; hp < 2; ++hp)  // product m = 2 jb + hp: planes 2 hp (k < 8) and 2 hp + 1
-                    mma_acc(acc, plane(xa, 2 * hp), plane(xb, 2 * hp), plane(xa, 2 * hp + 1), plane(xb, 2 * hp + 1),
+                    mma4(acc, plane(xa, 2 * hp), plane(xb, 2 * hp), plane(xa, 2 * hp + 1), plane(xb, 2 * hp + 1),
                             b0[2 * jb + hp], b1[2 * jb + hp]);
             }
             // acc: (token g, groups 2t, 2t + 1), (token g + 8, same groups)
@@ -256,7 +226,7 @@ _KERNELS: dict = {}
 def source(num_groups: int, tiles: int = TILES, pipe: bool = False) -> str:
     if num_groups not in (1, 2, 4) or tiles not in (1, 2, 4, 8):
         raise ValueError("token_scores_cuda.source: groups a row must be 1, 2 or 4 and tiles 1, 2, 4 or 8")
-    return (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
+    return PRELUDE + (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
             .replace("__PIPE__", str(int(pipe))))
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 
 from kvbench.kernels import nvrtc
+from kvbench.kernels.cuda_prelude import PRELUDE
 
 LOG2E = 1.4426950408889634
 D = 128
@@ -57,42 +58,8 @@ _SOURCE = r"""
 #define PIPE __PIPE__  // 1: the next iteration's loads in flight during this one's arithmetic
 #define INTZ __INTZ__  // 1: integer zero points, (c - z) s; 0: the group minimum, c s + z
 
-__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
-    unsigned d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel)); return d;
-}
-__device__ __forceinline__ unsigned lop_and_or(unsigned a, unsigned m, unsigned o) {
-    unsigned d; asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(m), "r"(o)); return d;
-}
 __device__ __forceinline__ unsigned hadd2(unsigned a, unsigned b) {
     unsigned d; asm("add.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
-}
-__device__ __forceinline__ unsigned short f2h(float f) {
-    unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
-}
-__device__ __forceinline__ float h2f(unsigned short h) {
-    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
-}
-__device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
-    unsigned d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
-}
-// the codes of plane p of a PRMT-paired byte as exact fp16 pairs: (1024 + c 4**p) 4**-p - 1024 4**-p = c
-__device__ __forceinline__ unsigned plane(unsigned x, int p) {
-    const unsigned mul = p == 0 ? 0x3C003C00u : p == 1 ? 0x34003400u : p == 2 ? 0x2C002C00u : 0x24002400u;
-    const unsigned add = p == 0 ? 0xE400E400u : p == 1 ? 0xDC00DC00u : p == 2 ? 0xD400D400u : 0xCC00CC00u;
-    return hfma2(lop_and_or(x, 0x00030003u << (2 * p), 0x64006400u), mul, add);
-}
-__device__ __forceinline__ void mma4(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
-                                     unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void mma_acc(float* d, unsigned a0, unsigned a2, unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
 }
 
 // the loads of U tiles, kept raw (token indices clamped to the last valid one: a clamped token's
@@ -328,7 +295,7 @@ def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, pipe:
         min_blocks = 3 if pipe and tiles >= 4 else 5 if codes_a and tiles <= 2 and not pipe else 4
     if tiles not in (1, 2, 4, 8) or num_groups not in (1, 2, 4):
         raise ValueError("values_cuda.source: tiles must be 1, 2, 4 or 8 and groups a row 1, 2 or 4")
-    return (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
+    return PRELUDE + (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
             .replace("__INTZ__", str(int(integer_zero))).replace("__PIPE__", str(int(pipe)))
             .replace("__MINB__", str(min_blocks)).replace("__CODES_A__", str(int(codes_a))))
 

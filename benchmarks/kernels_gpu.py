@@ -119,7 +119,6 @@ def build_inputs(b, h, d, L, device, gen):
 
 def methods(b, h, d, L, device, smoke):
     """{name: (fn, bytes, kernel-config list)} with fn() doing the whole decode attention."""
-    from kvbench.hadamard import hadamard_matrix
     from kvbench.kernels import decode_attention as da
     from kvbench.kernels import decode_kivi_mha, decode_mha, values_cuda
     from kvbench.kernels.decode_rotatekv_mha import decode_rotatekv_mha
@@ -131,7 +130,6 @@ def methods(b, h, d, L, device, smoke):
     q = (torch.randn(b, h, d, device=device, generator=gen) * 0.3).half()
     scaling = 1 / math.sqrt(d)
     lengths = torch.full((b,), L, dtype=torch.int64, device=device)
-    H = hadamard_matrix(d, torch.float32, device)
     out = {}
 
     # fp16 SDPA baseline
@@ -167,30 +165,29 @@ def methods(b, h, d, L, device, smoke):
         cfgs = [dict(kernel="tc", block_n=16, num_warps=4, num_splits=2),
                 dict(kernel="mha", impl="triton", block_n=16, num_warps=4, num_splits=2)]
 
-    def per_token(qq, cfg, G=G, kk=kk, vv=vv):
+    def per_token(qq, cfg, G=G, kk=kk, vv=vv, hadamard=False):
         c = {k: v for k, v in cfg.items() if k != "kernel"}
         if cfg["kernel"] == "mha":
             return decode_mha.decode_per_token_mha(qq, *kk, *vv, lengths, scaling, bits=bits, group_size=G,
-                                                   max_len=L, **c)
-        return da.decode_per_token(qq, *kk, *vv, lengths, scaling, bits=bits, group_size=G, max_len=L, mha=False, **c)
+                                                   max_len=L, hadamard=hadamard, **c)
+        return da.decode_per_token(qq, *kk, *vv, lengths, scaling, bits=bits, group_size=G, max_len=L, mha=False,
+                                   hadamard=hadamard, **c)
 
     def rtn_fn(cfg):
         def f():
             return ref.merge_partials([per_token(q, cfg)])
         return f
 
-    def quarot_fn(cfg):
+    def quarot_fn(cfg):  # the query and output rotations inside the read (in the CUDA kernels where they run)
         def f():
-            qr = (q.float() @ H).half()
-            o, lse = per_token(qr, cfg)
-            return ref.merge_partials([(da.rotate_partials(o), lse)])
+            return ref.merge_partials([per_token(q, cfg, hadamard=True)])
         return f
 
-    def pt_kernel(cfg):
-        return lambda: per_token(q, cfg)
+    def pt_kernel(cfg, hadamard=False):
+        return lambda: per_token(q, cfg, hadamard=hadamard)
 
     out["rtn-2 (G64, post-RoPE)"] = ([(str(c), rtn_fn(c), pt_kernel(c)) for c in cfgs], pt_bytes)
-    out["quarot-2 (G64)"] = ([(str(c), quarot_fn(c), pt_kernel(c)) for c in cfgs], pt_bytes)
+    out["quarot-2 (G64)"] = ([(str(c), quarot_fn(c), pt_kernel(c, True)) for c in cfgs], pt_bytes)
 
     def unfused(G=G, kk=kk, vv=vv):
         k = ref.unpack_per_token(*kk, bits, G).half()
@@ -303,8 +300,9 @@ def methods(b, h, d, L, device, smoke):
         def rkv_partials(cfg, kc_r, ks_r, kz_r, gid, vv_r, hg, pre, G):
             if cfg.get("kernel") == "mha":
                 c = {k: v for k, v in cfg.items() if k != "kernel"}
-                return decode_mha.decode_per_token_mha((q.float() @ H).half(), kc_r, ks_r, kz_r, *vv_r, lengths, scaling,
-                                                       bits=bits, group_size=G, max_len=L, k_scale_heads_last=True, **c)
+                return decode_mha.decode_per_token_mha(q, kc_r, ks_r, kz_r, *vv_r, lengths, scaling, bits=bits,
+                                                       group_size=G, max_len=L, k_scale_heads_last=True, hadamard=True,
+                                                       **c)
             if cfg.get("kernel") == "cc":
                 c = {k: v for k, v in cfg.items() if k != "kernel"}
                 return decode_rotatekv_mha(q, kc_r, ks_r, kz_r, gid, *vv_r, lengths, pos, cos, sin, scaling, bits=bits,
@@ -315,7 +313,9 @@ def methods(b, h, d, L, device, smoke):
         def rkv_fn(cfg, kc_r=kc_r, ks_r=ks_r, kz_r=kz_r, gid=gid, vv_r=vv_r, hg=hg, pre=pre, G=G):
             def f():
                 o, lse = rkv_partials(cfg, kc_r, ks_r, kz_r, gid, vv_r, hg, pre, G)
-                return ref.merge_partials([(da.rotate_partials(o), lse), ref.fp_partial(q, fp_k, fp_v, fp_valid, scaling)])
+                if cfg.get("kernel") != "mha":  # (the quarot-path read returns partials rotated back already)
+                    o = da.rotate_partials(o)
+                return ref.merge_partials([(o, lse), ref.fp_partial(q, fp_k, fp_v, fp_valid, scaling)])
             return f
 
         name = (f"rotatekv-2 ({'pre' if pre else 'post'}-RoPE, {hg}-head Hadamard, "

@@ -105,6 +105,17 @@ def check_per_token_mha(device, small=True, results=None):
                                                      integer_zero=int_zero, num_splits=3 if small else None,
                                                      block_n=16 if small else 64, impl=impl)
             _compare(f"per_token_mha {impl} bits={bits} G={group} int_zero={int_zero}", o, lse, ro, rl, results)
+        if (bits, group) == (2, 64):  # K and V stored Hadamard-rotated (quarot): q and the outputs rotated inside
+            from kvbench.hadamard import hadamard_matrix
+
+            hm = hadamard_matrix(d, torch.float32, device)
+            rho, rhl = ref.ref_decode_per_token((q.float() @ hm).half().float(), *k, *v, lengths, d**-0.5, bits=bits,
+                                                group_size=group, integer_zero=int_zero)
+            for impl in impls:
+                o, lse = decode_mha.decode_per_token_mha(q, *k, *v, lengths, d**-0.5, bits=bits, group_size=group,
+                                                         integer_zero=int_zero, num_splits=3 if small else None,
+                                                         block_n=16 if small else 64, impl=impl, hadamard=True)
+                _compare(f"per_token_mha {impl} hadamard bits={bits} G={group}", o, lse, rho @ hm, rhl, results)
     return results
 
 

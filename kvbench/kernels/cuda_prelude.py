@@ -47,4 +47,20 @@ __device__ __forceinline__ unsigned plane(unsigned x, int p) {
     const unsigned add = p == 0 ? 0xE400E400u : p == 1 ? 0xDC00DC00u : p == 2 ? 0xD400D400u : 0xCC00CC00u;
     return hfma2(lop_and_or(x, 0x00030003u << (2 * p), 0x64006400u), mul, add);
 }
+// element threadIdx.x of H_128 x (Sylvester order, unnormalized) for a 128-thread block holding x one
+// element a thread; s: 128 floats of shared memory. Block-wide (every thread must call it).
+__device__ __forceinline__ float wht128(float* s, float x) {
+    const int i = threadIdx.x;
+    s[i] = x;
+    __syncthreads();
+#pragma unroll
+    for (int st = 1; st < 128; st <<= 1) {
+        const float other = s[i ^ st];
+        __syncthreads();
+        x = (i & st) ? (other - x) : (x + other);
+        s[i] = x;
+        __syncthreads();
+    }
+    return x;
+}
 """

@@ -609,11 +609,13 @@ def _out(q: torch.Tensor, ns: int):
 
 def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, *,
                      bits, group_size, integer_zero=True, max_len=None, num_splits=None, block_n=64,
-                     num_warps=4, num_stages=2, fast=True, fold_offset=True, mha=None):
+                     num_warps=4, num_stages=2, fast=True, fold_offset=True, mha=None, hadamard=False):
     """Partial attention (o [B, Hq, S, D] fp32, lse [B, Hq, S]) of q [B, Hq, D] over per-token
     packed K/V (`decode_per_token` layout in the module docstring); slots [0, lengths[b]).
-    One query head per KV head goes to `decode_mha` (CUDA cores; `mha=False` forces the
-    tensor-core kernel here), which takes its own launch settings."""
+    One query head per KV head goes to `decode_mha` (its CUDA passes or Triton kernel; `mha=False`
+    forces the tensor-core kernel here), which takes its own launch settings. `hadamard`: K and V
+    were stored rotated by the head_dim-point Hadamard (quarot): q is rotated before the read and
+    the partials after it (in `decode_mha`'s CUDA kernels where they run)."""
     _require_triton()
     b, hq, d = q.shape
     hkv, cap = k_codes.shape[1], k_codes.shape[2]
@@ -623,7 +625,17 @@ def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
     if mha or (mha is None and decode_mha.supports(gq, d, bits, group_size)):
         return decode_mha.decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths,
                                                scaling, bits=bits, group_size=group_size, integer_zero=integer_zero,
-                                               max_len=max_len, num_splits=num_splits, **MHA_LAUNCH)
+                                               max_len=max_len, num_splits=num_splits, hadamard=hadamard,
+                                               **MHA_LAUNCH)
+    if hadamard:
+        from kvbench.hadamard import hadamard_matrix
+
+        qr = (q.float() @ hadamard_matrix(d, torch.float32, q.device)).to(q.dtype)
+        o, lse = decode_per_token(qr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling,
+                                  bits=bits, group_size=group_size, integer_zero=integer_zero, max_len=max_len,
+                                  num_splits=num_splits, block_n=block_n, num_warps=num_warps,
+                                  num_stages=num_stages, fast=fast, fold_offset=fold_offset, mha=False)
+        return rotate_partials(o), lse
     max_len = cap if max_len is None else max_len
     ns, nit = split_plan(max_len, block_n, b * hkv, q.device, num_splits=num_splits)
     o, lse = _out(q, ns)
@@ -790,14 +802,11 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
             if (not cache.m.pre_rope and cache.head_group == 1 and gid is None
                     and decode_mha.supports(q.shape[1] // vs.codes.shape[1], q.shape[-1], spec.bits, spec.group_size)):
                 # post-RoPE keys, a Hadamard per head, no reordering: quarot's read path (H q . H k)
-                from kvbench.hadamard import hadamard_matrix
-
-                qq = (qk.float() @ hadamard_matrix(qk.shape[-1], torch.float32, q.device)).to(qk.dtype)
-                o, lse = decode_mha.decode_per_token_mha(
-                    qq, ks.codes, ks.scale, ks.zero, vs.codes, vs.scale, vs.zero, cache.lengths, scaling,
+                parts.append(decode_mha.decode_per_token_mha(
+                    qk, ks.codes, ks.scale, ks.zero, vs.codes, vs.scale, vs.zero, cache.lengths, scaling,
                     bits=spec.bits, group_size=spec.group_size, integer_zero=spec.integer_zero,
-                    max_len=ks.codes.shape[2] if capturing else cache.used, k_scale_heads_last=True, **MHA_LAUNCH)
-                parts.append((rotate_partials(o), lse))
+                    max_len=ks.codes.shape[2] if capturing else cache.used, k_scale_heads_last=True, hadamard=True,
+                    **MHA_LAUNCH))
             elif not ROTATEKV_EXACT and decode_rotatekv_mha.supports(q.shape[1] // vs.codes.shape[1], q.shape[-1],
                                                                       spec.bits, spec.group_size, cache.head_group):
                 # one query head per KV head and a byte holding the group's heads (4 at 2 bits)
@@ -816,17 +825,11 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
                                          exact=ROTATEKV_EXACT)
                 parts.append((rotate_partials(o), lse))
         else:
-            rotated = isinstance(cache, pc.QuaRotPackedCache)
-            qq = qk
-            if rotated:
-                from kvbench.hadamard import hadamard_matrix
-
-                qq = (qk.float() @ hadamard_matrix(qk.shape[-1], torch.float32, q.device)).to(qk.dtype)
-            o, lse = decode_per_token(qq, ks.codes, ks.scale, ks.zero, vs.codes, vs.scale, vs.zero, cache.lengths,
-                                      scaling, bits=spec.bits, group_size=spec.group_size,
-                                      integer_zero=spec.integer_zero,
-                                      max_len=ks.codes.shape[2] if capturing else cache.used)
-            parts.append((rotate_partials(o) if rotated else o, lse))
+            parts.append(decode_per_token(qk, ks.codes, ks.scale, ks.zero, vs.codes, vs.scale, vs.zero, cache.lengths,
+                                          scaling, bits=spec.bits, group_size=spec.group_size,
+                                          integer_zero=spec.integer_zero,
+                                          max_len=ks.codes.shape[2] if capturing else cache.used,
+                                          hadamard=isinstance(cache, pc.QuaRotPackedCache)))
         fp = cache.fp.view()
         if fp is not None:
             k, v, pos = fp

@@ -286,14 +286,16 @@ if triton is not None:
 def decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, *,
                          bits, group_size, integer_zero=True, max_len=None, num_splits=None, block_n=64,
                          num_warps=4, num_stages=2, splits_per_sm=2, k_scale_heads_last=False, prefetch=True,
-                         impl=None):
+                         impl=None, hadamard=False):
     """Partials (o [B, Hq, S, D] fp32, lse [B, Hq, S]) of q [B, Hq, D] (Hq == Hkv) over per-token
     packed K/V; same contract and layouts as `decode_attention.decode_per_token`.
     `k_scale_heads_last`: key scales/zeros are [B, 1, cap, Hkv] (one group a head, RotateKV's
     layout without reordering) instead of [B, Hkv, cap, D/G].
     `impl`: "triton" (this module's one-pass kernel, the launch settings above), "cuda" (two
     hand-laid passes on the tensor cores, `decode_mha_cuda`; 2-bit, groups of 32, 64 or 128) or None:
-    "cuda" where it fits and NVRTC works."""
+    "cuda" where it fits and NVRTC works. `hadamard`: K and V were stored rotated by the head_dim-point
+    Hadamard (quarot): q is rotated before the read and the partial outputs after it (inside the
+    CUDA kernels; by torch around the Triton one)."""
     from kvbench.kernels import decode_mha_cuda
     from kvbench.kernels.decode_attention import _out, _require_triton, interpreting, split_plan
 
@@ -308,7 +310,19 @@ def decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     if decode_mha_cuda.use_cuda(impl, q, k_scale, v_scale, bits, group_size, integer_zero, "decode_per_token_mha"):
         return decode_mha_cuda.decode_per_token_mha_cuda(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                                                          lengths, scaling, group_size=group_size, max_len=max_len,
-                                                         num_splits=num_splits, k_scale_heads_last=k_scale_heads_last)
+                                                         num_splits=num_splits, k_scale_heads_last=k_scale_heads_last,
+                                                         hadamard=hadamard)
+    if hadamard:
+        from kvbench.hadamard import hadamard_matrix
+        from kvbench.kernels.decode_attention import rotate_partials
+
+        qr = (q.float() @ hadamard_matrix(d, torch.float32, q.device)).to(q.dtype)
+        o, lse = decode_per_token_mha(qr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling,
+                                      bits=bits, group_size=group_size, integer_zero=integer_zero, max_len=max_len,
+                                      num_splits=num_splits, block_n=block_n, num_warps=num_warps,
+                                      num_stages=num_stages, splits_per_sm=splits_per_sm,
+                                      k_scale_heads_last=k_scale_heads_last, prefetch=prefetch, impl="triton")
+        return rotate_partials(o), lse
     max_len = cap if max_len is None else max_len
     ns, nit = split_plan(max_len, block_n, b * hkv, q.device, per_sm=splits_per_sm, num_splits=num_splits)
     o, lse = _out(q, ns)

@@ -27,10 +27,12 @@ def fits(q, k_scale, v_scale, bits: int, group_size: int, integer_zero: bool) ->
 
 def decode_per_token_mha_cuda(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, *,
                               group_size, max_len=None, num_splits=None, splits_per_sm=None,
-                              k_scale_heads_last=False):
+                              k_scale_heads_last=False, hadamard=False):
     """Partials of q [B, H, 128] over per-token packed 2-bit K/V (the `decode_mha` layouts).
     `k_scale_heads_last`: key scales/zeros are [B, 1, cap, H] (one group a head). `splits_per_sm`:
-    None takes each pass's own (measured) setting, else both passes take it."""
+    None takes each pass's own (measured) setting, else both passes take it. `hadamard`: K and V were
+    stored rotated by the 128-point Hadamard (quarot): q is rotated in the key pass's prologue and
+    each partial output back in the values pass's epilogue (no torch ops around the kernels)."""
     from kvbench.kernels.decode_attention import split_plan
 
     b, h, _ = q.shape
@@ -44,10 +46,12 @@ def decode_per_token_mha_cuda(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
     ns, nit = split_plan(max_len, step, b * h, q.device, per_sm=splits_per_sm or token_scores_cuda.SPLITS_PER_SM,
                          num_splits=num_splits)
     token_scores_cuda.token_scores(q, k_codes, k_scale, k_zero, lengths, scaling * LOG2E, scores,
-                                   group_size=group_size, split_len=nit * step, num_splits=ns, tile_max=tile_max)
+                                   group_size=group_size, split_len=nit * step, num_splits=ns, tile_max=tile_max,
+                                   rotate_q=hadamard)
     return values_cuda.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, group_size=group_size,
                                           max_len=max_len, num_splits=num_splits,
-                                          splits_per_sm=splits_per_sm or values_cuda.SPLITS_PER_SM, tile_max=tile_max)
+                                          splits_per_sm=splits_per_sm or values_cuda.SPLITS_PER_SM, tile_max=tile_max,
+                                          rotate_out=hadamard)
 
 
 def use_cuda(impl, q, k_scale, v_scale, bits, group_size, integer_zero, where: str) -> bool:

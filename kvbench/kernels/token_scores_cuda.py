@@ -92,6 +92,7 @@ _SOURCE = r"""
 #define NG __NG__  // key groups a row (128 / group size)
 #define U __U__    // 16-token tiles a warp loads before computing
 #define PIPE __PIPE__  // 1: the next iteration's loads in flight during this one's arithmetic
+#define ROT __ROT__  // 1: rotate the query by the 128-point Hadamard first (quarot's stored keys are H k)
 
 // the loads of U tiles: every load unconditional (token indices clamped to the last valid one:
 // what a clamped row yields is never stored) and kept raw (converting a loaded value right away
@@ -134,7 +135,15 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
     // n < NG is key group n's query, lane g holds column g. Lane t needs channels 32 p + 8 t + i
     // (i = 4 e + jb < 8) of each plane p: one 16-byte load a plane, zero where plane p is not in
     // group g (a plane's 32 channels lie in one group).
+#if ROT  // the caller's q is unrotated: H_128 q / sqrt(128) here, in fp32, rounded to fp16 as the host did
+    __shared__ __align__(16) unsigned short s_qh[128];
+    __shared__ float s_w[128];
+    s_qh[threadIdx.x] = f2h(wht128(s_w, h2f(q[(long long)row * 128 + threadIdx.x])) * 0.08838834764831845f);
+    __syncthreads();
+    const unsigned short* qrow = s_qh;
+#else
     const unsigned short* qrow = q + (long long)row * 128;
+#endif
     uint4 qv[4];
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
@@ -223,11 +232,11 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
 _KERNELS: dict = {}
 
 
-def source(num_groups: int, tiles: int = TILES, pipe: bool = False) -> str:
+def source(num_groups: int, tiles: int = TILES, pipe: bool = False, rotate_q: bool = False) -> str:
     if num_groups not in (1, 2, 4) or tiles not in (1, 2, 4, 8):
         raise ValueError("token_scores_cuda.source: groups a row must be 1, 2 or 4 and tiles 1, 2, 4 or 8")
     return PRELUDE + (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
-            .replace("__PIPE__", str(int(pipe))))
+            .replace("__PIPE__", str(int(pipe))).replace("__ROT__", str(int(rotate_q))))
 
 
 def _pairs_aligned(k_scale, k_zero, ng):
@@ -239,11 +248,12 @@ def _pairs_aligned(k_scale, k_zero, ng):
 
 
 def token_scores(q, k_codes, k_scale, k_zero, lengths, sm_scale, scores, *, group_size, split_len, num_splits,
-                 tile_max=None, tiles=TILES, pipe=False):
+                 tile_max=None, tiles=TILES, pipe=False, rotate_q=False):
     """Write scores [B, H, cap] fp32 (log2 domain: `sm_scale` includes log2 e) of q [B, H, 128] over
     per-token packed 2-bit keys with integer zero points, in splits of `split_len` tokens (a multiple
     of `STEP`), and each 16-token tile's maximum into `tile_max` [B, H, ceil(cap / 16)] fp32 (for
-    `values_cuda.values_from_scores`; a scratch tensor is used if None)."""
+    `values_cuda.values_from_scores`; a scratch tensor is used if None). `rotate_q`: q is unrotated
+    and the keys were stored Hadamard-rotated (quarot): the kernel applies H_128 / sqrt(128) to q."""
     b, h, cap = scores.shape
     if split_len % STEP or not k_codes.is_contiguous() or k_codes.shape[-1] != D // 4 \
             or k_scale.dtype != torch.float16 or k_zero.stride() != k_scale.stride() or not _pairs_aligned(
@@ -257,9 +267,9 @@ def token_scores(q, k_codes, k_scale, k_zero, lengths, sm_scale, scores, *, grou
     elif tile_max.shape != (b, h, -(-cap // 16)) or not tile_max.is_contiguous():
         raise ValueError("token_scores_cuda: tile_max must be a contiguous [B, H, ceil(cap / 16)] tensor")
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
-    key = (ng, tiles, bool(pipe), str(q.device))
+    key = (ng, tiles, bool(pipe), bool(rotate_q), str(q.device))
     if key not in _KERNELS:
-        _KERNELS[key] = nvrtc.compile_source(source(ng, tiles, pipe), "token_scores", q.device)
+        _KERNELS[key] = nvrtc.compile_source(source(ng, tiles, pipe, rotate_q), "token_scores", q.device)
     _KERNELS[key](grid=(b * h, num_splits, 1), block=(32 * WARPS, 1, 1),
                   args=[k_codes, k_scale, k_zero, q, lengths, scores, tile_max, float(sm_scale), int(cap), int(h),
                         int(split_len), int(k_scale.stride(0)), int(k_scale.stride(1)), int(k_scale.stride(2))])

@@ -56,6 +56,7 @@ _SOURCE = r"""
 #define MINB __MINB__  // programs an SM the registers are held to
 #define CODES_A __CODES_A__  // 1: the codes are the A operand (8 products a 16-token tile), 0: B (16)
 #define PIPE __PIPE__  // 1: the next iteration's loads in flight during this one's arithmetic
+#define ROT __ROT__  // 1: rotate the output by the 128-point Hadamard (values stored as H v)
 #define INTZ __INTZ__  // 1: integer zero points, (c - z) s; 0: the group minimum, c s + z
 
 __device__ __forceinline__ unsigned hadd2(unsigned a, unsigned b) {
@@ -268,7 +269,12 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
     const int c = threadIdx.x;
     float num = (s_part[0][c] + s_part[1][c]) + (s_part[2][c] + s_part[3][c]);
     float L = (s_part[0][128] + s_part[1][128]) + (s_part[2][128] + s_part[3][128]);
-    orow[c] = num / L;  // L >= 1: the maximum's own token weighs 1
+    float oc = num / L;  // L >= 1: the maximum's own token weighs 1
+#if ROT  // values stored Hadamard-rotated (quarot): the partial output back to the model's space
+    __shared__ float s_w[128];
+    oc = wht128(s_w, oc) * 0.08838834764831845f;
+#endif
+    orow[c] = oc;
     if (c == 0) lse[(long long)row * ns + split] = (m + log2f(L)) / 1.4426950408889634f;
 }
 """
@@ -287,7 +293,7 @@ CODES_A = True
 
 
 def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, pipe: bool = False,
-           min_blocks: int | None = None, codes_a: bool = CODES_A) -> str:
+           min_blocks: int | None = None, codes_a: bool = CODES_A, rotate_out: bool = False) -> str:
     """The kernel's source for these compile-time choices. `min_blocks` (programs an SM the
     registers are held to): 4 (128 registers) unless four pipelined tiles need 3 not to spill, or
     the codes-as-A variant with two tiles fits 5."""
@@ -297,16 +303,18 @@ def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, pipe:
         raise ValueError("values_cuda.source: tiles must be 1, 2, 4 or 8 and groups a row 1, 2 or 4")
     return PRELUDE + (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
             .replace("__INTZ__", str(int(integer_zero))).replace("__PIPE__", str(int(pipe)))
-            .replace("__MINB__", str(min_blocks)).replace("__CODES_A__", str(int(codes_a))))
+            .replace("__MINB__", str(min_blocks)).replace("__CODES_A__", str(int(codes_a)))
+            .replace("__ROT__", str(int(rotate_out))))
 
 
 def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size, integer_zero=True, max_len=None,
                        num_splits=None, splits_per_sm=SPLITS_PER_SM, tiles=TILES, pipe=False, codes_a=None,
-                       tile_max=None):
+                       tile_max=None, rotate_out=False):
     """`decode_mha.values_from_scores`'s contract on the tensor cores (shapes `supports` takes).
     `integer_zero=False`: zeros are the group minimum (KIVI's values: c s + z). `tile_max`: the
     maxima of the scores' 16-token tiles [B, H, ceil(cap / 16)] (`token_scores_cuda` writes them),
-    read instead of scanning the scores for each split's maximum."""
+    read instead of scanning the scores for each split's maximum. `rotate_out`: the values were
+    stored Hadamard-rotated (quarot): each partial output is rotated back (H_128 / sqrt(128))."""
     from kvbench.kernels.decode_attention import split_plan
 
     b, h, cap = scores.shape
@@ -323,10 +331,10 @@ def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size,
     if tile_max is not None and (tile_max.shape != (b, h, -(-cap // 16)) or not tile_max.is_contiguous()):
         raise ValueError("values_cuda: tile_max must be a contiguous [B, H, ceil(cap / 16)] tensor")
     codes_a = CODES_A if codes_a is None else codes_a
-    key = (D // group_size, tiles, bool(integer_zero), bool(pipe), bool(codes_a), str(scores.device))
+    key = (D // group_size, tiles, bool(integer_zero), bool(pipe), bool(codes_a), bool(rotate_out), str(scores.device))
     if key not in _KERNELS:  # (keyed by the choices, not the source: every decode read asks)
-        _KERNELS[key] = nvrtc.compile_source(source(D // group_size, tiles, integer_zero, pipe, codes_a=codes_a),
-                                             "values_from_scores", scores.device)
+        _KERNELS[key] = nvrtc.compile_source(source(D // group_size, tiles, integer_zero, pipe, codes_a=codes_a,
+                                                    rotate_out=rotate_out), "values_from_scores", scores.device)
     kern = _KERNELS[key]
     kern(grid=(b * h, ns, 1), block=(32 * WARPS, 1, 1),
          args=[scores.contiguous(), v_codes, v_scale, v_zero, lengths, scores if tile_max is None else tile_max,

@@ -1,8 +1,11 @@
-"""GPU kernels (Triton), each beside a plain-torch reference with the same contract.
+"""GPU kernels (Triton, and hand-laid CUDA compiled by NVRTC at first use), each beside a
+plain-torch reference with the same contract.
 
 Every module imports without triton or CUDA (triton is imported in a try); calling a kernel
-without triton raises RuntimeError. Kernels run on CUDA tensors, or on CPU tensors under
-TRITON_INTERPRET=1 (tests/test_kernels.py).
+without triton raises RuntimeError. Triton kernels run on CUDA tensors, or on CPU tensors under
+TRITON_INTERPRET=1 (tests/test_kernels.py). The CUDA kernels run on CUDA only; each has a torch
+emulation of its dataflow (same operands and index maps) that the CPU tests check against float64,
+and `checks` compares kernel, emulation and reference on the GPU.
 
 * `hadamard_triton`: Kronecker-structured Hadamard rotations of rows (used by kvbench.hadamard).
 * `quant_write.quantize_pack_rows`: write path. (Hadamard-rotate,) quantize group-wise and pack
@@ -23,20 +26,29 @@ TRITON_INTERPRET=1 (tests/test_kernels.py).
   each returns partials (o [B, Hq, S, D] fp32, lse [B, Hq, S]); `reference.merge_partials`
   merges them with the full-precision tokens' partial (`fp_partial.fp_partial_fused`: one launch
   for sinks or KIVI's window; reference `reference.fp_partial`).
-* `decode_mha.decode_per_token_mha`: the per-token read for one query head per KV head (MHA) on
-  CUDA cores (codes unpacked in place, next tile's loads in flight, lazy softmax rescaling);
-  `decode_per_token` dispatches to it where `decode_mha.supports` says so, and `packed_decode`
-  uses it for RotateKV with post-RoPE keys, a 1-head Hadamard and no reordering.
+* `decode_mha.decode_per_token_mha`: the per-token read for one query head per KV head (MHA):
+  by default (2-bit, head_dim 128, where NVRTC works) two hand-laid CUDA passes on the tensor
+  cores (`decode_mha_cuda`: `token_scores_cuda` writes the scores and each 16-token tile's
+  maximum, `values_cuda` reads the values; quarot's Hadamard rotations inside them with
+  `hadamard=True`), else one Triton kernel on CUDA cores (codes unpacked in place, next tile's
+  loads in flight, lazy softmax rescaling). `decode_per_token` dispatches to it where
+  `decode_mha.supports` says so, and `packed_decode` uses it for RotateKV with post-RoPE keys, a
+  1-head Hadamard and no reordering.
 * `decode_rotatekv_mha.decode_rotatekv_mha`: RotateKV's read for one query head per KV head when a
   byte holds one channel of every head of the group (4 heads at 2 bits): one byte load a tile,
   the head mix in-thread, scales gathered by warp shuffle; pre-RoPE keys through one H_{D/2}
   tensor-core product a channel half and head. By default in two passes: the scores to a scratch
-  row, then `decode_mha.values_from_scores` (the values with the exact maximum, shared with
-  KIVI's kernel); `two_pass=False` is the fused kernel with an online softmax (`stack_heads`:
-  the group's heads as the rows of one product). `packed_decode` uses it for those shapes.
-* `decode_kivi_mha.decode_kivi_mha`: KIVI's read for one query head per KV head on CUDA cores, in
-  two passes (keys with in-thread channel sums, scores to an L2-resident scratch row; values as
-  decode_mha with the exact maximum); `decode_kivi` dispatches to it.
+  row (`rotatekv_scores_cuda`, hand-laid CUDA, where it applies; else Triton), then the values
+  with the exact maximum (`values_cuda`, else `decode_mha.values_from_scores`); `two_pass=False`
+  is the fused Triton kernel with an online softmax (`stack_heads`: the group's heads as the rows
+  of one product). `packed_decode` uses it for those shapes.
+* `decode_kivi_mha.decode_kivi_mha`: KIVI's read for one query head per KV head, in two passes:
+  by default both hand-laid CUDA (`kivi_scores_cuda`: 8 groups a warp on the tensor cores, then
+  `values_cuda` with float zeros), else a Triton kernel with both passes (keys with in-thread
+  channel sums, scores to an L2-resident scratch row; values as decode_mha with the exact
+  maximum); `decode_kivi` dispatches to it.
+* `nvrtc`, `cuda_prelude`: compiling the CUDA sources at first use (cached per shape), and the
+  inline-PTX helpers they share.
   - `packed_decode(cache, q, scaling)`: the whole decode attention of a
     `kvbench.packed_cache` cache (what `cache.attend` calls on CUDA for one query per row).
 * `reference`: the plain-torch references (`ref_decode_*`, `fp_partial`, `merge_partials`,

@@ -1,5 +1,9 @@
 """Decode attention over per-token packed K/V for one query per KV head (MHA), on CUDA cores.
 
+(`decode_per_token_mha` runs `decode_mha_cuda`'s two hand-laid passes on the tensor cores instead
+where they fit: 2-bit codes of 128 channels, 0.088 against this kernel's 0.127 ms at B8 x 8192 on
+the H100; `impl="triton"` keeps this one. What follows describes this Triton kernel.)
+
 With one query row per KV head a `tl.dot` tile is 1/16 used, and feeding it means unpacking every
 code to fp16 and moving it through shared memory into the tensor-core operand layout. This kernel
 does the arithmetic where the codes already are, in registers: about four instructions a code

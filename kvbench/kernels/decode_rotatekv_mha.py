@@ -23,10 +23,12 @@ are a shift and a mask of it:
 * the next tile's key bytes, scale rows and cos/sin rows are loaded before this tile's arithmetic.
 
 Two ways to run it. **Two passes** (the default): a scores pass writes the scores to a scratch row
-(4 bytes a token, L2-resident), then `decode_mha.values_from_scores` reads the values per head with
-the exact maximum. The scores pass is `rotatekv_scores_cuda` (hand-laid CUDA, compiled by NVRTC)
-where it applies (pre-RoPE, 4-head groups of 128 at 2 bits: 0.197 ms against 0.43 at B8 x 8192,
-eighth session), else `_rotatekv_scores_kernel` (Triton). **Fused** (`two_pass=False`, the fifth session's kernel): one
+(4 bytes a token, L2-resident), then a values pass reads the values per head with the exact
+maximum: `values_cuda` (hand-laid CUDA on the tensor cores, 0.048 ms at B8 x 8192, ninth session)
+where it applies, else `decode_mha.values_from_scores` (Triton, 0.08 ms). The scores pass is
+`rotatekv_scores_cuda` (hand-laid CUDA, compiled by NVRTC) where it applies (pre-RoPE, 4-head
+groups of 128 at 2 bits: 0.197 ms against 0.43 at B8 x 8192, eighth session), else
+`_rotatekv_scores_kernel` (Triton). **Fused** (`two_pass=False`, the fifth session's kernel): one
 online softmax per head with its state per row slot and lazy rescaling, the values read in the same
 loop. The fused kernel holds four heads' value accumulators and softmax state beside the key tile
 (255 registers, spills); each pass alone holds only its own.

@@ -132,8 +132,7 @@ def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, s
     against 0.151 ms with the codes-as-A values pass; ninth session). `scores_impl`: "cuda" (the
     key pass on the tensor cores, `kivi_scores_cuda`: groups of 32 at 2 bits, with the CUDA values
     pass), "triton" (this module's kernel) or None: "cuda" where it fits and NVRTC works."""
-    from kvbench.kernels import kivi_scores_cuda, nvrtc
-    from kvbench.kernels import values_cuda
+    from kvbench.kernels import kivi_scores_cuda, nvrtc, values_cuda
     from kvbench.kernels.decode_attention import _out, _require_triton, interpreting, split_plan
 
     _require_triton()
@@ -174,17 +173,18 @@ def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, s
         return values_cuda.values_from_scores(scores, v_codes, v_scale, v_zero, nq, group_size=g, integer_zero=False,
                                               max_len=min(capt, total_groups * g), num_splits=num_splits,
                                               tile_max=tile_max)
-    o, lse = (None, None) if keys_only else _out(q, ns)
     scratch = torch.empty(b * hkv * capt, dtype=torch.float32, device=q.device)  # scores, token by token
+    o, lse = (scratch, scratch) if keys_only else _out(q, ns)  # (unwritten with KEYS_ONLY)
     # the key tensors are indexed as contiguous (no-ops for a cache's own tensors)
     k_codes, k_scale, k_zero = k_codes.contiguous(), k_scale.contiguous(), k_zero.contiguous()
     _kivi_mha_kernel[(b * hkv, ns)](
         q.contiguous(), k_codes.view(torch.int32), k_scale, k_zero, v_codes.view(torch.int32), v_scale, v_zero, nq,
-        scratch, scratch if keys_only else o, scratch if keys_only else lse, scaling * LOG2E, capg, capt, v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
+        scratch, o, lse, scaling * LOG2E, capg, capt, v_scale.stride(0), v_scale.stride(1), v_scale.stride(2),
         NIT=nit, HKV=hkv, D=d, BITS=bits, G=g, GT=gt, CT=KEY_LANES, BN=bn, NS=ns, ASM=not interpreting(),
         KEYS_ONLY=keys_only, num_warps=num_warps,
     )  # fmt: skip
     if keys_only:
         return values_cuda.values_from_scores(scratch.view(b, hkv, capt), v_codes, v_scale, v_zero, nq, group_size=g,
-                                              integer_zero=False, max_len=min(capt, total_groups * g))
+                                              integer_zero=False, max_len=min(capt, total_groups * g),
+                                              num_splits=num_splits)
     return o, lse

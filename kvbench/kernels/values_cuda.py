@@ -134,7 +134,9 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
     // sums p and the zero-point term; the A fragments then come from these lanes by shuffles
     // row g (plane g: channels 32 g ..) takes group gi's weight: half gi % 2 of word gi / 2
     const int gi = g * NG / 4;
+#if !CODES_A
     const unsigned sel = (gi & 1) ? 0x7632u : 0x5410u;
+#endif
 #if CODES_A
     float acc[4][2][4];  // [jb][hp]: rows g (plane hp) and g + 8 (plane hp + 2), columns = groups
 #pragma unroll

@@ -1,0 +1,51 @@
+"""The hand-laid CUDA kernels compile for the H100 (sm_90) without a GPU: NVRTC from the
+`nvidia-cuda-nvrtc` wheel (the compiler torch uses on the device) and ptxas in verbose mode. Every
+variant a launcher can pick must compile without warnings; the shipped defaults must not spill
+and must fit the register budget their launch settings assume (docs/kernel-notes.md), so an edit
+that breaks a kernel or costs it its occupancy fails here, before any GPU run."""
+
+import pytest
+
+from kvbench.kernels import kivi_scores_cuda, nvrtc, rotatekv_scores_cuda, token_scores_cuda, values_cuda
+
+pytestmark = pytest.mark.skipif(not nvrtc.offline_available(), reason="needs the nvidia-cuda-nvrtc wheel")
+
+# (name, source, registers at most a thread: 65536 / (128 threads x the programs an SM it is laid out for))
+DEFAULTS = [
+    ("token_scores G64", token_scores_cuda.source(2), 64),  # 8 programs an SM
+    ("token_scores G128, quarot rotation", token_scores_cuda.source(1, rotate_q=True), 64),
+    ("values G64", values_cuda.source(2), 128),  # 4 programs an SM
+    ("values G128, quarot rotation", values_cuda.source(1, rotate_out=True), 128),
+    ("values G32 float zeros (KIVI)", values_cuda.source(4, integer_zero=False), 128),
+    ("kivi_scores", kivi_scores_cuda.source(), 168),  # 3 programs an SM
+    ("rotatekv_scores NQ32", rotatekv_scores_cuda.source(32), 255),  # 2 programs an SM
+]
+
+# the other choices each launcher can make, each group size and zero kind with a spread of tile
+# counts, pipelining, operand layouts and rotation (every combination compiles: about 0.2 s each)
+VARIANTS = ([token_scores_cuda.source(ng, tiles, pipe, rot) for ng in (1, 2, 4)
+             for tiles, pipe, rot in ((2, False, False), (4, True, True), (1, False, True))]
+            + [values_cuda.source(ng, tiles, iz, pipe, codes_a=ca, rotate_out=rot) for ng in (1, 2, 4)
+               for iz in (True, False)
+               for tiles, pipe, ca, rot in ((4, False, True, False), (2, True, False, True), (1, False, False, False))]
+            + [rotatekv_scores_cuda.source(nq) for nq in (8, 64)] + [kivi_scores_cuda.source(m) for m in (1, 4)])
+
+
+@pytest.mark.parametrize("name,source,max_registers", DEFAULTS, ids=[d[0] for d in DEFAULTS])
+def test_shipped_kernels_compile_without_spills_within_their_register_budget(name, source, max_registers):
+    build = nvrtc.compile_offline(source)
+    assert build.ok, build.log
+    assert "warning" not in build.log, build.log
+    assert build.spill_bytes == 0, build.log
+    assert 0 < build.registers <= max_registers, build.log
+
+
+def test_every_variant_compiles_without_warnings():
+    for source in VARIANTS:
+        build = nvrtc.compile_offline(source)
+        assert build.ok and "warning" not in build.log, build.log
+
+
+def test_a_broken_source_is_reported_not_raised():
+    build = nvrtc.compile_offline('extern "C" __global__ void k(float* x) { x[0] = undefined_name; }')
+    assert not build.ok and "undefined_name" in build.log

@@ -5,7 +5,8 @@
 # b: SmolLM2 packed-vs-simulated perplexity (needs the GGUF, see below), max batch + throughput
 #    (quarot-2, kivi-2)
 # c: kernel correctness checks and timings (benchmarks/kernels_gpu.py; the checks alone take
-#    about 280 s on an H100)
+#    about 280 s on an H100), then the CUDA passes' launch sweep (benchmarks/two_pass_cuda_sweep.py,
+#    about 90 s, when the part's time allows)
 # d: where a decode step's GPU time goes (benchmarks/decode_profile.py, about 110 s), the peer row
 #    of transformers' QuantizedCache when .whl/peer-quanto/ holds the optimum-quanto and ninja
 #    wheels (about 130 s, most of it building quanto's CUDA extension), then pytest -m cuda (30 s;
@@ -65,6 +66,8 @@ part_c() {
   [ -n "${SKIP_CHECKS:-}" ] && return
   step "correctness + kernel timings: benchmarks/kernels_gpu.py"
   timeout $(left 540) python3 benchmarks/kernels_gpu.py --out "$OUT/kernels.json" 2>&1 | tail -60
+  step "the hand-laid CUDA passes alone: benchmarks/two_pass_cuda_sweep.py"
+  timeout $(left 120) python3 benchmarks/two_pass_cuda_sweep.py --out "$OUT/two_pass_sweep.json" 2>&1 | tail -5
 }
 
 part_b() {

@@ -2,7 +2,8 @@
 `token_scores_cuda` (keys) and `values_cuda` (values, also RotateKV's and KIVI's values pass), with
 U = tiles a warp loads before computing x pipe (the next U tiles' loads in flight during this
 iteration's arithmetic) x splits an SM (values: also the codes as the products' A or B operand);
-then both passes as `decode_mha_cuda` runs them. Llama-2-7B shape (32 heads of 128, MHA),
+then KIVI's key pass (`kivi_scores_cuda`) alone, then both per-token passes as `decode_mha_cuda`
+runs them. Llama-2-7B shape (32 heads of 128, MHA),
 batch 8, context 8192, 2 bits, groups of 64 (values also 32 with float zeros: KIVI's). 20 launches
 captured in a CUDA graph, median over 20 replays; bandwidth over the bytes each pass must read,
 as a fraction of this run's copy bandwidth. Usage: python benchmarks/two_pass_cuda_sweep.py --out F"""
@@ -16,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from kvbench.kernels import checks, decode_mha_cuda, token_scores_cuda as tc, values_cuda as vc  # noqa: E402
+from kvbench.kernels import checks, decode_mha_cuda, kivi_scores_cuda as kq  # noqa: E402
+from kvbench.kernels import token_scores_cuda as tc, values_cuda as vc  # noqa: E402
 from kvbench.kernels.decode_attention import split_plan  # noqa: E402
 
 
@@ -96,6 +98,23 @@ def main():
 
                         record(f"values G{g} int_zero={iz}", graph_ms(values), val_bytes, codes_a=codes_a,
                                tiles=tiles, pipe=pipe, splits_per_sm=per_sm)
+    # KIVI's key pass alone (groups of 32): splits an SM x programs an SM its registers are held to
+    kk, kks, kkz, _ = checks._kivi_store(gen, b, h, cap // 32, 128, 2, 32, "cuda")
+    nq = torch.full((b,), cap, device="cuda")
+    kscr = torch.empty(b, h, cap, device="cuda")
+    ktmax = torch.empty(b, h, cap // 16, device="cuda")
+    kivi_key_bytes = b * h * cap * (32 + 16)  # codes, and a scale and zero a channel per 32 tokens
+    for per_sm in (2, 4, 8):
+        for min_blocks in (2, 3, 4):
+            step = kq.WARPS * kq.GROUPS_PER_WARP
+            ns_k, nit_k = split_plan(cap // 32, step, b * h, "cuda", per_sm=per_sm)
+
+            def kivi_keys():
+                kq.kivi_scores(q, kk, kks, kkz, nq, sm, kscr, ktmax, split_groups=nit_k * step, num_splits=ns_k,
+                               min_blocks=min_blocks)
+
+            record("kivi_scores G32", graph_ms(kivi_keys), kivi_key_bytes + b * h * cap * 4, splits_per_sm=per_sm,
+                   min_blocks=min_blocks)
     # both passes as decode_per_token_mha runs them (each its own launch settings), the packed bytes
     # of K and V; then the same with the values pass scanning the scores for each split's maximum
     # instead of reading the key pass's tile maxima

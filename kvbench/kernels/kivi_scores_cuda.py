@@ -127,7 +127,8 @@ def source(min_blocks: int = MIN_BLOCKS) -> str:
     return PRELUDE + _SOURCE.replace("__MINB__", str(min_blocks))
 
 
-def kivi_scores(q, k_codes, k_scale, k_zero, nq, sm_scale, scores, tile_max, *, split_groups, num_splits):
+def kivi_scores(q, k_codes, k_scale, k_zero, nq, sm_scale, scores, tile_max, *, split_groups, num_splits,
+                min_blocks=MIN_BLOCKS):
     """Write KIVI's scores [B, H, cap] fp32 (log2 domain) for tokens below nq[b] and each 16-token
     tile's maximum into `tile_max` [B, H, ceil(cap / 16)], for q [B, H, 128] over k_codes
     [B, H, capg, 128, 8] (2 bits, groups of 32) with fp16 k_scale/k_zero [B, H, capg, 128]."""
@@ -138,9 +139,9 @@ def kivi_scores(q, k_codes, k_scale, k_zero, nq, sm_scale, scores, tile_max, *, 
     k_codes, k_scale, k_zero = k_codes.contiguous(), k_scale.contiguous(), k_zero.contiguous()
     q = q.half().contiguous()
     nq = nq if nq.dtype == torch.int64 else nq.long()
-    key = str(q.device)
+    key = (min_blocks, str(q.device))
     if key not in _KERNELS:
-        _KERNELS[key] = nvrtc.compile_source(source(), "kivi_scores", q.device)
+        _KERNELS[key] = nvrtc.compile_source(source(min_blocks), "kivi_scores", q.device)
     _KERNELS[key](grid=(b * h, num_splits, 1), block=(32 * WARPS, 1, 1),
                   args=[k_codes, k_scale, k_zero, q, nq, scores, tile_max, float(sm_scale), int(capg), int(cap), int(h),
                         int(split_groups)])

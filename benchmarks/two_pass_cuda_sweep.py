@@ -1,7 +1,7 @@
 """Launch sweep of the hand-laid two-pass read for per-token packed K/V, each pass alone and both:
 `token_scores_cuda` (keys) and `values_cuda` (values, also RotateKV's and KIVI's values pass), with
-U = tiles a warp loads before computing x pipe (the next U tiles' loads in flight during this
-iteration's arithmetic) x splits an SM (values: also the codes as the products' A or B operand);
+U = tiles a warp loads before computing x splits an SM (the ninth session's runs also swept
+register double-buffering and the values' operand layout, since removed: results/.../session9/);
 then KIVI's key pass (`kivi_scores_cuda`) alone, then both per-token passes as `decode_mha_cuda`
 runs them. Llama-2-7B shape (32 heads of 128, MHA),
 batch 8, context 8192, 2 bits, groups of 64 (values also 32 with float zeros: KIVI's). 20 launches
@@ -73,31 +73,25 @@ def main():
         print(rows[-1], flush=True)
 
     key_bytes = b * h * cap * (32 + 4 * 128 // group)
-    for tiles in (2, 4):
-        for pipe in (False, True):
-            for per_sm in (4, 8):
-                ns, nit = split_plan(cap, tc.STEP, b * h, "cuda", per_sm=per_sm)
+    for tiles in (1, 2, 4):
+        for per_sm in (4, 8):
+            ns, nit = split_plan(cap, tc.STEP, b * h, "cuda", per_sm=per_sm)
 
-                def keys():
-                    tc.token_scores(q, kc, ks, kz, lengths, sm, scr, group_size=group, split_len=nit * tc.STEP,
-                                    num_splits=ns, tiles=tiles, pipe=pipe)
+            def keys():
+                tc.token_scores(q, kc, ks, kz, lengths, sm, scr, group_size=group, split_len=nit * tc.STEP,
+                                num_splits=ns, tiles=tiles)
 
-                record("token_scores G64", graph_ms(keys), key_bytes + b * h * cap * 4, tiles=tiles, pipe=pipe,
-                       splits_per_sm=per_sm)
+            record("token_scores G64", graph_ms(keys), key_bytes + b * h * cap * 4, tiles=tiles, splits_per_sm=per_sm)
     for (g, iz), (vcodes, vscale, vzero) in v.items():
         val_bytes = b * h * cap * (32 + 4 * 128 // g + 4)  # codes, scale and zero, the score
-        for codes_a in (False, True):
-            for tiles in (2, 4):
-                for pipe in (False, True):
-                    for per_sm in (4, 8):
+        for tiles in (1, 2, 4, 8):
+            for per_sm in (4, 8):
 
-                        def values():
-                            vc.values_from_scores(scores, vcodes, vscale, vzero, lengths, group_size=g,
-                                                  integer_zero=iz, splits_per_sm=per_sm, tiles=tiles, pipe=pipe,
-                                                  codes_a=codes_a)
+                def values():
+                    vc.values_from_scores(scores, vcodes, vscale, vzero, lengths, group_size=g, integer_zero=iz,
+                                          splits_per_sm=per_sm, tiles=tiles)
 
-                        record(f"values G{g} int_zero={iz}", graph_ms(values), val_bytes, codes_a=codes_a,
-                               tiles=tiles, pipe=pipe, splits_per_sm=per_sm)
+                record(f"values G{g} int_zero={iz}", graph_ms(values), val_bytes, tiles=tiles, splits_per_sm=per_sm)
     # KIVI's key pass alone (groups of 32): splits an SM x programs an SM its registers are held to
     kk, kks, kkz, _ = checks._kivi_store(gen, b, h, cap // 32, 128, 2, 32, "cuda")
     nq = torch.full((b,), cap, device="cuda")

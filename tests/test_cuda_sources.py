@@ -21,13 +21,10 @@ DEFAULTS = [
     ("rotatekv_scores NQ32", rotatekv_scores_cuda.source(32), 255),  # 2 programs an SM
 ]
 
-# the other choices each launcher can make, each group size and zero kind with a spread of tile
-# counts, pipelining, operand layouts and rotation (every combination compiles: about 0.2 s each)
-VARIANTS = ([token_scores_cuda.source(ng, tiles, pipe, rot) for ng in (1, 2, 4)
-             for tiles, pipe, rot in ((2, False, False), (4, True, True), (1, False, True))]
-            + [values_cuda.source(ng, tiles, iz, pipe, codes_a=ca, rotate_out=rot) for ng in (1, 2, 4)
-               for iz in (True, False)
-               for tiles, pipe, ca, rot in ((4, False, True, False), (2, True, False, True), (1, False, False, False))]
+# the other choices each launcher can make: every group size and zero kind, tile counts, rotation
+VARIANTS = ([token_scores_cuda.source(ng, tiles, rot) for ng in (1, 2, 4) for tiles, rot in ((1, True), (4, False))]
+            + [values_cuda.source(ng, tiles, iz, rot) for ng in (1, 2, 4) for iz in (True, False)
+               for tiles, rot in ((1, True), (8, False))]
             + [rotatekv_scores_cuda.source(nq) for nq in (8, 64)] + [kivi_scores_cuda.source(m) for m in (1, 4)])
 
 

@@ -628,14 +628,10 @@ def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
                                                max_len=max_len, num_splits=num_splits, hadamard=hadamard,
                                                **MHA_LAUNCH)
     if hadamard:
-        from kvbench.hadamard import hadamard_matrix
-
-        qr = (q.float() @ hadamard_matrix(d, torch.float32, q.device)).to(q.dtype)
-        o, lse = decode_per_token(qr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling,
-                                  bits=bits, group_size=group_size, integer_zero=integer_zero, max_len=max_len,
-                                  num_splits=num_splits, block_n=block_n, num_warps=num_warps,
-                                  num_stages=num_stages, fast=fast, fold_offset=fold_offset, mha=False)
-        return rotate_partials(o), lse
+        return hadamard_read(q, lambda qr: decode_per_token(
+            qr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, bits=bits, group_size=group_size,
+            integer_zero=integer_zero, max_len=max_len, num_splits=num_splits, block_n=block_n, num_warps=num_warps,
+            num_stages=num_stages, fast=fast, fold_offset=fold_offset, mha=False))
     max_len = cap if max_len is None else max_len
     ns, nit = split_plan(max_len, block_n, b * hkv, q.device, num_splits=num_splits)
     o, lse = _out(q, ns)
@@ -749,6 +745,16 @@ def _sign_matrix_on(d, dtype, device):
 
         _SIGNS[key] = (hadamard_matrix(d, torch.float32, device) * math.sqrt(d)).round().to(dtype).contiguous()
     return _SIGNS[key]
+
+
+def hadamard_read(q: torch.Tensor, read):
+    """A read over K and V stored rotated by the head_dim-point Hadamard (quarot), done by torch
+    around a kernel that does not rotate: `read(H q)` (fp32 product, rounded to q's dtype), then
+    its partial outputs rotated back. The CUDA passes do both inside (`hadamard=True`)."""
+    from kvbench.hadamard import hadamard_matrix
+
+    o, lse = read((q.float() @ hadamard_matrix(q.shape[-1], torch.float32, q.device)).to(q.dtype))
+    return rotate_partials(o), lse
 
 
 def rotate_partials(o: torch.Tensor) -> torch.Tensor:

@@ -317,16 +317,13 @@ def decode_per_token_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
                                                          num_splits=num_splits, k_scale_heads_last=k_scale_heads_last,
                                                          hadamard=hadamard)
     if hadamard:
-        from kvbench.hadamard import hadamard_matrix
-        from kvbench.kernels.decode_attention import rotate_partials
+        from kvbench.kernels.decode_attention import hadamard_read
 
-        qr = (q.float() @ hadamard_matrix(d, torch.float32, q.device)).to(q.dtype)
-        o, lse = decode_per_token_mha(qr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling,
-                                      bits=bits, group_size=group_size, integer_zero=integer_zero, max_len=max_len,
-                                      num_splits=num_splits, block_n=block_n, num_warps=num_warps,
-                                      num_stages=num_stages, splits_per_sm=splits_per_sm,
-                                      k_scale_heads_last=k_scale_heads_last, prefetch=prefetch, impl="triton")
-        return rotate_partials(o), lse
+        return hadamard_read(q, lambda qr: decode_per_token_mha(
+            qr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, bits=bits, group_size=group_size,
+            integer_zero=integer_zero, max_len=max_len, num_splits=num_splits, block_n=block_n, num_warps=num_warps,
+            num_stages=num_stages, splits_per_sm=splits_per_sm, k_scale_heads_last=k_scale_heads_last,
+            prefetch=prefetch, impl="triton"))
     max_len = cap if max_len is None else max_len
     ns, nit = split_plan(max_len, block_n, b * hkv, q.device, per_sm=splits_per_sm, num_splits=num_splits)
     o, lse = _out(q, ns)

@@ -19,7 +19,7 @@ def fits(q, k_scale, v_scale, bits: int, group_size: int, integer_zero: bool) ->
     """The shapes and dtypes both passes take (not whether NVRTC works here: `nvrtc.available`)."""
     from kvbench.kernels.decode_attention import interpreting
 
-    b, hq, d = q.shape
+    d = q.shape[-1]
     return (token_scores_cuda.supports(1, d, bits, group_size) and values_cuda.supports(d, bits, group_size)
             and integer_zero and q.is_cuda and not interpreting() and k_scale.dtype == torch.float16
             and v_scale.dtype == torch.float16)

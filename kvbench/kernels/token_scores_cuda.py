@@ -20,9 +20,9 @@ Here the keys' codes go to the tensor cores untouched by scales, and `values_cud
   for the emulation), so D column n is q_n . c_n of group n and all eight products
   accumulate into one tile. Lane (g, t) then holds groups 2t, 2t + 1 of tokens g and g + 8: it
   applies their scales and zeros (one 32-bit load each), and one shuffle adds groups 2, 3.
-* **U tiles a warp** (16 tokens each) loaded before any is computed, and optionally (`pipe`) the
-  next U tiles' loads issued before this iteration's arithmetic: the bytes in flight that the
-  first values pass lacked (docs/kernel-notes.md, eighth and ninth sessions).
+* **U tiles a warp** (16 tokens each) loaded before any is computed: the bytes in flight that the
+  first values pass lacked (docs/kernel-notes.md, eighth and ninth sessions; loading the next U
+  tiles before this iteration's arithmetic, double-buffered in registers, measured no faster).
 
 Contract: `token_scores(...)` writes scores [B, H, cap] fp32 in the log2 domain (softmax scale *
 log2 e folded in), valid below each row's length, for `values_cuda.values_from_scores` to read.
@@ -91,7 +91,6 @@ def group_sums(q: torch.Tensor, group_size: int) -> torch.Tensor:
 _SOURCE = r"""
 #define NG __NG__  // key groups a row (128 / group size)
 #define U __U__    // 16-token tiles a warp loads before computing
-#define PIPE __PIPE__  // 1: the next iteration's loads in flight during this one's arithmetic
 #define ROT __ROT__  // 1: rotate the query by the 128-point Hadamard first (quarot's stored keys are H k)
 
 // the loads of U tiles: every load unconditional (token indices clamped to the last valid one:
@@ -177,13 +176,10 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
     const unsigned short* kzb = kz + sbase;
     const uint2* kr = kw + (long long)row * cap * 4 + t;  // token n: kr[4 n] = its words 2t, 2t + 1
     float* sr = scr + (long long)row * cap;
-    // U tiles' loads first (kept raw); with PIPE the next iteration's loads are issued before this
-    // one's arithmetic (register double-buffering)
-    KTile cur, nxt;
-    if (PIPE) load_tiles(cur, start + 16 * U * warp, end, g, ks_t, kr, ksb, kzb);
+    // U tiles' loads first (kept raw), then their arithmetic
+    KTile cur;
     for (int k0 = start + 16 * U * warp; k0 < end; k0 += 16 * U * 4) {
-        if (PIPE) load_tiles(nxt, k0 + 16 * U * 4, end, g, ks_t, kr, ksb, kzb);
-        else load_tiles(cur, k0, end, g, ks_t, kr, ksb, kzb);
+        load_tiles(cur, k0, end, g, ks_t, kr, ksb, kzb);
         const uint2* wa = cur.wa;
         const uint2* wb = cur.wb;
         const unsigned* sa = cur.sa;
@@ -224,7 +220,6 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
             if (lane == 0 && k0 + 16 * u < end) tmax[(long long)row * tiles_cap + (k0 + 16 * u) / 16] = mx;
         }
-        if (PIPE) cur = nxt;
     }
 }
 """
@@ -232,11 +227,11 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
 _KERNELS: dict = {}
 
 
-def source(num_groups: int, tiles: int = TILES, pipe: bool = False, rotate_q: bool = False) -> str:
+def source(num_groups: int, tiles: int = TILES, rotate_q: bool = False) -> str:
     if num_groups not in (1, 2, 4) or tiles not in (1, 2, 4, 8):
         raise ValueError("token_scores_cuda.source: groups a row must be 1, 2 or 4 and tiles 1, 2, 4 or 8")
     return PRELUDE + (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
-            .replace("__PIPE__", str(int(pipe))).replace("__ROT__", str(int(rotate_q))))
+            .replace("__ROT__", str(int(rotate_q))))
 
 
 def _pairs_aligned(k_scale, k_zero, ng):
@@ -248,7 +243,7 @@ def _pairs_aligned(k_scale, k_zero, ng):
 
 
 def token_scores(q, k_codes, k_scale, k_zero, lengths, sm_scale, scores, *, group_size, split_len, num_splits,
-                 tile_max=None, tiles=TILES, pipe=False, rotate_q=False):
+                 tile_max=None, tiles=TILES, rotate_q=False):
     """Write scores [B, H, cap] fp32 (log2 domain: `sm_scale` includes log2 e) of q [B, H, 128] over
     per-token packed 2-bit keys with integer zero points, in splits of `split_len` tokens (a multiple
     of `STEP`), and each 16-token tile's maximum into `tile_max` [B, H, ceil(cap / 16)] fp32 (for
@@ -267,9 +262,9 @@ def token_scores(q, k_codes, k_scale, k_zero, lengths, sm_scale, scores, *, grou
     elif tile_max.shape != (b, h, -(-cap // 16)) or not tile_max.is_contiguous():
         raise ValueError("token_scores_cuda: tile_max must be a contiguous [B, H, ceil(cap / 16)] tensor")
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
-    key = (ng, tiles, bool(pipe), bool(rotate_q), str(q.device))
+    key = (ng, tiles, bool(rotate_q), str(q.device))
     if key not in _KERNELS:
-        _KERNELS[key] = nvrtc.compile_source(source(ng, tiles, pipe, rotate_q), "token_scores", q.device)
+        _KERNELS[key] = nvrtc.compile_source(source(ng, tiles, rotate_q), "token_scores", q.device)
     _KERNELS[key](grid=(b * h, num_splits, 1), block=(32 * WARPS, 1, 1),
                   args=[k_codes, k_scale, k_zero, q, lengths, scores, tile_max, float(sm_scale), int(cap), int(h),
                         int(split_len), int(k_scale.stride(0)), int(k_scale.stride(1)), int(k_scale.stride(2))])

@@ -10,16 +10,15 @@ With one query row, the Triton pass does the products on CUDA cores (about four 
 code). Here a warp takes 16 tokens at a time into `mma.m16n8k16` products, the codes read in place:
 lane (g, t) loads word g of tokens 2t, 2t + 1, 2t + 8, 2t + 9 (one 32-bit word a token row), one
 PRMT puts byte jb of two tokens into the half-words (it serves the byte's four bit planes), one
-LOP3 masks plane p and ORs 1024's exponent, one fp16x2 FMA (or add) leaves the code: about 2.25
+LOP3 masks plane p and ORs 1024's exponent, one fp16x2 FMA leaves the code: about 2.25
 instructions a pair of codes. Word w, byte jb, plane p is channel 32 p + 4 w + jb.
 
-* **codes as A** (the default, `CODES_A`): A (16 channels x 16 tokens) row g is channel
-  32 hp + 4 g + jb and row g + 8 the same in plane hp + 2, so 8 products cover a tile; B (16 tokens
-  x 8 columns) column n < NG holds group n's weights fp16(p_t s_t) (p_t = 2**(score - max) <= 1).
-  D row r, column "its channel's group" is that channel's sum: 32 accumulators a lane.
-* **codes as B** (the eighth session's layout): A row p (a bit plane) holds the plane's group
-  weights, rows 4..15 zero; B (16 tokens x 8 channels) is plane p's codes: 16 products a tile,
-  one useful row each, 64 accumulators. 13-16% slower (ninth session's sweep).
+* **A = the codes** (16 channels x 16 tokens): row g is channel 32 hp + 4 g + jb and row g + 8 the
+  same in plane hp + 2, so 8 products cover a tile; **B** (16 tokens x 8 columns): column n < NG
+  holds group n's weights fp16(p_t s_t) (p_t = 2**(score - max) <= 1). D row r, column "its
+  channel's group" is that channel's sum: 32 accumulators a lane. (The eighth session's layout,
+  the weights in A with one row a bit plane and the codes in B, took 16 products a tile and 64
+  accumulators and measured 13-16% slower: docs/kernel-notes.md, ninth session.)
 * Lane L < 16 computes token L's weights once; the fragments come from those lanes by four
   shuffles (eight with four groups). The zero points come off as sum_t A_t z_t (integer zeros) or
   on as sum_t p_t z_t (float zeros); the four warps' partials are summed in shared memory.
@@ -28,7 +27,7 @@ instructions a pair of codes. Word w, byte jb, plane p is channel 32 p + 4 w + j
   maximum. With one tile (the first version) the pass ran at a third of the copy bandwidth,
   waiting on each tile's loads (docs/kernel-notes.md).
 
-The A weights are fp16 (as flash attention's P is): 2**-11 relative a weight. `emulate_values` is
+The weights are fp16 (as flash attention's P is): 2**-11 relative a weight. `emulate_values` is
 the same arithmetic in torch (fp16-rounded weights), for the CPU tests; `kvbench.kernels.checks`
 compares the kernel with the float reference on the GPU.
 """
@@ -53,15 +52,8 @@ def supports(head_dim: int, bits: int, group_size: int) -> bool:
 _SOURCE = r"""
 #define NG __NG__  // value groups a row (1: groups of 128, 2: of 64, 4: of 32)
 #define U __U__  // 16-token tiles a warp loads before it computes any of them
-#define MINB __MINB__  // programs an SM the registers are held to
-#define CODES_A __CODES_A__  // 1: the codes are the A operand (8 products a 16-token tile), 0: B (16)
-#define PIPE __PIPE__  // 1: the next iteration's loads in flight during this one's arithmetic
 #define ROT __ROT__  // 1: rotate the output by the 128-point Hadamard (values stored as H v)
 #define INTZ __INTZ__  // 1: integer zero points, (c - z) s; 0: the group minimum, c s + z
-
-__device__ __forceinline__ unsigned hadd2(unsigned a, unsigned b) {
-    unsigned d; asm("add.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
-}
 
 // the loads of U tiles, kept raw (token indices clamped to the last valid one: a clamped token's
 // weight is zero; converting a loaded value right away would wait for it there)
@@ -87,7 +79,7 @@ __device__ __forceinline__ void load_tiles(VTile& v, int k0, int end, int lane, 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128, MINB)
+extern "C" __global__ void __launch_bounds__(128, 4)
 values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ vw,
                    const unsigned short* __restrict__ vs, const unsigned short* __restrict__ vz,
                    const long long* __restrict__ len, const float* __restrict__ tmax, int has_tmax,
@@ -111,7 +103,7 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
     // this lane's word g of tokens k0 + 2t (+1, +8, +9): a base pointer and constant offsets
     const unsigned* wl = vw + (long long)row * cap * 8 + g;
     // the first U tiles' loads go out before the maximum's scan, which their latency then overlaps
-    VTile cur, nxt;
+    VTile cur;
     load_tiles(cur, start + 16 * warp, end, lane, t, sr, vsb, vzb, vs_t, wl);
     // the split's exact maximum: nothing is rescaled afterwards. From the key pass's 16-token tile
     // maxima where it wrote them (a split starts on a tile), else a scan of the scores (unrolled:
@@ -132,12 +124,6 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
 
     // lane L < 16 weighs token k0 + L: p = 2**(s - max), A = fp16(p s) of each group (packed), and
     // sums p and the zero-point term; the A fragments then come from these lanes by shuffles
-    // row g (plane g: channels 32 g ..) takes group gi's weight: half gi % 2 of word gi / 2
-    const int gi = g * NG / 4;
-#if !CODES_A
-    const unsigned sel = (gi & 1) ? 0x7632u : 0x5410u;
-#endif
-#if CODES_A
     float acc[4][2][4];  // [jb][hp]: rows g (plane hp) and g + 8 (plane hp + 2), columns = groups
 #pragma unroll
     for (int jb = 0; jb < 4; ++jb)
@@ -145,24 +131,15 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
         for (int hp = 0; hp < 2; ++hp)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[jb][hp][r] = 0.f;
-#else
-    float acc[4][4][4];
-#pragma unroll
-    for (int p = 0; p < 4; ++p)
-#pragma unroll
-        for (int jb = 0; jb < 4; ++jb)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[p][jb][r] = 0.f;
-#endif
     float l = 0.f, saz[NG];
 #pragma unroll
     for (int i = 0; i < NG; ++i) saz[i] = 0.f;
     // A warp takes U tiles of 16 tokens an iteration (tile u at k0 + 64 u): every load of the U
     // tiles is issued before any arithmetic, so U times the bytes are in flight (one tile at a
-    // time left this pass waiting on memory at a third of the copy bandwidth). With PIPE the next
-    // iteration's loads are issued before this one's arithmetic (register double-buffering).
+    // time left this pass waiting on memory at a third of the copy bandwidth). The next iteration's
+    // loads go out after this one's arithmetic (loading them before it, double-buffered in registers,
+    // measured no faster: fewer programs an SM; ninth session).
     for (int k0 = start + 16 * warp; k0 < end; k0 += 64 * U) {
-        if (PIPE) load_tiles(nxt, k0 + 64 * U, end, lane, t, sr, vsb, vzb, vs_t, wl);
         const float* sc = cur.sc;
         unsigned short (*sv)[NG] = cur.sv;
         unsigned short (*zv)[NG] = cur.zv;
@@ -182,12 +159,11 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
             }
             unsigned x0 = __shfl_sync(0xffffffffu, aw[0], 2 * t), x1 = __shfl_sync(0xffffffffu, aw[0], 2 * t + 1);
             unsigned x2 = __shfl_sync(0xffffffffu, aw[0], 2 * t + 8), x3 = __shfl_sync(0xffffffffu, aw[0], 2 * t + 9);
-            if (NG == 4) {  // rows 2, 3 take the second word
+            if (NG == 4) {  // columns 2, 3 take the second word
                 unsigned y0 = __shfl_sync(0xffffffffu, aw[1], 2 * t), y1 = __shfl_sync(0xffffffffu, aw[1], 2 * t + 1);
                 unsigned y2 = __shfl_sync(0xffffffffu, aw[1], 2 * t + 8), y3 = __shfl_sync(0xffffffffu, aw[1], 2 * t + 9);
-                if ((CODES_A ? g : gi) >= 2) { x0 = y0; x1 = y1; x2 = y2; x3 = y3; }
+                if (g >= 2) { x0 = y0; x1 = y1; x2 = y2; x3 = y3; }
             }
-#if CODES_A
             // B (16 tokens x 8 columns): column n < NG holds group n's weights (lane g: column g)
             unsigned wb0 = 0u, wb1 = 0u;
             if (g < NG) {
@@ -205,34 +181,16 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
                 for (int hp = 0; hp < 2; ++hp)
                     mma4(acc[jb][hp], plane(lo, hp), plane(lo, hp + 2), plane(hi, hp), plane(hi, hp + 2), wb0, wb1);
             }
-#else
-            unsigned a0 = g < 4 ? prmt(x0, x1, sel) : 0u;  // row g = plane g: tokens 2t, 2t + 1
-            unsigned a2 = g < 4 ? prmt(x2, x3, sel) : 0u;  // tokens 2t + 8, 2t + 9
-#pragma unroll
-            for (int jb = 0; jb < 4; ++jb) {
-                unsigned lo = prmt(w[u][0], w[u][1], jb | ((4 + jb) << 8));  // tokens 2t, 2t + 1: byte jb of word g
-                unsigned hi = prmt(w[u][2], w[u][3], jb | ((4 + jb) << 8));  // tokens 2t + 8, 2t + 9
-#pragma unroll
-                for (int p = 0; p < 4; ++p) {
-                    unsigned msk = 0x00030003u << (2 * p);
-                    unsigned b0 = hadd2(lop_and_or(lo, msk, 0x64006400u), 0xE400E400u);  // c 4**p, exact
-                    unsigned b1 = hadd2(lop_and_or(hi, msk, 0x64006400u), 0xE400E400u);
-                    mma_acc(acc[p][jb], a0, a2, b0, b1);
-                }
-            }
-#endif
         }
-        if (PIPE) cur = nxt;
-        else if (k0 + 64 * U < end) load_tiles(cur, k0 + 64 * U, end, lane, t, sr, vsb, vzb, vs_t, wl);
+        if (k0 + 64 * U < end) load_tiles(cur, k0 + 64 * U, end, lane, t, sr, vsb, vzb, vs_t, wl);
     }
-    // sums over the token lanes (all 32: with CODES_A lanes up to 29 apply the zero terms)
+    // sums over the token lanes (all 32: lanes up to 29 apply the zero terms)
 #pragma unroll
     for (int s = 1; s < 32; s <<= 1) {
         l += __shfl_xor_sync(0xffffffffu, l, s);
 #pragma unroll
         for (int i = 0; i < NG; ++i) saz[i] += __shfl_xor_sync(0xffffffffu, saz[i], s);
     }
-#if CODES_A
     // D row r of product (jb, hp) is channel 32 p + 4 g + jb (p = hp, or hp + 2 for r = g + 8); its
     // group's column col = p NG / 4 sits in lane t = col / 2, entry 2 (r >= 8) + col % 2
 #pragma unroll
@@ -245,27 +203,6 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
                 if (t == col / 2)
                     s_part[warp][32 * p + 4 * g + jb] = acc[jb][hp][2 * rh + (col & 1)] + (INTZ ? -saz[col] : saz[col]);
             }
-#else
-    // row g < 4 of tile (g, jb) holds channels 32 g + 4 (2t + c) + jb
-    if (g < 4) {
-        const float inv4 = g == 0 ? 1.f : g == 1 ? 0.25f : g == 2 ? 0.0625f : 0.015625f;
-        // integer zero points: sum_t A_t (c_t - z_t); float zeros (the group minimum): sum A_t c_t + p_t z_t
-        float sz = saz[0];
-#pragma unroll
-        for (int i = 1; i < NG; ++i)
-            if (i == gi) sz = saz[i];
-        sz *= INTZ ? -1.f : 1.f;
-#pragma unroll
-        for (int p = 0; p < 4; ++p)
-            if (p == g) {
-#pragma unroll
-                for (int jb = 0; jb < 4; ++jb) {
-                    s_part[warp][32 * p + 8 * t + jb] = acc[p][jb][0] * inv4 + sz;
-                    s_part[warp][32 * p + 8 * t + 4 + jb] = acc[p][jb][1] * inv4 + sz;
-                }
-            }
-    }
-#endif
     if (lane == 0) s_part[warp][128] = l;
     __syncthreads();
     const int c = threadIdx.x;
@@ -285,33 +222,22 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
 _KERNELS: dict = {}
 
 # 16-token tiles a warp loads before computing (`U` in the source): 1 measured 0.081 ms at B8 x 8192
-# on the H100 (eighth session), load-latency bound; 4 (no pipelining, codes as A) 0.0475 ms, the
+# on the H100 (eighth session), load-latency bound; 4 (codes as A) 0.0475 ms, the
 # best of the ninth session's sweep (docs/kernel-notes.md, results/gpu/nvidia-h100-80gb-hbm3/session9/).
 TILES = 4
 SPLITS_PER_SM = 4
-# the codes as the products' A operand (8 products a 16-token tile, 32 accumulators) rather than B
-# (16, 64): 0.0475 against 0.0558 ms (groups of 64), 0.054 against 0.063 (KIVI's 32, float zeros)
-CODES_A = True
 
 
-def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, pipe: bool = False,
-           min_blocks: int | None = None, codes_a: bool = CODES_A, rotate_out: bool = False) -> str:
-    """The kernel's source for these compile-time choices. `min_blocks` (programs an SM the
-    registers are held to): 4 (128 registers) unless four pipelined tiles need 3 not to spill, or
-    the codes-as-A variant with two tiles fits 5."""
-    if min_blocks is None:  # (codes as A, two tiles: under 102 registers, so five programs fit)
-        min_blocks = 3 if pipe and tiles >= 4 else 5 if codes_a and tiles <= 2 and not pipe else 4
+def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, rotate_out: bool = False) -> str:
+    """The kernel's source for these compile-time choices (128 registers: four programs an SM)."""
     if tiles not in (1, 2, 4, 8) or num_groups not in (1, 2, 4):
         raise ValueError("values_cuda.source: tiles must be 1, 2, 4 or 8 and groups a row 1, 2 or 4")
     return PRELUDE + (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
-            .replace("__INTZ__", str(int(integer_zero))).replace("__PIPE__", str(int(pipe)))
-            .replace("__MINB__", str(min_blocks)).replace("__CODES_A__", str(int(codes_a)))
-            .replace("__ROT__", str(int(rotate_out))))
+                      .replace("__INTZ__", str(int(integer_zero))).replace("__ROT__", str(int(rotate_out))))
 
 
 def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size, integer_zero=True, max_len=None,
-                       num_splits=None, splits_per_sm=SPLITS_PER_SM, tiles=TILES, pipe=False, codes_a=None,
-                       tile_max=None, rotate_out=False):
+                       num_splits=None, splits_per_sm=SPLITS_PER_SM, tiles=TILES, tile_max=None, rotate_out=False):
     """`decode_mha.values_from_scores`'s contract on the tensor cores (shapes `supports` takes).
     `integer_zero=False`: zeros are the group minimum (KIVI's values: c s + z). `tile_max`: the
     maxima of the scores' 16-token tiles [B, H, ceil(cap / 16)] (`token_scores_cuda` writes them),
@@ -332,11 +258,10 @@ def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size,
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
     if tile_max is not None and (tile_max.shape != (b, h, -(-cap // 16)) or not tile_max.is_contiguous()):
         raise ValueError("values_cuda: tile_max must be a contiguous [B, H, ceil(cap / 16)] tensor")
-    codes_a = CODES_A if codes_a is None else codes_a
-    key = (D // group_size, tiles, bool(integer_zero), bool(pipe), bool(codes_a), bool(rotate_out), str(scores.device))
+    key = (D // group_size, tiles, bool(integer_zero), bool(rotate_out), str(scores.device))
     if key not in _KERNELS:  # (keyed by the choices, not the source: every decode read asks)
-        _KERNELS[key] = nvrtc.compile_source(source(D // group_size, tiles, integer_zero, pipe, codes_a=codes_a,
-                                                    rotate_out=rotate_out), "values_from_scores", scores.device)
+        _KERNELS[key] = nvrtc.compile_source(source(D // group_size, tiles, integer_zero, rotate_out),
+                                             "values_from_scores", scores.device)
     kern = _KERNELS[key]
     kern(grid=(b * h, ns, 1), block=(32 * WARPS, 1, 1),
          args=[scores.contiguous(), v_codes, v_scale, v_zero, lengths, scores if tile_max is None else tile_max,

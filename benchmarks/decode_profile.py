@@ -35,7 +35,8 @@ METHODS = {
 
 # kernel-name fragments -> kind (first match wins)
 KINDS = [
-    ("attention kernel", ("_decode_", "_kivi_", "flash", "fmha", "attention")),
+    ("attention kernel", ("_decode_", "_kivi_", "flash", "fmha", "attention", "token_scores", "values_from_scores",
+                          "rotatekv_scores", "kivi_scores")),
     ("gemm", ("gemm", "gemv", "sm90_xmma", "cutlass", "nvjet", "splitk")),
     ("write (quantize/pack)", ("quant_write", "_write", "pack")),
     ("hadamard", ("hadamard",)),
@@ -98,7 +99,7 @@ def profile_method(label: str, batch: int, context: int, steps: int) -> dict:
             "captured_step_ms": captured,
             "kinds_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "launches_per_step": sum(c for *_, c in rows),
-            "top": [{"kernel": n[:160], "ms": round(t, 4), "calls": c, "kind": kind_of(n)} for n, t, c in rows[:25]],
+            "top": [{"kernel": n[:160], "ms": round(t, 4), "calls": c, "kind": kind_of(n)} for n, t, c in rows[:40]],
         }
         return out
     finally:

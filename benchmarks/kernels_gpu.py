@@ -12,7 +12,8 @@
    sink tokens; read by decode_rotatekv_mha, "cc" configurations, and by the first kernel,
    decode_rotatekv) and faster RotateKV variants (post-RoPE keys; 1-head Hadamard), plus the unfused
    path (dequantize to fp16, then SDPA) for rtn-2. Each method's time covers its whole decode
-   attention (query rotation, kernel, full-precision tokens, log-sum-exp merge, output rotation),
+   attention (query rotation, kernel, full-precision tokens, log-sum-exp merge, output rotation;
+   the full-precision tokens and the merge through the same Triton kernels a decode step uses),
    timed eagerly and replayed from a CUDA graph (CUDA events, warm-up, median and p90 of many
    runs, like triton.testing.do_bench). A few launch configurations are tried per kernel; the
    best is reported with the others listed. Bandwidth = bytes the method must read (codes,
@@ -128,6 +129,8 @@ def methods(b, h, d, L, device, smoke):
     from kvbench.kernels import decode_kivi_mha, decode_mha, values_cuda
     from kvbench.kernels.decode_rotatekv_mha import decode_rotatekv_mha
     from kvbench.kernels import reference as ref
+    from kvbench.kernels.fp_partial import fp_partial_fused
+    from kvbench.kernels.merge import merge_partials_fused
     from kvbench.rope import rope_tables
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -180,12 +183,12 @@ def methods(b, h, d, L, device, smoke):
 
     def rtn_fn(cfg):
         def f():
-            return ref.merge_partials([per_token(q, cfg)])
+            return merge_partials_fused([per_token(q, cfg)], q.dtype)
         return f
 
     def quarot_fn(cfg):  # the query and output rotations inside the read (in the CUDA kernels where they run)
         def f():
-            return ref.merge_partials([per_token(q, cfg, hadamard=True)])
+            return merge_partials_fused([per_token(q, cfg, hadamard=True)], q.dtype)
         return f
 
     def pt_kernel(cfg, hadamard=False):
@@ -240,7 +243,8 @@ def methods(b, h, d, L, device, smoke):
         def f():
             slot = torch.arange(W, device=device)
             valid = ((slot[None] - nq[:, None]) % W) < (n_all - nq)[:, None]
-            return ref.merge_partials([kivi_partials(cfg), ref.fp_partial(q, win_k, win_v, valid, scaling)])
+            return merge_partials_fused([kivi_partials(cfg), fp_partial_fused(q, win_k, win_v, valid, scaling)],
+                                        q.dtype)
         return f
 
     def kivi_kernel(cfg):
@@ -320,7 +324,7 @@ def methods(b, h, d, L, device, smoke):
                 o, lse = rkv_partials(cfg, kc_r, ks_r, kz_r, gid, vv_r, hg, pre, G)
                 if cfg.get("kernel") != "mha":  # (the quarot-path read returns partials rotated back already)
                     o = da.rotate_partials(o)
-                return ref.merge_partials([(o, lse), ref.fp_partial(q, fp_k, fp_v, fp_valid, scaling)])
+                return merge_partials_fused([(o, lse), fp_partial_fused(q, fp_k, fp_v, fp_valid, scaling)], q.dtype)
             return f
 
         name = (f"rotatekv-2 ({'pre' if pre else 'post'}-RoPE, {hg}-head Hadamard, "

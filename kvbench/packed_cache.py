@@ -296,6 +296,30 @@ class PackedPerTokenCache(LayerCache):
                                dest=rows, out=out)
         return True
 
+    def _append_decode_fused(self, new: NewTokens, valid: torch.Tensor) -> bool:
+        """One token a row on CUDA with triton (the fused write's gating): kvbench.kernels.quant_write
+        writes keys (and each slot's position) and values at slot lengths[b] in one launch each,
+        then the lengths advance. Four launches where the general path takes about thirty: in a
+        captured decode step each small launch costs a few microseconds, every layer."""
+        inputs = self.fused_write_inputs(new)
+        if inputs is None or not _kernels_enabled(new.k) or self.spec.bits not in (2, 4, 8):
+            return False
+        from kvbench.kernels.quant_write import quantize_pack_decode
+
+        keys, rotate = inputs
+        d = keys.shape[-1]
+        if d & (d - 1):
+            return False
+        if self.replay_chunks:  # (before the lengths move)
+            self._chunks.append((self.lengths[:, None].clone(), valid))
+        spec = self.spec
+        for x, store, slot_positions in ((keys, self.kstore, self.positions), (new.v, self.vstore, None)):
+            quantize_pack_decode(x, self.lengths, new.positions, (store.codes, store.scale, store.zero),
+                                 bits=spec.bits, group_size=spec.group_size, clip_ratio=spec.clip_ratio,
+                                 integer_zero=spec.integer_zero, rotate=rotate, slot_positions=slot_positions)
+        self.lengths += valid[:, 0]
+        return True
+
     def dequantize_stored(self, kq: Quantized, vq: Quantized, positions: torch.Tensor):
         raise NotImplementedError
 
@@ -312,7 +336,14 @@ class PackedPerTokenCache(LayerCache):
         to_quant = valid if exact is None else valid & ~exact
         self.used += t
         self._ensure(b, new.k.device)
-        dest = slot_destinations(to_quant, self.lengths)
+        if t == 1 and exact is None:
+            # a decode step: slot_destinations reduces to each row's length (a padding token's
+            # scratch slot too), so no slot arithmetic; rtn and quarot write in two launches
+            if self._append_decode_fused(new, valid):
+                return
+            dest = self.lengths[:, None].clone()
+        else:
+            dest = slot_destinations(to_quant, self.lengths)
         if not self._write_fused(new, dest):
             kq, vq = self.quantize_new(new)
             self.kstore.write(kq, dest)

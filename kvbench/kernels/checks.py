@@ -511,6 +511,7 @@ def run_all(device, small=True):
         check_kivi_scores_cuda(device, results)
     check_packed_caches(device, results)
     check_fp_partial(device, results)
+    check_merge(device, results)
     return results
 
 
@@ -575,15 +576,46 @@ def check_fp_partial(device, results=None):
         valid[0] = True
         valid[-1] = False  # no full-precision token in this row
         valid = valid.to(device)
-        o, lse = fp_partial_fused(q, k, v, valid, d**-0.5)
+        parts = fp_partial_fused(q, k, v, valid, d**-0.5)  # (o [B, Hq, S, D], lse [B, Hq, S]): S splits
+        o, lse = ref.merge_partials([parts]), torch.logsumexp(parts[1], -1)
         ro, rl = ref.fp_partial(q, k, v, valid, d**-0.5)
+        ro, rl = ro[:, :, 0], rl[..., 0]
         err = float((o - ro).abs().max())
         bound = 1e-5 * max(1.0, float(ro.abs().max()))
         seen = torch.isfinite(rl)
         lse_err = float(((lse[seen] - rl[seen]).abs() / rl[seen].abs().clamp_min(1.0)).max()) if bool(seen.any()) else 0.0
         empty_ok = bool(torch.isneginf(lse[~seen]).all())
-        results.append({"kernel": f"fp_partial B={b} Hkv={hkv} GQ={gq} S={s}", "max_abs_err": err, "bound": bound,
-                        "lse_rel_err": lse_err, "ok": err <= bound and lse_err <= 1e-5 and empty_ok})
+        results.append({"kernel": f"fp_partial B={b} Hkv={hkv} GQ={gq} S={s}", "splits": parts[0].shape[2],
+                        "max_abs_err": err, "bound": bound, "lse_rel_err": lse_err,
+                        "ok": err <= bound and lse_err <= 1e-5 and empty_ok})
+    return results
+
+
+def check_merge(device, results=None):
+    """`merge.merge_partials_fused` against `reference.merge_partials`: one and two partials, 1 to
+    130 splits, empty splits, a row with no keys at all (zeros), fp32 and fp16 output. Bound: 1e-6
+    of the largest |output| for fp32, fp16's rounding (2**-11 relative) for fp16."""
+    from kvbench.kernels.merge import merge_partials_fused
+
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(9)
+    for b, h, d, splits in ((2, 3, 64, (1,)), (3, 2, 128, (5, 4)), (1, 4, 64, (130, 1)), (2, 2, 128, (2, 7))):
+        parts = []
+        for s in splits:
+            o = torch.randn(b, h, s, d, generator=gen) * 3
+            lse = torch.randn(b, h, s, generator=gen) * 4
+            lse[0, 0, 0] = float("-inf")  # an empty split
+            lse[-1, -1] = float("-inf")  # a row with no keys in this partial
+            o[lse.isinf()] = 0.0
+            parts.append((o.to(device), lse.to(device)))
+        want = ref.merge_partials(parts)
+        for dtype, rel in ((torch.float32, 1e-6), (torch.float16, 2.0**-10)):
+            got = merge_partials_fused(parts, dtype)
+            err = float((got.float() - want).abs().max())
+            bound = rel * max(1.0, float(want.abs().max()))
+            results.append({"kernel": f"merge B={b} H={h} D={d} splits={splits} {str(dtype)[6:]}", "max_abs_err": err,
+                            "bound": bound, "ok": got.dtype == dtype and err <= bound
+                            and bool((got[-1, -1] == 0).all())})  # no keys in any partial: zeros
     return results
 
 
@@ -615,7 +647,9 @@ def torch_and_fused_appends(make, news, device):
 def check_fused_append(device, results=None):
     """A packed cache's fused Triton write (CUDA; forced on under the interpreter) stores the
     same codes, scales and zeros as its torch write: exactly for rtn, and for quarot (rotation
-    in the kernel) up to rare one-step code differences."""
+    in the kernel) up to rare one-step code differences; over a prefill of left-padded rows and
+    then decode steps (one token a row, written at each row's length by `quantize_pack_decode`),
+    with the same slot positions and lengths."""
     from kvbench import packed_cache as pc
     from kvbench.method import NewTokens
     from kvbench.packing import unpack
@@ -632,18 +666,29 @@ def check_fused_append(device, results=None):
     k_pre[..., 2] *= 20
     v = torch.randn(b, hkv, t, d, generator=gen)
     cos, sin = rope_tables(pos, d, 1e4)
-    new = NewTokens(k_pre=k_pre.to(device), k=apply_rope(k_pre, cos, sin).to(device), v=v.to(device),
-                    cos=cos.to(device), sin=sin.to(device), positions=pos.to(device), layer_input=None,
-                    is_prefill=True)
+    news = [NewTokens(k_pre=k_pre.to(device), k=apply_rope(k_pre, cos, sin).to(device), v=v.to(device),
+                      cos=cos.to(device), sin=sin.to(device), positions=pos.to(device), layer_input=None,
+                      is_prefill=True)]
+    for step in range(3):  # decode steps: one token a row at position lengths[b] + step
+        dpos = torch.tensor(lengths)[:, None] + step
+        k1 = torch.randn(b, hkv, 1, d, generator=gen)
+        k1[..., 2] *= 20
+        dcos, dsin = rope_tables(dpos, d, 1e4)
+        news.append(NewTokens(k_pre=k1.to(device), k=apply_rope(k1, dcos, dsin).to(device),
+                              v=torch.randn(b, hkv, 1, d, generator=gen).to(device), cos=dcos.to(device),
+                              sin=dsin.to(device), positions=dpos.to(device), layer_input=None, is_prefill=False))
+    stored = [n + len(news) - 1 for n in lengths]
     for name, make, exact in (("rtn-2", lambda: pc.RTNPackedCache(QuantSpec(2, 32), False, hkv, d), True),
                               ("rtn-4 pre-RoPE", lambda: pc.RTNPackedCache(QuantSpec(4, 64, 0.9), True, hkv, d), True),
                               ("quarot-2", lambda: pc.QuaRotPackedCache(QuantSpec(2, 64), hkv, d), False)):
-        plain, fused = torch_and_fused_appends(make, [new], device)
-        ok = True
+        plain, fused = torch_and_fused_appends(make, news, device)
+        ok = torch.equal(plain.lengths.cpu(), fused.lengths.cpu()) and plain.lengths.tolist() == stored
         info = {}
+        for row, n in enumerate(stored):
+            ok &= torch.equal(plain.positions[row, :n].cpu(), fused.positions[row, :n].cpu())
         for sa, sb in ((plain.kstore, fused.kstore), (plain.vstore, fused.vstore)):
             # Compare the stored slots only (scratch slots of padding are not written by both).
-            for row, n in enumerate(lengths):
+            for row, n in enumerate(stored):
                 a = unpack(sa.codes[row, :, :n].cpu(), 2 if "-2" in name else 4, d).int()
                 c = unpack(sb.codes[row, :, :n].cpu(), 2 if "-2" in name else 4, d).int()
                 if exact:

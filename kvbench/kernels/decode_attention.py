@@ -42,7 +42,7 @@ import math
 import torch
 
 from kvbench.kernels.fp_partial import fp_partial_fused
-from kvbench.kernels.reference import merge_partials
+from kvbench.kernels.merge import merge_partials_fused
 
 try:  # torchao-style guard
     import triton
@@ -840,4 +840,4 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
         if fp is not None:
             k, v, pos = fp
             parts.append(fp_partial_fused(q3, k, v, pos >= 0, scaling))
-    return merge_partials(parts).to(q.dtype)[:, :, None]
+    return merge_partials_fused(parts, q.dtype)[:, :, None]

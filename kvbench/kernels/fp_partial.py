@@ -3,9 +3,13 @@ one Triton launch.
 
 `reference.fp_partial` does it in about ten torch ops (two einsums, masking, log-sum-exp, ...),
 which in a decode step cost ~0.1 ms a layer for 20-160 tokens: more than half of KIVI's packed
-kernel. Here one program per (batch row, KV head) reads the tokens' K and V once, in chunks with
-an online softmax, for all of its query heads at once, in float32. Same contract as `reference.fp_partial`: q [B, Hq, D], k, v [B, Hkv, S, D], valid [B, S]
--> (o [B, Hq, 1, D] fp32, lse [B, Hq, 1]); a row with no valid token gets o = 0, lse = -inf.
+kernel. Here one program per (batch row, KV head, split of the tokens) reads its tokens' K and V
+once, in chunks with an online softmax, for all of its query heads at once, in float32. The
+splits are partials of their own (merged with the packed read's by the caller's log-sum-exp
+merge): one program walking KIVI's 128-token window chunk by chunk took 20 us a layer on the
+H100, four chunks of load latency in a row. Contract of `reference.fp_partial` with S splits:
+q [B, Hq, D], k, v [B, Hkv, S_tok, D], valid [B, S_tok] -> (o [B, Hq, S, D] fp32, lse [B, Hq, S]);
+a split with no valid token gets o = 0, lse = -inf.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ except ImportError:  # pragma: no cover
     tl = None
 
 MAX_TOKENS = 4096  # more than this: the torch reference
+MAX_SPLITS = 8  # programs a (batch row, KV head) at most
 
 
 if triton is not None:
@@ -31,11 +36,13 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, lse_ptr, scaling, S,
         k_b, k_h, k_s, v_b, v_h, v_s, valid_b,
         HKV: tl.constexpr, GQ: tl.constexpr, GQP: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
-        NC: tl.constexpr,
+        NC: tl.constexpr, NS: tl.constexpr,
     ):
-        # One program per (batch row, KV head); its GQ query heads are the rows of [GQP, ...] tiles;
-        # the tokens go by in chunks of BC with an online softmax (no S x D tile in registers).
+        # One program per (batch row, KV head, split); its GQ query heads are the rows of [GQP, ...]
+        # tiles; the split's NC chunks of BC tokens go by with an online softmax (no S x D tile in
+        # registers).
         pid = tl.program_id(0)
+        split = tl.program_id(1)
         b = pid // HKV
         h = pid % HKV
         r = tl.arange(0, GQP)
@@ -46,7 +53,7 @@ if triton is not None:
         l_sum = tl.zeros([GQP], tl.float32)
         acc = tl.zeros([GQP, D], tl.float32)
         for c in range(NC):  # a loop, not unrolled: unrolled, the loads of all chunks spilled
-            s = c * BC + tl.arange(0, BC)
+            s = (split * NC + c) * BC + tl.arange(0, BC)
             ok = (s < S) & (tl.load(valid_ptr + b * valid_b + s, mask=s < S, other=0) != 0)
             k = tl.load(k_ptr + b * k_b + h * k_h + s[:, None] * k_s + d[None, :], mask=ok[:, None], other=0.0)
             v = tl.load(v_ptr + b * v_b + h * v_h + s[:, None] * v_s + d[None, :], mask=ok[:, None], other=0.0)
@@ -62,26 +69,30 @@ if triton is not None:
             m = m_new
         has = l_sum > 0
         inv = tl.where(has, 1.0 / tl.where(has, l_sum, 1.0), 0.0)
-        tl.store(o_ptr + rows[:, None] * D + d[None, :], acc * inv[:, None], mask=(r < GQ)[:, None])
-        tl.store(lse_ptr + rows, tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf")), mask=r < GQ)
+        tl.store(o_ptr + (rows * NS + split)[:, None] * D + d[None, :], acc * inv[:, None], mask=(r < GQ)[:, None])
+        tl.store(lse_ptr + rows * NS + split, tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf")), mask=r < GQ)
 
 
 def fp_partial_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scaling: float):
-    """`reference.fp_partial` in one launch (CUDA, or CPU tensors under TRITON_INTERPRET=1);
-    falls back to it without triton or beyond MAX_TOKENS tokens."""
+    """`reference.fp_partial` in one launch as up to MAX_SPLITS partials a row (CUDA, or CPU tensors
+    under TRITON_INTERPRET=1); falls back to it (one partial) without triton or beyond MAX_TOKENS
+    tokens."""
     b, hq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     if triton is None or s > MAX_TOKENS or d & (d - 1) or k.stride(-1) != 1 or v.stride(-1) != 1:
         return fp_partial(q, k, v, valid, scaling)
-    o = torch.empty(b, hq, 1, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, hq, 1, dtype=torch.float32, device=q.device)
     valid = valid.to(torch.int8)
     gq = hq // hkv
     gqp = 1 << max(0, (gq - 1).bit_length())
     bc = max(2, min(64, 4096 // (gqp * d)))  # [GQP, BC, D] product tiles of <= 4096 elements: no spills
-    _fp_partial_kernel[(b * hkv,)](
+    chunks = max(1, -(-s // bc))
+    nc = -(-chunks // MAX_SPLITS)  # chunks a program
+    ns = -(-chunks // nc)
+    o = torch.empty(b, hq, ns, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, ns, dtype=torch.float32, device=q.device)
+    _fp_partial_kernel[(b * hkv, ns)](
         q.contiguous(), k, v, valid, o, lse, scaling, s, k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), valid.stride(0),
-        HKV=hkv, GQ=gq, GQP=gqp, D=d, BC=bc, NC=max(1, -(-s // bc)),
+        HKV=hkv, GQ=gq, GQP=gqp, D=d, BC=bc, NC=nc, NS=ns,
     )  # fmt: skip
     return o, lse

@@ -59,8 +59,10 @@ if triton is not None:
     @triton.jit
     def _quant_pack_kernel(
         x_ptr, h_ptr, dest_ptr, codes_ptr, scale_ptr, zero_ptr, num_rows, clip, inv_sqrt_n,
+        len_ptr, tok_pos_ptr, slot_pos_ptr, heads, streams, cap, pos_cap,
         N: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, INT_ZERO: tl.constexpr,
         ROTATE: tl.constexpr, HAS_DEST: tl.constexpr, BR: tl.constexpr, ASM: tl.constexpr,
+        FROM_LENGTHS: tl.constexpr = False, WRITE_POS: tl.constexpr = False,
     ):
         P: tl.constexpr = N * BITS // 8
         NPL: tl.constexpr = 8 // BITS
@@ -96,7 +98,18 @@ if triton is not None:
         planes = tl.reshape(q, (BR, NPL, P))
         shifts = (tl.arange(0, NPL) * BITS)[None, :, None]
         packed = tl.sum(planes << shifts, 1)  # fields are disjoint: sum == or
-        if HAS_DEST:
+        if FROM_LENGTHS:
+            # a decode token a row: x row r = (b, h) goes to slot lengths[b] of stream h, unless its
+            # position is padding (< 0); stream 0's program also records the slot's position
+            bi = r // heads
+            hi = r % heads
+            n_b = tl.load(len_ptr + bi, mask=rmask, other=0).to(tl.int64)
+            p_b = tl.load(tok_pos_ptr + bi, mask=rmask, other=-1)
+            rmask = rmask & (p_b >= 0)
+            row = (bi * streams + hi).to(tl.int64) * cap + n_b
+            if WRITE_POS:
+                tl.store(slot_pos_ptr + bi.to(tl.int64) * pos_cap + n_b, p_b.to(tl.int32), mask=rmask & (hi == 0))
+        elif HAS_DEST:
             row = tl.load(dest_ptr + r, mask=rmask, other=-1).to(tl.int64)
             rmask = rmask & (row >= 0)  # a negative destination: not written
         else:
@@ -130,11 +143,43 @@ def quantize_pack_rows(x: torch.Tensor, *, bits: int, group_size: int, clip_rati
     if rows:
         _quant_pack_kernel[(triton.cdiv(rows, block_rows),)](
             x, h if h is not None else x, dest if dest is not None else x, out[0], out[1], out[2], rows,
-            clip_ratio, 1.0 / math.sqrt(n),
+            clip_ratio, 1.0 / math.sqrt(n), x, x, x, 1, 1, 1, 1,
             N=n, BITS=bits, G=group_size, INT_ZERO=integer_zero, ROTATE=rotate, HAS_DEST=dest is not None,
             BR=block_rows, ASM=not interpreting(),
         )  # fmt: skip
     return out
+
+
+def quantize_pack_decode(x: torch.Tensor, lengths: torch.Tensor, token_positions: torch.Tensor,
+                         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, bits: int, group_size: int,
+                         clip_ratio: float = 1.0, integer_zero: bool = True, rotate: bool = False,
+                         slot_positions: torch.Tensor | None = None, block_rows: int = 16) -> None:
+    """One decode token a row, straight into a `PerTokenStore`'s next free slot, in one launch:
+    x [B, H, 1, n] row (b, h) is quantized as `quantize_pack_rows` does and written to slot
+    lengths[b] of stream h of `out` (codes [B, S, cap, n*bits/8], scale/zero [B, S, cap, n/G]),
+    not at all where token_positions[b] < 0 (padding). With `slot_positions` ([B, pos_cap] int32),
+    the token's position goes to slot_positions[b, lengths[b]]. `lengths` is read, not advanced
+    (the caller adds the written tokens after every stream's launch: a program advancing it here
+    would race the other heads' reads). No host sync: a decode step stays capturable."""
+    if triton is None:
+        raise RuntimeError("kvbench.kernels.quant_write needs triton (pip install triton) and a CUDA GPU, "
+                           "or TRITON_INTERPRET=1 for CPU tensors")
+    b, heads, t, n = x.shape
+    codes, scale, zero = out
+    if t != 1 or bits not in (2, 4, 8) or n & (n - 1) or n % group_size or not all(
+            o.is_contiguous() for o in out) or lengths.shape != (b,) or token_positions.numel() != b:
+        raise ValueError("quantize_pack_decode: one token a row of a power-of-two width, bits 2/4/8, contiguous "
+                         "stores and lengths [B]")
+    h = _sign_matrix_on(n, torch.float32, x.device) if rotate else None
+    x = x.reshape(b * heads, n).contiguous()
+    tok = token_positions.reshape(b).contiguous()
+    pos = slot_positions if slot_positions is not None else tok
+    _quant_pack_kernel[(triton.cdiv(b * heads, block_rows),)](
+        x, h if h is not None else x, x, codes, scale, zero, b * heads, clip_ratio, 1.0 / math.sqrt(n),
+        lengths, tok, pos, heads, codes.shape[1], codes.shape[2], pos.shape[-1] if pos.dim() == 2 else 1,
+        N=n, BITS=bits, G=group_size, INT_ZERO=integer_zero, ROTATE=rotate, HAS_DEST=False, BR=block_rows,
+        ASM=not interpreting(), FROM_LENGTHS=True, WRITE_POS=slot_positions is not None,
+    )  # fmt: skip
 
 
 def reference_quantize_pack_rows(x, *, bits, group_size, clip_ratio=1.0, integer_zero=True, rotate=False, **_):

@@ -748,16 +748,17 @@ class KIVIPackedCache(LayerCache):
         self.win_k[bi, :, slot] = new.k[:, :, 0].to(self.win_k.dtype)
         self.win_v[bi, :, slot] = new.v[:, :, 0].to(self.win_v.dtype)
         self.n.add_(1)
+        if _kernels_enabled(new.k) and self.spec.bits in (2, 4, 8) and not (g & (g - 1) or self.D & (self.D - 1)):
+            self._write_group_fused()
+            # one token a step moves the boundary by G at most: it is Q(n - 1) again
+            self.nq.copy_(self.quantized_below(self.n - 1))
+            self._stash = None
+            return
         cross = self.quantized_below(self.n - 1) > self.nq  # [B]: a group leaves the window
         ar = torch.arange(g, device=dev)
         gslot = (self.nq[:, None] + ar) % w  # [B, G] ring slots of the group at nq
         k = self.win_k[bi[:, None], :, gslot].transpose(1, 2)  # [B, H, G, D]
         v = self.win_v[bi[:, None], :, gslot].transpose(1, 2)
-        if _kernels_enabled(new.k) and self.spec.bits in (2, 4, 8) and not (g & (g - 1) or self.D & (self.D - 1)):
-            self._write_group_fused(k, v, cross)
-            self.nq.add_(torch.where(cross, g, 0))
-            self._stash = None
-            return
         kq = quantize(k.transpose(-1, -2), self.spec)  # per channel over the G tokens
         gi = torch.clamp(self.nq // g, max=self.k_codes.shape[2] - 1)
         keep = cross[:, None, None, None]
@@ -773,31 +774,20 @@ class KIVIPackedCache(LayerCache):
         self.nq.add_(torch.where(cross, g, 0))
         self._stash = None
 
-    def _write_group_fused(self, k: torch.Tensor, v: torch.Tensor, cross: torch.Tensor) -> None:
-        """The group at each row's boundary, quantized and packed by the fused row writer
-        (kvbench.kernels.quant_write, the torch quantizer's arithmetic bit for bit) straight into
-        the stores: keys as rows of one channel over the G tokens ([B*H*D, G], one group a row),
-        values as rows of one token ([B*H*G, D]). Rows whose boundary did not move get
-        destination -1 and are not written. Two launches instead of the torch path's dozens."""
-        from kvbench.kernels.quant_write import quantize_pack_rows
+    def _write_group_fused(self) -> None:
+        """The group at each row's boundary, quantized and packed straight from the ring window into
+        the stores by kvbench.kernels.quant_write.kivi_group_write (the torch quantizer's arithmetic
+        bit for bit), for the rows whose boundary moved (the kernel reads n and nq): keys as rows of
+        one channel over the G tokens, values as rows of one token. Two launches and no gather,
+        where the torch path takes dozens (a gather of every row's group, every step)."""
+        from kvbench.kernels.quant_write import kivi_group_write
 
-        b, h, g, d = k.shape
-        spec, dev = self.spec, k.device
-        bh = torch.arange(b, device=dev)[:, None] * h + torch.arange(h, device=dev)  # [B, H]
-        capg = self.k_codes.shape[2]
-        gi = torch.clamp(self.nq // g, max=capg - 1)
-        krow = (bh * capg + gi[:, None])[..., None] * d + torch.arange(d, device=dev)  # [B, H, D]
-        krow = torch.where(cross[:, None, None], krow, -1).reshape(-1)
-        kw = dict(bits=spec.bits, clip_ratio=spec.clip_ratio, integer_zero=spec.integer_zero)
-        quantize_pack_rows(k.transpose(-1, -2).reshape(-1, g), group_size=g, dest=krow, **kw,
-                           out=(self.k_codes.view(-1, self.k_codes.shape[-1]), self.k_scale.view(-1, 1),
-                                self.k_zero.view(-1, 1)))
-        vs = self.vstore
-        capt = vs.codes.shape[2]
-        vrow = bh[..., None] * capt + (self.nq[:, None, None] + torch.arange(g, device=dev))  # [B, H, G]
-        vrow = torch.where(cross[:, None, None], vrow, -1).reshape(-1)
-        quantize_pack_rows(v.reshape(-1, d), group_size=spec.group_size, dest=vrow, **kw,
-                           out=(vs.codes.view(-1, vs.row_bytes), vs.scale.view(-1, vs.ng), vs.zero.view(-1, vs.ng)))
+        spec, vs = self.spec, self.vstore
+        for keys, win in ((True, self.win_k), (False, self.win_v)):
+            kivi_group_write(win, self.n, self.nq, (self.k_codes, self.k_scale, self.k_zero),
+                             (vs.codes, vs.scale, vs.zero), bits=spec.bits, group_size=self.G,
+                             value_group_size=spec.group_size, residual=self.residual, clip_ratio=spec.clip_ratio,
+                             integer_zero=spec.integer_zero, keys=keys)
 
     def _window(self):
         """The full-precision ring as attention inputs: (k, v [B, H, W, D], positions [B, W])."""

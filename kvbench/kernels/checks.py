@@ -562,6 +562,7 @@ def check_fp_partial(device, results=None):
     """`fp_partial.fp_partial_fused` against `reference.fp_partial`: MHA and GQA (3 and 4 query
     heads a KV head), 1 to 160 tokens, random validity with an empty row, fp16 K/V viewed out of a
     bigger buffer (strided), an outlier channel. Bound: 1e-5 of the largest |output| (float32)."""
+    from kvbench.kernels import fp_partial as fp_partial_mod
     from kvbench.kernels.fp_partial import fp_partial_fused
 
     results = [] if results is None else results
@@ -588,6 +589,18 @@ def check_fp_partial(device, results=None):
         results.append({"kernel": f"fp_partial B={b} Hkv={hkv} GQ={gq} S={s}", "splits": parts[0].shape[2],
                         "max_abs_err": err, "bound": bound, "lse_rel_err": lse_err,
                         "ok": err <= bound and lse_err <= 1e-5 and empty_ok})
+    # a ring window (KIVI's): validity from (n, nq) in the kernel, wrapping past the last slot
+    w = 48
+    n = torch.tensor([0, 17, 100, 131]).to(device)
+    nq = torch.tensor([0, 0, 64, 96]).to(device)
+    k = torch.randn(4, 2, w, 64, generator=gen).half().to(device)
+    v = torch.randn(4, 2, w, 64, generator=gen).half().to(device)
+    q = torch.randn(4, 2, 64, generator=gen).to(device)
+    parts = fp_partial_fused(q, k, v, None, 0.125, ring=(n, nq))
+    ro, _ = ref.fp_partial(q, k, v, fp_partial_mod.ring_valid(n, nq, w), 0.125)
+    err = float((ref.merge_partials([parts]) - ro[:, :, 0]).abs().max())
+    results.append({"kernel": "fp_partial ring window", "max_abs_err": err,
+                    "ok": err <= 1e-5 * max(1.0, float(ro.abs().max())) and bool(parts[1][0].isneginf().all())})
     return results
 
 

@@ -791,10 +791,7 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
                              cache.vstore.scale, cache.vstore.zero, cache.nq, scaling,
                              bits=spec.bits, group_size=spec.group_size, max_len=cache.vstore.codes.shape[2])
         parts.append((o, lse))
-        w = cache.W
-        slot = torch.arange(w, device=q.device)
-        valid = ((slot[None] - cache.nq[:, None]) % w) < (cache.n - cache.nq)[:, None]
-        parts.append(fp_partial_fused(q3, cache.win_k, cache.win_v, valid, scaling))
+        parts.append(fp_partial_fused(q3, cache.win_k, cache.win_v, None, scaling, ring=(cache.n, cache.nq)))
     else:
         spec = cache.spec
         ks, vs = cache.kstore, cache.vstore

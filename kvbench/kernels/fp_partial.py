@@ -33,10 +33,10 @@ if triton is not None:
 
     @triton.jit
     def _fp_partial_kernel(
-        q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, lse_ptr, scaling, S,
+        q_ptr, k_ptr, v_ptr, valid_ptr, n_ptr, nq_ptr, o_ptr, lse_ptr, scaling, S,
         k_b, k_h, k_s, v_b, v_h, v_s, valid_b,
         HKV: tl.constexpr, GQ: tl.constexpr, GQP: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
-        NC: tl.constexpr, NS: tl.constexpr,
+        NC: tl.constexpr, NS: tl.constexpr, RING: tl.constexpr = False,
     ):
         # One program per (batch row, KV head, split); its GQ query heads are the rows of [GQP, ...]
         # tiles; the split's NC chunks of BC tokens go by with an online softmax (no S x D tile in
@@ -48,13 +48,19 @@ if triton is not None:
         r = tl.arange(0, GQP)
         d = tl.arange(0, D)
         rows = (b * HKV + h) * GQ + r
+        if RING:  # a ring of S slots holding positions nq[b] .. n[b] - 1 at slot position % S
+            n_b = tl.load(n_ptr + b)
+            nq_b = tl.load(nq_ptr + b)
         q = tl.load(q_ptr + rows[:, None] * D + d[None, :], mask=(r < GQ)[:, None], other=0.0).to(tl.float32)
         m = tl.full([GQP], float("-inf"), tl.float32)
         l_sum = tl.zeros([GQP], tl.float32)
         acc = tl.zeros([GQP, D], tl.float32)
         for c in range(NC):  # a loop, not unrolled: unrolled, the loads of all chunks spilled
             s = (split * NC + c) * BC + tl.arange(0, BC)
-            ok = (s < S) & (tl.load(valid_ptr + b * valid_b + s, mask=s < S, other=0) != 0)
+            if RING:
+                ok = (s < S) & ((((s - nq_b) % S) + S) % S < n_b - nq_b)
+            else:
+                ok = (s < S) & (tl.load(valid_ptr + b * valid_b + s, mask=s < S, other=0) != 0)
             k = tl.load(k_ptr + b * k_b + h * k_h + s[:, None] * k_s + d[None, :], mask=ok[:, None], other=0.0)
             v = tl.load(v_ptr + b * v_b + h * v_h + s[:, None] * v_s + d[None, :], mask=ok[:, None], other=0.0)
             score = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scaling  # [GQP, BC]
@@ -73,15 +79,31 @@ if triton is not None:
         tl.store(lse_ptr + rows * NS + split, tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf")), mask=r < GQ)
 
 
-def fp_partial_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scaling: float):
+def ring_valid(n: torch.Tensor, nq: torch.Tensor, slots: int) -> torch.Tensor:
+    """[B, slots] bool: which slots of a ring (position p at slot p % slots) hold positions
+    nq[b] .. n[b] - 1 (KIVI's full-precision window)."""
+    slot = torch.arange(slots, device=n.device)
+    return ((slot[None] - nq[:, None]) % slots) < (n - nq)[:, None]
+
+
+def fp_partial_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, scaling: float,
+                     ring: tuple[torch.Tensor, torch.Tensor] | None = None):
     """`reference.fp_partial` in one launch as up to MAX_SPLITS partials a row (CUDA, or CPU tensors
     under TRITON_INTERPRET=1); falls back to it (one partial) without triton or beyond MAX_TOKENS
-    tokens."""
+    tokens. `ring=(n, nq)` instead of `valid`: the tokens are a ring window (`ring_valid`), whose
+    validity the kernel works out itself (no mask built in torch: five launches fewer a layer)."""
     b, hq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
+    if ring is not None and valid is None:
+        n, nq = ring
+    else:
+        n = nq = None
     if triton is None or s > MAX_TOKENS or d & (d - 1) or k.stride(-1) != 1 or v.stride(-1) != 1:
-        return fp_partial(q, k, v, valid, scaling)
-    valid = valid.to(torch.int8)
+        return fp_partial(q, k, v, ring_valid(n, nq, s) if valid is None else valid, scaling)
+    if valid is None:
+        valid = n  # (unread)
+    else:
+        valid = valid.view(torch.int8) if valid.dtype == torch.bool and valid.is_contiguous() else valid.to(torch.int8)
     gq = hq // hkv
     gqp = 1 << max(0, (gq - 1).bit_length())
     bc = max(2, min(64, 4096 // (gqp * d)))  # [GQP, BC, D] product tiles of <= 4096 elements: no spills
@@ -91,8 +113,8 @@ def fp_partial_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     o = torch.empty(b, hq, ns, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, ns, dtype=torch.float32, device=q.device)
     _fp_partial_kernel[(b * hkv, ns)](
-        q.contiguous(), k, v, valid, o, lse, scaling, s, k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), valid.stride(0),
-        HKV=hkv, GQ=gq, GQP=gqp, D=d, BC=bc, NC=nc, NS=ns,
+        q.contiguous(), k, v, valid, n if n is not None else valid, nq if nq is not None else valid, o, lse, scaling, s,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), valid.stride(0),
+        HKV=hkv, GQ=gq, GQP=gqp, D=d, BC=bc, NC=nc, NS=ns, RING=n is not None,
     )  # fmt: skip
     return o, lse

@@ -57,6 +57,43 @@ if triton is not None:
         return a * b  # the interpreter computes in numpy: nothing to contract
 
     @triton.jit
+    def _quantize_pack_tile(x, clip, BR: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                            INT_ZERO: tl.constexpr, ASM: tl.constexpr):
+        """Rows x [BR, N] fp32 -> (packed [BR, N * BITS / 8] int32 bytes, scale, zero [BR, N / G] fp32,
+        fp16-exact): `kvbench.quant.quantize`'s arithmetic and `kvbench.packing`'s plane layout."""
+        P: tl.constexpr = N * BITS // 8
+        NPL: tl.constexpr = 8 // BITS
+        NG: tl.constexpr = N // G
+        MAXC: tl.constexpr = (1 << BITS) - 1
+        g = tl.reshape(x, (BR, NG, G))
+        xmax = _mul_rn(tl.max(g, 2), clip, ASM)
+        xmin = _mul_rn(tl.min(g, 2), clip, ASM)
+        scale = tl.maximum(tl.div_rn(xmax - xmin, MAXC * 1.0), 2.0**-14).to(tl.float16).to(tl.float32)
+        if INT_ZERO:
+            zero = _round_even(tl.div_rn(-xmin, scale)).to(tl.float16).to(tl.float32)
+            q = _round_even(tl.div_rn(g, scale[:, :, None])) + zero[:, :, None]
+        else:
+            zero = xmin.to(tl.float16).to(tl.float32)
+            q = _round_even(tl.div_rn(g - zero[:, :, None], scale[:, :, None]))
+        q = tl.minimum(tl.maximum(q, 0.0), MAXC * 1.0).to(tl.int32)
+        planes = tl.reshape(q, (BR, NPL, P))
+        shifts = (tl.arange(0, NPL) * BITS)[None, :, None]
+        packed = tl.sum(planes << shifts, 1)  # fields are disjoint: sum == or
+        return packed, scale, zero
+
+    @triton.jit
+    def _store_rows(packed, scale, zero, row, rmask, codes_ptr, scale_ptr, zero_ptr, N: tl.constexpr,
+                    BITS: tl.constexpr, G: tl.constexpr):
+        """Codes, scales and zeros of rows `row` (int64 [BR]) where rmask."""
+        P: tl.constexpr = N * BITS // 8
+        NG: tl.constexpr = N // G
+        j = tl.arange(0, P)
+        tl.store(codes_ptr + row[:, None] * P + j[None, :], packed.to(tl.uint8), mask=rmask[:, None])
+        gi = tl.arange(0, NG)
+        tl.store(scale_ptr + row[:, None] * NG + gi[None, :], scale.to(tl.float16), mask=rmask[:, None])
+        tl.store(zero_ptr + row[:, None] * NG + gi[None, :], zero.to(tl.float16), mask=rmask[:, None])
+
+    @triton.jit
     def _quant_pack_kernel(
         x_ptr, h_ptr, dest_ptr, codes_ptr, scale_ptr, zero_ptr, num_rows, clip, inv_sqrt_n,
         len_ptr, tok_pos_ptr, slot_pos_ptr, heads, streams, cap, pos_cap,
@@ -64,10 +101,6 @@ if triton is not None:
         ROTATE: tl.constexpr, HAS_DEST: tl.constexpr, BR: tl.constexpr, ASM: tl.constexpr,
         FROM_LENGTHS: tl.constexpr = False, WRITE_POS: tl.constexpr = False,
     ):
-        P: tl.constexpr = N * BITS // 8
-        NPL: tl.constexpr = 8 // BITS
-        NG: tl.constexpr = N // G
-        MAXC: tl.constexpr = (1 << BITS) - 1
         r = tl.program_id(0) * BR + tl.arange(0, BR)
         rmask = r < num_rows
         c = tl.arange(0, N)
@@ -83,21 +116,7 @@ if triton is not None:
                 # to summation order. (The fp32 "ieee" dot of a 128 x 128 matrix runs on FMA units
                 # and spilled 5 KB a thread on sm_90: 88 us a call in a decode step.)
                 x = tl.dot(x, ht.to(x.dtype)) * inv_sqrt_n
-        x = x.to(tl.float32)
-        g = tl.reshape(x, (BR, NG, G))
-        xmax = _mul_rn(tl.max(g, 2), clip, ASM)
-        xmin = _mul_rn(tl.min(g, 2), clip, ASM)
-        scale = tl.maximum(tl.div_rn(xmax - xmin, MAXC * 1.0), 2.0**-14).to(tl.float16).to(tl.float32)
-        if INT_ZERO:
-            zero = _round_even(tl.div_rn(-xmin, scale)).to(tl.float16).to(tl.float32)
-            q = _round_even(tl.div_rn(g, scale[:, :, None])) + zero[:, :, None]
-        else:
-            zero = xmin.to(tl.float16).to(tl.float32)
-            q = _round_even(tl.div_rn(g - zero[:, :, None], scale[:, :, None]))
-        q = tl.minimum(tl.maximum(q, 0.0), MAXC * 1.0).to(tl.int32)
-        planes = tl.reshape(q, (BR, NPL, P))
-        shifts = (tl.arange(0, NPL) * BITS)[None, :, None]
-        packed = tl.sum(planes << shifts, 1)  # fields are disjoint: sum == or
+        packed, scale, zero = _quantize_pack_tile(x.to(tl.float32), clip, BR, N, BITS, G, INT_ZERO, ASM)
         if FROM_LENGTHS:
             # a decode token a row: x row r = (b, h) goes to slot lengths[b] of stream h, unless its
             # position is padding (< 0); stream 0's program also records the slot's position
@@ -114,11 +133,46 @@ if triton is not None:
             rmask = rmask & (row >= 0)  # a negative destination: not written
         else:
             row = r.to(tl.int64)
-        j = tl.arange(0, P)
-        tl.store(codes_ptr + row[:, None] * P + j[None, :], packed.to(tl.uint8), mask=rmask[:, None])
-        gi = tl.arange(0, NG)
-        tl.store(scale_ptr + row[:, None] * NG + gi[None, :], scale.to(tl.float16), mask=rmask[:, None])
-        tl.store(zero_ptr + row[:, None] * NG + gi[None, :], zero.to(tl.float16), mask=rmask[:, None])
+        _store_rows(packed, scale, zero, row, rmask, codes_ptr, scale_ptr, zero_ptr, N, BITS, G)
+
+    @triton.jit
+    def _kivi_group_kernel(
+        win_ptr, n_ptr, nq_ptr, codes_ptr, scale_ptr, zero_ptr, num_rows, clip, heads, window, residual, cap,
+        D: tl.constexpr, GT: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, INT_ZERO: tl.constexpr,
+        KEYS: tl.constexpr, BR: tl.constexpr, ASM: tl.constexpr,
+    ):
+        # KIVI's decode write: the GT tokens at each row's boundary nq[b], read in place from the
+        # full-precision ring window [B, H, W, D] (position p at slot p % W), quantized where the
+        # boundary moved (quantized_below(n - 1) > nq: n counts this step's token already); rows
+        # that did not move load and store nothing. Keys: row (b, h, c) is channel c over the GT
+        # tokens, one group, to key group nq // GT; values: row (b, h, j) is token nq + j, groups of
+        # GV channels, to value slot nq + j.
+        r = tl.program_id(0) * BR + tl.arange(0, BR)
+        rmask = r < num_rows
+        if KEYS:
+            bh = r // D
+        else:
+            bh = r // GT
+        b = bh // heads
+        n = tl.load(n_ptr + b, mask=rmask, other=0)
+        nq = tl.load(nq_ptr + b, mask=rmask, other=0)
+        rmask = rmask & ((tl.maximum(n - residual, 0) // GT) * GT > nq)
+        if KEYS:
+            c = r % D
+            slot = (nq[:, None] + tl.arange(0, GT)[None, :]) % window
+            x = tl.load(win_ptr + (bh[:, None].to(tl.int64) * window + slot) * D + c[:, None], mask=rmask[:, None],
+                        other=0.0)
+            packed, scale, zero = _quantize_pack_tile(x.to(tl.float32), clip, BR, GT, BITS, GT, INT_ZERO, ASM)
+            _store_rows(packed, scale, zero, (bh.to(tl.int64) * cap + nq // GT) * D + c, rmask, codes_ptr, scale_ptr,
+                        zero_ptr, GT, BITS, GT)
+        else:
+            j = r % GT
+            slot = (nq + j) % window
+            x = tl.load(win_ptr + (bh.to(tl.int64) * window + slot)[:, None] * D + tl.arange(0, D)[None, :],
+                        mask=rmask[:, None], other=0.0)
+            packed, scale, zero = _quantize_pack_tile(x.to(tl.float32), clip, BR, D, BITS, GV, INT_ZERO, ASM)
+            _store_rows(packed, scale, zero, bh.to(tl.int64) * cap + nq + j, rmask, codes_ptr, scale_ptr, zero_ptr,
+                        D, BITS, GV)
 
 
 def quantize_pack_rows(x: torch.Tensor, *, bits: int, group_size: int, clip_ratio: float = 1.0,
@@ -190,3 +244,30 @@ def reference_quantize_pack_rows(x, *, bits, group_size, clip_ratio=1.0, integer
         x = hadamard_transform(x.float(), backend="torch")
     q = quantize(x, QuantSpec(bits, group_size, clip_ratio, integer_zero))
     return pack(q.codes, bits), q.scale, q.zero
+
+
+def kivi_group_write(win: torch.Tensor, n: torch.Tensor, nq: torch.Tensor, key_out, value_out, *, bits: int,
+                     group_size: int, value_group_size: int, residual: int, clip_ratio: float = 1.0,
+                     integer_zero: bool = False, block_rows: int = 16, keys: bool) -> None:
+    """KIVI's decode write of the group at each row's boundary straight from the full-precision ring
+    window `win` [B, H, W, D] (slot = position % W), in one launch, for the rows whose boundary
+    moved this step (`n` already counts the step's token; `nq` is the old boundary; neither is
+    changed here): `keys=True` quantizes each channel over the group's tokens into `key_out` (codes
+    [B, H, cap_groups, D, G*bits/8], scale/zero [B, H, cap_groups, D]); `keys=False` each token in
+    groups of `value_group_size` channels into `value_out` (a `PerTokenStore`'s codes, scale, zero).
+    The same quantizer as `quantize_pack_rows`, on the same values as the torch path gathers."""
+    if triton is None:
+        raise RuntimeError("kvbench.kernels.quant_write needs triton (pip install triton) and a CUDA GPU, "
+                           "or TRITON_INTERPRET=1 for CPU tensors")
+    b, h, w, d = win.shape
+    g = group_size
+    if bits not in (2, 4, 8) or g & (g - 1) or d & (d - 1) or d % value_group_size or not win.is_contiguous():
+        raise ValueError("kivi_group_write: bits 2/4/8, power-of-two group and head_dim, a contiguous window")
+    codes, scale, zero = key_out if keys else value_out
+    rows = b * h * (d if keys else g)
+    cap = codes.shape[2]
+    _kivi_group_kernel[(triton.cdiv(rows, block_rows),)](
+        win, n, nq, codes, scale, zero, rows, clip_ratio, h, w, residual, cap,
+        D=d, GT=g, GV=value_group_size, BITS=bits, INT_ZERO=integer_zero, KEYS=keys, BR=block_rows,
+        ASM=not interpreting(),
+    )  # fmt: skip

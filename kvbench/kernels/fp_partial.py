@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover
 
 MAX_TOKENS = 4096  # more than this: the torch reference
 MAX_SPLITS = 8  # programs a (batch row, KV head) at most
+PROGRAMS_PER_SM = 4  # split the tokens until the grid has about this many programs an SM
 
 
 if triton is not None:
@@ -107,8 +108,15 @@ def fp_partial_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     gq = hq // hkv
     gqp = 1 << max(0, (gq - 1).bit_length())
     bc = max(2, min(64, 4096 // (gqp * d)))  # [GQP, BC, D] product tiles of <= 4096 elements: no spills
+    # Splits only while the grid is short of PROGRAMS_PER_SM programs an SM: KIVI's 128-token
+    # window at batch 8 (256 programs) waited on four chunks' loads in a row, while at batch 117
+    # (3744 programs, many waves) five splits a row made the kernel 3x slower than one program
+    # walking its chunks (the per-program work that does not shrink with the chunk).
+    from kvbench.kernels.decode_attention import _sm_count
+
     chunks = max(1, -(-s // bc))
-    nc = -(-chunks // MAX_SPLITS)  # chunks a program
+    want = max(1, PROGRAMS_PER_SM * _sm_count(str(q.device)) // (b * hkv))
+    nc = -(-chunks // min(want, MAX_SPLITS))  # chunks a program
     ns = -(-chunks // nc)
     o = torch.empty(b, hq, ns, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, ns, dtype=torch.float32, device=q.device)

@@ -157,6 +157,16 @@ if triton is not None:
         n = tl.load(n_ptr + b, mask=rmask, other=0)
         nq = tl.load(nq_ptr + b, mask=rmask, other=0)
         rmask = rmask & ((tl.maximum(n - residual, 0) // GT) * GT > nq)
+        # Most steps move no boundary: a program without a moving row skips the quantizer's
+        # arithmetic too (masked loads alone left 0.19 ms a layer of divisions at batch 117).
+        if tl.max(rmask.to(tl.int32), 0) > 0:
+            _kivi_group_rows(win_ptr, codes_ptr, scale_ptr, zero_ptr, r, rmask, bh, nq, clip, window, cap, D, GT, GV,
+                             BITS, INT_ZERO, KEYS, BR, ASM)
+
+    @triton.jit
+    def _kivi_group_rows(win_ptr, codes_ptr, scale_ptr, zero_ptr, r, rmask, bh, nq, clip, window, cap,
+                         D: tl.constexpr, GT: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
+                         INT_ZERO: tl.constexpr, KEYS: tl.constexpr, BR: tl.constexpr, ASM: tl.constexpr):
         if KEYS:
             c = r % D
             slot = (nq[:, None] + tl.arange(0, GT)[None, :]) % window

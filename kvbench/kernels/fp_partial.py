@@ -50,8 +50,11 @@ if triton is not None:
         d = tl.arange(0, D)
         rows = (b * HKV + h) * GQ + r
         if RING:  # a ring of S slots holding positions nq[b] .. n[b] - 1 at slot position % S
-            n_b = tl.load(n_ptr + b)
+            # (int32 and one scalar modulo: an int64 % per element, in the layout the loads
+            # broadcast it to, made this kernel 3x slower at batch 117)
             nq_b = tl.load(nq_ptr + b)
+            held = (tl.load(n_ptr + b) - nq_b).to(tl.int32)
+            base = (nq_b % S).to(tl.int32)
         q = tl.load(q_ptr + rows[:, None] * D + d[None, :], mask=(r < GQ)[:, None], other=0.0).to(tl.float32)
         m = tl.full([GQP], float("-inf"), tl.float32)
         l_sum = tl.zeros([GQP], tl.float32)
@@ -59,7 +62,8 @@ if triton is not None:
         for c in range(NC):  # a loop, not unrolled: unrolled, the loads of all chunks spilled
             s = (split * NC + c) * BC + tl.arange(0, BC)
             if RING:
-                ok = (s < S) & ((((s - nq_b) % S) + S) % S < n_b - nq_b)
+                rel = s - base
+                ok = (s < S) & (tl.where(rel < 0, rel + S, rel) < held)
             else:
                 ok = (s < S) & (tl.load(valid_ptr + b * valid_b + s, mask=s < S, other=0) != 0)
             k = tl.load(k_ptr + b * k_b + h * k_h + s[:, None] * k_s + d[None, :], mask=ok[:, None], other=0.0)

@@ -11,7 +11,9 @@ and `checks` compares kernel, emulation and reference on the GPU.
 * `quant_write.quantize_pack_rows`: write path. (Hadamard-rotate,) quantize group-wise and pack
   rows in one pass, straight into a packed cache's slots (`dest`, `out`); bit-identical to
   kvbench.quant + kvbench.packing without rotation. Reference: `reference_quantize_pack_rows`.
-  KIVI's decode append uses it too (keys as channel rows over the group, values as token rows).
+  A decode step's token (one a row) goes through `quantize_pack_decode` (the slot lengths[b] and
+  its position written in the kernel), KIVI's boundary group through `kivi_group_write` (straight
+  from the ring window: keys as channel rows over the group, values as token rows).
 * `rotatekv_write.quantize_pack_grouped`: RotateKV's key write. Quantize rotated keys in the
   groups of the calibrated permutation and pack each head group's row in rotated order, in one
   launch, bit-identical to the torch path. Reference: `reference_quantize_pack_grouped`.
@@ -23,9 +25,10 @@ and `checks` compares kernel, emulation and reference on the GPU.
   - `decode_kivi(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling, ...)`;
   - `decode_rotatekv(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths,
     positions, cos, sin, scaling, bits=, group_size=, head_group=, pre_rope=)`;
-  each returns partials (o [B, Hq, S, D] fp32, lse [B, Hq, S]); `reference.merge_partials`
-  merges them with the full-precision tokens' partial (`fp_partial.fp_partial_fused`: one launch
-  for sinks or KIVI's window; reference `reference.fp_partial`).
+  each returns partials (o [B, Hq, S, D] fp32, lse [B, Hq, S]); `merge.merge_partials_fused`
+  (one launch; reference `reference.merge_partials`) merges them with the full-precision tokens'
+  partials (`fp_partial.fp_partial_fused`: one launch for sinks or KIVI's window, `ring=` for the
+  window's validity; reference `reference.fp_partial`).
 * `decode_mha.decode_per_token_mha`: the per-token read for one query head per KV head (MHA):
   by default (2-bit, head_dim 128, where NVRTC works) two hand-laid CUDA passes on the tensor
   cores (`decode_mha_cuda`: `token_scores_cuda` writes the scores and each 16-token tile's

@@ -3,8 +3,9 @@
 One query token per row (decode). Each kernel reads packed codes and fp16 scales/zeros, unpacks
 and dequantizes in registers, and runs an online softmax over its slice of the context
 (flash-decoding: grid = (batch x KV head [group], splits)); it writes per-split partial outputs
-and log-sum-exps, which `merge_partials` combines exactly, together with the partials of the
-full-precision tokens (sinks, KIVI's window) from `fp_partial.fp_partial_fused`. GQA: the query
+and log-sum-exps, which `merge.merge_partials_fused` (one launch; reference `merge_partials`)
+combines exactly, together with the partials of the full-precision tokens (sinks, KIVI's window)
+from `fp_partial.fp_partial_fused`. GQA: the query
 heads of one KV head are the rows (M) of every `tl.dot` (padded to 16), so a K/V tile is read once.
 
 Layouts are those of `kvbench.packed_cache` (plane layout of `kvbench.packing` for 2/4/8 bits):

@@ -2,6 +2,11 @@
 `values_cuda`): prepended to each kernel's source before NVRTC compiles it (no headers there)."""
 
 PRELUDE = r"""
+// Programmatic dependent launch (sm_90): a key pass lets its values pass launch early
+// (`launch_dependents`), and the values pass waits for the key pass's results (`wait`) only after
+// issuing the loads that do not depend on them. Without the launch attribute both are no-ops.
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
     unsigned d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel)); return d;
 }

@@ -48,6 +48,7 @@ extern "C" __global__ void __launch_bounds__(128, MINB)
 kivi_scores(const uint4* __restrict__ kc, const unsigned* __restrict__ ks, const unsigned* __restrict__ kz,
             const unsigned* __restrict__ q, const long long* __restrict__ nq, float* __restrict__ scr,
             float* __restrict__ tmax, double sm_scale_d, int capg, int cap, int H, int split_groups) {
+    pdl_launch_dependents();  // the values pass may launch now: it waits for this grid's scores
     const float sm_scale = (float)sm_scale_d;  // (the launcher passes Python floats as doubles)
     const int row = blockIdx.x, b = row / H;
     const int ngroups = (int)(nq[b] / 32);

@@ -38,6 +38,72 @@ def available() -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# Programmatic dependent launch
+
+
+_PDL: list = []  # [bool]: whether cuLaunchKernelEx with the attribute worked here (decided once)
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID (cuda.h)
+
+
+def _launch_structs():
+    import ctypes
+
+    class Attribute(ctypes.Structure):  # CUlaunchAttribute: id, padding to 8, a 64-byte value union
+        _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+
+    class Config(ctypes.Structure):  # CUlaunchConfig
+        _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                    ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                    ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                    ("attrs", ctypes.POINTER(Attribute)), ("numAttrs", ctypes.c_uint)]
+
+    return Attribute, Config
+
+
+def launch(kernel, grid, block, args, *, programmatic: bool = False) -> None:
+    """Launch a compiled kernel on the current stream. `programmatic=True` (and KVBENCH_PDL not 0):
+    through cuLaunchKernelEx with programmatic stream serialization, so the kernel's blocks may start
+    while the previous kernel on the stream finishes; the kernel must `griddepcontrol.wait` before
+    reading what that kernel writes, and the previous kernel decides when by
+    `griddepcontrol.launch_dependents` (cuda_prelude's `pdl_wait` / `pdl_launch_dependents`). Where
+    the driver refuses it (checked on first use), a plain launch: the wait is then a no-op."""
+    import ctypes
+    import os
+
+    if not programmatic or os.environ.get("KVBENCH_PDL", "1") == "0" or _PDL == [False]:
+        kernel(grid=grid, block=block, args=args)
+        return
+    keep, ptrs = [], []
+    for a in args:  # the conversions of torch's own launcher: tensors as pointers, ints, floats as doubles
+        if isinstance(a, torch.Tensor):
+            c = ctypes.c_void_p(a.data_ptr())
+        elif isinstance(a, int):
+            c = ctypes.c_int(a)
+        elif isinstance(a, float):
+            c = ctypes.c_double(a)
+        else:
+            raise TypeError(f"launch: unsupported argument {type(a).__name__}")
+        keep.append(c)
+        ptrs.append(ctypes.cast(ctypes.byref(c), ctypes.c_void_p))
+    params = (ctypes.c_void_p * len(ptrs))(*ptrs)
+    Attribute, Config = _launch_structs()
+    attr = Attribute(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value = (1).to_bytes(4, "little") + bytes(60)  # programmaticStreamSerializationAllowed = 1
+    cfg = Config(grid[0], grid[1], grid[2], block[0], block[1], block[2], 0,
+                 torch.cuda.current_stream()._as_parameter_, ctypes.pointer(attr), 1)
+    libcuda = torch.cuda._utils._get_gpu_runtime_library()
+    rc = libcuda.cuLaunchKernelEx(ctypes.byref(cfg), kernel.func, params, None)
+    if rc != 0:
+        if _PDL:  # it worked before: a real launch error
+            raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {rc}")
+        _PDL.append(False)  # refused here: plain launches from now on
+        kernel(grid=grid, block=block, args=args)
+        return
+    if not _PDL:
+        _PDL.append(True)
+
+
+# --------------------------------------------------------------------------------------------
 # Offline: compile a source to sm_90 SASS without a GPU (tests/test_cuda_sources.py, CI)
 
 

@@ -291,6 +291,7 @@ rotatekv_scores(const U4* __restrict__ afrag, const unsigned* __restrict__ offs,
                 const unsigned short* __restrict__ cosb, const unsigned short* __restrict__ sinb,
                 const long long* __restrict__ len, float* __restrict__ scr,
                 double sm_scale_d, int cap, int ngrp, int split_len) {
+    asm volatile("griddepcontrol.launch_dependents;");  // the values pass may launch now (it waits for the scores)
     __shared__ U4 s_a[4 * 8 * 32];                 // the 4 heads' A fragments, 16 KB
     __shared__ alignas(256) unsigned s_sc[4][8][64];  // per warp: 8 token rows of (1024 + z, s), 256 B a row
     const int b = blockIdx.x / ngrp, grp = blockIdx.x % ngrp;

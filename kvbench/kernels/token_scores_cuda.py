@@ -123,6 +123,7 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
              const unsigned short* __restrict__ kz, const unsigned short* __restrict__ q,
              const long long* __restrict__ len, float* __restrict__ scr, float* __restrict__ tmax,
              double sm_scale_d, int cap, int H, int split_len, int ks_b, int ks_h, int ks_t) {
+    pdl_launch_dependents();  // the values pass may launch now: it waits for this grid's scores
     const int tiles_cap = (cap + 15) / 16;
     const float sm_scale = (float)sm_scale_d;  // (the launcher passes Python floats as doubles)
     const int row = blockIdx.x, b = row / H, h = row % H;

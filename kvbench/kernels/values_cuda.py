@@ -62,13 +62,17 @@ struct VTile {
     unsigned short sv[U][NG], zv[U][NG];
     unsigned w[U][4];
 };
+__device__ __forceinline__ void load_scores(VTile& v, int k0, int end, int lane, const float* sr) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) v.sc[u] = sr[min(k0 + 64 * u + (lane & 15), end - 1)];
+}
 __device__ __forceinline__ void load_tiles(VTile& v, int k0, int end, int lane, int t, const float* sr,
                                            const unsigned short* vsb, const unsigned short* vzb, int vs_t,
-                                           const unsigned* wl) {
+                                           const unsigned* wl, bool scores = true) {
+    if (scores) load_scores(v, k0, end, lane, sr);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         const int tl = min(k0 + 64 * u + (lane & 15), end - 1), so = tl * vs_t;
-        v.sc[u] = sr[tl];
 #pragma unroll
         for (int i = 0; i < NG; ++i) { v.sv[u][i] = vsb[so + i]; v.zv[u][i] = vzb[so + i]; }
         const int r0 = k0 + 64 * u + 2 * t;
@@ -102,9 +106,13 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
     const unsigned short* vzb = vz + (long long)b * vs_b + (long long)h * vs_h;
     // this lane's word g of tokens k0 + 2t (+1, +8, +9): a base pointer and constant offsets
     const unsigned* wl = vw + (long long)row * cap * 8 + g;
-    // the first U tiles' loads go out before the maximum's scan, which their latency then overlaps
+    // the first U tiles' codes and scales go out before the key pass's results are waited for
+    // (programmatic launch: this grid may start while the key pass finishes) and before the
+    // maximum's scan; then their scores
     VTile cur;
-    load_tiles(cur, start + 16 * warp, end, lane, t, sr, vsb, vzb, vs_t, wl);
+    load_tiles(cur, start + 16 * warp, end, lane, t, sr, vsb, vzb, vs_t, wl, false);
+    pdl_wait();
+    load_scores(cur, start + 16 * warp, end, lane, sr);
     // the split's exact maximum: nothing is rescaled afterwards. From the key pass's 16-token tile
     // maxima where it wrote them (a split starts on a tile), else a scan of the scores (unrolled:
     // several loads in flight)
@@ -237,12 +245,16 @@ def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, rotat
 
 
 def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size, integer_zero=True, max_len=None,
-                       num_splits=None, splits_per_sm=SPLITS_PER_SM, tiles=TILES, tile_max=None, rotate_out=False):
+                       num_splits=None, splits_per_sm=SPLITS_PER_SM, tiles=TILES, tile_max=None, rotate_out=False,
+                       programmatic=True):
     """`decode_mha.values_from_scores`'s contract on the tensor cores (shapes `supports` takes).
     `integer_zero=False`: zeros are the group minimum (KIVI's values: c s + z). `tile_max`: the
     maxima of the scores' 16-token tiles [B, H, ceil(cap / 16)] (`token_scores_cuda` writes them),
     read instead of scanning the scores for each split's maximum. `rotate_out`: the values were
-    stored Hadamard-rotated (quarot): each partial output is rotated back (H_128 / sqrt(128))."""
+    stored Hadamard-rotated (quarot): each partial output is rotated back (H_128 / sqrt(128)).
+    `programmatic`: launched to overlap the end of the kernel before it on the stream (the key pass
+    that wrote `scores`; `nvrtc.launch`), which is safe after any kernel: it waits for that kernel's
+    writes before reading the scores and maxima."""
     from kvbench.kernels.decode_attention import split_plan
 
     b, h, cap = scores.shape
@@ -262,11 +274,12 @@ def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size,
     if key not in _KERNELS:  # (keyed by the choices, not the source: every decode read asks)
         _KERNELS[key] = nvrtc.compile_source(source(D // group_size, tiles, integer_zero, rotate_out),
                                              "values_from_scores", scores.device)
-    kern = _KERNELS[key]
-    kern(grid=(b * h, ns, 1), block=(32 * WARPS, 1, 1),
-         args=[scores.contiguous(), v_codes, v_scale, v_zero, lengths, scores if tile_max is None else tile_max,
-               int(tile_max is not None), o, lse, int(cap), int(h), int(nit * STEP), int(ns),
-               int(v_scale.stride(0)), int(v_scale.stride(1)), int(v_scale.stride(2))])
+    # a programmatic launch: its first loads overlap the key pass's last blocks (it waits for them
+    # before reading the scores)
+    nvrtc.launch(_KERNELS[key], (b * h, ns, 1), (32 * WARPS, 1, 1),
+                 [scores.contiguous(), v_codes, v_scale, v_zero, lengths, scores if tile_max is None else tile_max,
+                  int(tile_max is not None), o, lse, int(cap), int(h), int(nit * STEP), int(ns),
+                  int(v_scale.stride(0)), int(v_scale.stride(1)), int(v_scale.stride(2))], programmatic=programmatic)
     return o, lse
 
 

@@ -118,7 +118,7 @@ __device__ __forceinline__ void load_tiles(KTile& v, int k0, int end, int g, int
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128, U <= 2 ? 8 : 4)  // 8 programs an SM at U <= 2: 64 registers
+extern "C" __global__ void __launch_bounds__(128)
 token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks,
              const unsigned short* __restrict__ kz, const unsigned short* __restrict__ q,
              const long long* __restrict__ len, float* __restrict__ scr, float* __restrict__ tmax,
@@ -131,18 +131,6 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
     const int end = min(start + split_len, (int)len[b]);
     if (start >= end) return;  // (scores past a row's length are never read)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    // D columns 2t, 2t + 1 are groups 2t, 2t + 1: lane t (< NG / 2, or 0) finishes them with its scale
-    // and zero pair (one 32-bit load each; one half-word with one group)
-    const int gp = NG >= 2 ? 2 * (t % (NG / 2)) : 0;
-    const long long sbase = (long long)b * ks_b + (long long)h * ks_h + gp;
-    const unsigned short* ksb = ks + sbase;
-    const unsigned short* kzb = kz + sbase;
-    const uint2* kr = kw + (long long)row * cap * 4 + t;  // token n: kr[4 n] = its words 2t, 2t + 1
-    // the first U tiles' loads go out before the query's operands are built (with ROT, a butterfly
-    // through shared memory), which their latency then overlaps
-    int k0 = start + 16 * U * warp;
-    KTile cur;
-    if (k0 < end) load_tiles(cur, k0, end, g, ks_t, kr, ksb, kzb);
     // B fragments of the 8 products, built here from q (the layout `query_operand` states): column
     // n < NG is key group n's query, lane g holds column g. Lane t needs channels 32 p + 8 t + i
     // (i = 4 e + jb < 8) of each plane p: one 16-byte load a plane, zero where plane p is not in
@@ -179,12 +167,20 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
 #pragma unroll
         for (int s = 1; s < 32 / NG; s <<= 1) qsl += __shfl_xor_sync(0xffffffffu, qsl, s);
     }
-    // the query sums of this lane's groups 2t, 2t + 1
+    // D columns 2t, 2t + 1 are groups 2t, 2t + 1: lane t (< NG / 2, or 0) finishes them. Its scale and
+    // zero pair (one 32-bit load each; one half-word with one group) and the groups' query sums:
+    const int gp = NG >= 2 ? 2 * (t % (NG / 2)) : 0;
     const float q0 = __shfl_sync(0xffffffffu, qsl, gp * 32 / NG);
     const float q1 = NG >= 2 ? __shfl_sync(0xffffffffu, qsl, ((gp + 1) * 32 / NG) & 31) : 0.f;
+    const long long sbase = (long long)b * ks_b + (long long)h * ks_h + gp;
+    const unsigned short* ksb = ks + sbase;
+    const unsigned short* kzb = kz + sbase;
+    const uint2* kr = kw + (long long)row * cap * 4 + t;  // token n: kr[4 n] = its words 2t, 2t + 1
     float* sr = scr + (long long)row * cap;
-    // U tiles' loads first (kept raw), then their arithmetic; the next U tiles' loads after it
-    for (; k0 < end; k0 += 16 * U * 4) {
+    // U tiles' loads first (kept raw), then their arithmetic
+    KTile cur;
+    for (int k0 = start + 16 * U * warp; k0 < end; k0 += 16 * U * 4) {
+        load_tiles(cur, k0, end, g, ks_t, kr, ksb, kzb);
         const uint2* wa = cur.wa;
         const uint2* wb = cur.wb;
         const unsigned* sa = cur.sa;
@@ -225,7 +221,6 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
             if (lane == 0 && k0 + 16 * u < end) tmax[(long long)row * tiles_cap + (k0 + 16 * u) / 16] = mx;
         }
-        if (k0 + 16 * U * 4 < end) load_tiles(cur, k0 + 16 * U * 4, end, g, ks_t, kr, ksb, kzb);
     }
 }
 """

@@ -94,6 +94,7 @@ def profile_method(label: str, batch: int, context: int, steps: int) -> dict:
         if engine.capture(advance=False):
             captured = time_each(lambda: engine.step(advance=False), 50, 5).median_ms
         out = {
+            "glue": engine.glue,
             "kernels_ms_per_step": sum(t for _, t, _ in rows),
             "eager_step_ms": eager,
             "captured_step_ms": captured,

@@ -310,14 +310,33 @@ def device_counters(cache) -> list[torch.Tensor]:
     return []
 
 
+def _fused_glue_wanted(asked: bool | None, device) -> bool:
+    import os
+
+    from kvbench.kernels import glue
+
+    ok = torch.device(device).type == "cuda" and glue.triton is not None
+    if asked is None:
+        return ok and os.environ.get("KVBENCH_FUSED_GLUE", "1") != "0"
+    if asked and not ok:
+        raise ValueError("DecodeEngine: fused_glue needs a CUDA device and triton")
+    return asked
+
+
 class DecodeEngine:
     """One batch of `batch` rows with room for `capacity` tokens each, driven one token at a time."""
 
-    def __init__(self, lm: LoadedModel, method: KVMethod, batch: int, capacity: int, seed: int = 0):
+    def __init__(self, lm: LoadedModel, method: KVMethod, batch: int, capacity: int, seed: int = 0,
+                 fused_glue: bool | None = None):
         self.lm, self.method, self.batch, self.capacity = lm, method, batch, capacity
         self.g = lm.geometry
         self.device = lm.device
         self.session = KVSession(method, self.g)
+        # RMSNorm, RoPE and SiLU-times-up in one Triton launch each, for every method alike (None:
+        # on CUDA with triton unless KVBENCH_FUSED_GLUE=0): ~700 fewer launches a Llama-2-7B step
+        self.session.fused_glue = _fused_glue_wanted(fused_glue, self.device)
+        self.glue = ("fused (kvbench.kernels.glue: RMSNorm, RoPE, SiLU-mul)" if self.session.fused_glue
+                     else "transformers' own (torch ops)")
         self.caches = self.session.caches
         self.preallocated = all([reserve(c, batch, capacity, self.device, lm.dtype) for c in self.caches])
         self.gen = torch.Generator(device=self.device)

@@ -52,6 +52,13 @@ class LoadedModel:
                 attn = layer.self_attn
                 attn.forward = functools.partial(_attention_forward, attn, session)
                 patched.append(attn)
+                if session.fused_glue:
+                    for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                        norm.forward = functools.partial(_fused_rms_norm, norm)
+                        patched.append(norm)
+                    if getattr(self.model.config, "hidden_act", None) == "silu":
+                        layer.mlp.forward = functools.partial(_fused_mlp, layer.mlp)
+                        patched.append(layer.mlp)
                 if session.needs_layer_input:
                     hooks.append(
                         layer.register_forward_pre_hook(
@@ -59,10 +66,14 @@ class LoadedModel:
                             with_kwargs=True,
                         )
                     )
+            if session.fused_glue:
+                final = self.model.model.norm
+                final.forward = functools.partial(_fused_rms_norm, final)
+                patched.append(final)
             yield session
         finally:
-            for attn in patched:
-                del attn.forward  # back to the class's own forward
+            for module in patched:
+                del module.forward  # back to the class's own forward
             for hook in hooks:
                 hook.remove()
 
@@ -104,6 +115,18 @@ def _attention_forward(module, session: KVSession, hidden_states, position_embed
     out = session.attention(module.layer_idx, q, k, v, cos, sin, module.scaling)
     out = out.transpose(1, 2).reshape(batch, seq, -1)
     return module.o_proj(out), None
+
+
+def _fused_rms_norm(module, hidden_states):
+    from kvbench.kernels.glue import rms_norm
+
+    return rms_norm(hidden_states, module.weight, module.variance_epsilon)
+
+
+def _fused_mlp(module, x):
+    from kvbench.kernels.glue import silu_mul
+
+    return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
 
 
 def _capture_layer_input(session: KVSession, layer_idx: int, _module, args, kwargs):

@@ -27,6 +27,9 @@ class KVSession:
         self.positions: torch.Tensor | None = None  # [B, T] of the forward call in progress
         self.is_prefill = True
         self.layer_inputs: dict[int, torch.Tensor] = {}
+        # RMSNorm, RoPE and the MLP's SiLU-times-up each in one Triton launch (CUDA speed runs:
+        # `kvbench.kernels.glue`; set by kvbench.decode.DecodeEngine, read by the model's attach)
+        self.fused_glue = False
 
     def begin_step(self, positions: torch.Tensor) -> None:
         """Set the positions of the tokens of the next forward call ([B, T], -1 for padding)."""
@@ -48,9 +51,12 @@ class KVSession:
         scaling: float,
     ) -> torch.Tensor:
         assert self.positions is not None, "begin_step() must set positions before a forward"
+        rope = apply_rope
+        if self.fused_glue:
+            from kvbench.kernels.glue import rope
         new = NewTokens(
             k_pre=k_pre,
-            k=apply_rope(k_pre, cos, sin),
+            k=rope(k_pre, cos, sin),
             v=v,
             cos=cos,
             sin=sin,
@@ -62,7 +68,7 @@ class KVSession:
             self.observer(layer_idx, new)
         cache = self.caches[layer_idx]
         cache.append(new)
-        return cache.attend(apply_rope(q, cos, sin), self.positions, scaling)
+        return cache.attend(rope(q, cos, sin), self.positions, scaling)
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.caches)

@@ -92,6 +92,7 @@ def run_kvbench(t: DecodeLatency, ctx: TaskContext) -> TaskResult:
         engine.fill(t.context, t.fill, chunk=t.prefill_chunk)
         engine.fix_length(t.context + 1)
         notes.append(f"fill: {engine.fill_how}")
+        notes.append(f"glue: {engine.glue}")
         captured = t.graphs and engine.capture(advance=False)
         if t.graphs and not captured:
             notes.append(f"not captured: {engine.graph_error}")

@@ -139,7 +139,7 @@ class MaxBatch(Task):
                                generator=gen)
         prompt_pos = torch.arange(self.prompt_len, device="cuda").expand(self.micro_batch, -1)
         peaks: dict[int, float] = {}
-        fill_how = [""]
+        fill_how = ["", ""]  # how the cache was filled, which glue the steps took
 
         def fits(b: int) -> bool:
             engine = None
@@ -147,7 +147,7 @@ class MaxBatch(Task):
                 torch.cuda.reset_peak_memory_stats()
                 engine = DecodeEngine(lm, ctx.method, b, total, seed=ctx.seed)
                 engine.fill(total - self.probe_steps, "random")
-                fill_how[0] = engine.fill_how
+                fill_how[:] = [engine.fill_how, engine.glue]
                 lm.forward(KVSession(_NoStore(), lm.geometry), prompt, prompt_pos, logits_to_keep=1)
                 for _ in range(self.probe_steps):
                     engine.step(advance=True)
@@ -168,7 +168,7 @@ class MaxBatch(Task):
         m = {"max_batch": float(best), "tries": float(len(trials)), "peak_alloc_gb_at_max": peaks.get(best, 0.0),
              "device_total_gb": torch.cuda.get_device_properties(0).total_memory / 1e9}
         notes = ["tries: " + ", ".join(f"{b}{'+' if ok else '-'}" for b, ok in trials), f"fill: {fill_how[0]}",
-                 f"device: {gt.device_name()}"]
+                 f"glue: {fill_how[1]}", f"device: {gt.device_name()}"]
         if best == self.limit:
             notes.append(f"reached the search limit {self.limit}: the real maximum may be larger")
         if self.throughput and best > 0:

@@ -93,7 +93,7 @@ class PeakMemory(Task):
                 m["kv_used_gb"] = used_kv / GB
             if nvml is not None:
                 m["nvml_used_gb"] = nvml / GB
-            notes = [f"fill: {engine.fill_how}", f"device: {gt.device_name()}",
+            notes = [f"fill: {engine.fill_how}", f"glue: {engine.glue}", f"device: {gt.device_name()}",
                      "kv counts the caches' allocated capacity (context + decode_steps tokens per row)"]
             if nvml is None:
                 notes.append("NVML figure missing: nvidia-ml-py not importable")

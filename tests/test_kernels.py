@@ -31,6 +31,7 @@ fn = {"per_token": checks.check_per_token, "per_token_mha": checks.check_per_tok
       "kivi_mha": checks.check_kivi_mha, "rotatekv": checks.check_rotatekv,
       "rotatekv_mha": checks.check_rotatekv_mha, "packed": checks.check_packed_caches, "write": checks.check_write,
       "append": checks.check_fused_append, "fp_partial": checks.check_fp_partial, "merge": checks.check_merge,
+      "glue": checks.check_glue,
       "rotatekv_write": rotatekv_write.check_rotatekv_write,
       "rotatekv_append": rotatekv_write.check_rotatekv_append}[what]
 print("RESULTS" + json.dumps(fn("cpu")))
@@ -48,7 +49,8 @@ def _interpret(what: str) -> list[dict]:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("what", ["per_token", "per_token_mha", "kivi", "kivi_mha", "rotatekv", "rotatekv_mha", "packed",
-                                  "write", "append", "fp_partial", "merge", "rotatekv_write", "rotatekv_append"])
+                                  "write", "append", "fp_partial", "merge", "glue", "rotatekv_write",
+                                  "rotatekv_append"])
 def test_kernels_interpreted(what):
     results = _interpret(what)
     assert results

@@ -745,3 +745,58 @@ def check_fused_kivi_decode(device, results=None):
     results.append({"kernel": "fused append kivi-2 decode steps", "ok": all(same),
                     "quantized_rows": [int(x) for x in c.nq.cpu()]})
     return results
+
+
+def check_glue(device, results=None):
+    """`glue.rms_norm`, `glue.silu_mul` and `glue.rope` against the torch ops they replace (fp16 and
+    fp32; RoPE on the model's non-contiguous q/k views, 1 to 37 tokens: bit-exact; SiLU-mul within an
+    fp16 ulp of torch's; RMSNorm within 2e-3 of the largest output), and a tiny random Llama's logits
+    with the session's `fused_glue` on against off (one prefill and two decode steps, fp16 cache)."""
+    import transformers.models.llama.modeling_llama as llama
+
+    from kvbench import params as P
+    from kvbench.kernels import glue
+    from kvbench.registry import methods
+    from kvbench.rope import apply_rope
+    from kvbench.session import KVSession
+    from kvbench.speed_models import load_random_model
+
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(10)
+    for dt in (torch.float16, torch.float32):
+        x = (torch.randn(3, 2, 96, generator=gen) * 3).to(dt).to(device)
+        norm = llama.LlamaRMSNorm(96, eps=1e-5).to(device).requires_grad_(False)
+        norm.weight.data = torch.randn(96, generator=gen).to(dt).to(device)
+        want, got = norm(x), glue.rms_norm(x, norm.weight, 1e-5)
+        err = float((got.float() - want.float()).abs().max())
+        results.append({"kernel": f"glue rms_norm {str(dt)[6:]}", "max_abs_err": err,
+                        "ok": got.dtype == dt and err <= 2e-3 * float(want.abs().max())})
+        gate, up = (torch.randn(4, 7, 300, generator=gen).to(dt).to(device) for _ in range(2))
+        want, got = torch.nn.functional.silu(gate) * up, glue.silu_mul(gate, up)
+        err = float((got.float() - want.float()).abs().max())
+        results.append({"kernel": f"glue silu_mul {str(dt)[6:]}", "max_abs_err": err,
+                        "ok": got.dtype == dt and err <= 1e-3 * float(want.abs().max())})
+        for t in (1, 5, 37):
+            q = torch.randn(2, t, 3, 64, generator=gen).to(dt).to(device).transpose(1, 2)  # the model's view
+            ang = torch.randn(2, t, 32, generator=gen)
+            emb = torch.cat([ang, ang], -1)
+            cos, sin = emb.cos().to(dt).to(device), emb.sin().to(dt).to(device)
+            want, got = apply_rope(q, cos, sin), glue.rope(q, cos, sin)
+            results.append({"kernel": f"glue rope {str(dt)[6:]} T={t}", "ok": torch.equal(got, want)
+                            and got.stride() == q.stride()})
+    lm = load_random_model("tiny", "random:tiny", device=str(device), dtype="float16" if device != "cpu" else "float32")
+    method = P.build(methods.get("fp16"), {}, "fp16")
+    ids = torch.randint(lm.model.config.vocab_size, (2, 9), generator=gen).to(device)
+    logits = []
+    for fused in (False, True):
+        session = KVSession(method, lm.geometry)
+        session.fused_glue = fused
+        out = [lm.forward(session, ids, torch.arange(9, device=device).expand(2, 9), logits_to_keep=1)]
+        for step in range(2):
+            out.append(lm.forward(session, ids[:, step:step + 1], torch.full((2, 1), 9 + step, device=device),
+                                  logits_to_keep=1))
+        logits.append(torch.cat(out, 1))
+    err = float((logits[1] - logits[0]).abs().max())
+    results.append({"kernel": "glue: tiny Llama, fused against torch glue", "max_abs_err": err,
+                    "ok": err <= 2e-2 * max(1.0, float(logits[0].abs().max()))})
+    return results

@@ -1,0 +1,108 @@
+"""The small per-layer operations around attention, fused for the speed runs (Triton).
+
+A Llama decode step spends ~2.6 ms of its GPU time (Llama-2-7B shape, batch 8, H100) in about
+1150 small kernels that every method shares: RMSNorm (eight torch kernels each, twice a layer),
+RoPE on q and k (five each) and the MLP's SiLU-times-up (two). In a captured step each launch
+still costs 2-3 us. `kvbench.decode.DecodeEngine` routes these three through one launch each
+(`fused_glue`), for fp16 and every compressed method alike, so speedups stay measured against a
+baseline without the overhead. The arithmetic is torch's, rounding step for rounding step (fp16
+products and sums rounded where torch rounds them); only the RMSNorm's mean and rsqrt may differ
+in the last bits (reduction order, the hardware rsqrt).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # torchao-style guard: importable without triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.arange(0, BLOCK)
+        m = c < N
+        x = tl.load(x_ptr + row * N + c, mask=m, other=0.0).to(tl.float32)
+        var = tl.sum(x * x, 0) / N
+        h = (x * tl.math.rsqrt(var + eps)).to(out_ptr.dtype.element_ty)  # hidden.to(input_dtype)
+        w = tl.load(w_ptr + c, mask=m, other=0.0)
+        tl.store(out_ptr + row * N + c, (w.to(tl.float32) * h.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        g = tl.load(g_ptr + i, mask=m, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty)  # act_fn(gate) in the input dtype
+        u = tl.load(u_ptr + i, mask=m, other=0.0)
+        tl.store(out_ptr + i, (s.to(tl.float32) * u.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, xs_b, xs_h, xs_t, cs_b, cs_t,
+                     D: tl.constexpr, TB: tl.constexpr):
+        # one program a (batch row, head) and TB tokens: out = x * cos + rotate_half(x) * sin, each
+        # product and the sum rounded to x's dtype as torch's kernels round them
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        t = tl.program_id(1) * TB + tl.arange(0, TB)
+        tm = (t < T)[:, None]
+        d = tl.arange(0, D)
+        half: tl.constexpr = D // 2
+        row = b.to(tl.int64) * xs_b + h.to(tl.int64) * xs_h + t[:, None].to(tl.int64) * xs_t
+        x = tl.load(x_ptr + row + d[None, :], mask=tm, other=0.0)
+        partner = tl.load(x_ptr + row + ((d + half) % D)[None, :], mask=tm, other=0.0)
+        rot = tl.where((d < half)[None, :], -partner, partner)
+        crow = b.to(tl.int64) * cs_b + t[:, None].to(tl.int64) * cs_t + d[None, :]
+        cos = tl.load(cos_ptr + crow, mask=tm, other=0.0).to(x.dtype)
+        sin = tl.load(sin_ptr + crow, mask=tm, other=0.0).to(x.dtype)
+        a = (x.to(tl.float32) * cos.to(tl.float32)).to(x.dtype)
+        r = (rot.to(tl.float32) * sin.to(tl.float32)).to(x.dtype)
+        tl.store(out_ptr + row + d[None, :], (a.to(tl.float32) + r.to(tl.float32)).to(x.dtype), mask=tm)
+
+
+def available(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: weight * (x / sqrt(mean(x**2) + eps)).to(x.dtype), one launch."""
+    n = x.shape[-1]
+    xc = x.contiguous()
+    out = torch.empty_like(xc)
+    _rms_norm_kernel[(xc.numel() // n,)](xc, weight, out, eps, N=n, BLOCK=triton.next_power_of_2(n),
+                                         num_warps=8 if n >= 2048 else 4)
+    return out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up with torch's roundings (silu in the input dtype, then the product), one launch."""
+    g, u = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(g)
+    n = g.numel()
+    _silu_mul_kernel[(triton.cdiv(n, 1024),)](g, u, out, n, BLOCK=1024)
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`kvbench.rope.apply_rope` (x [B, H, T, D], any strides with unit stride on D; cos, sin
+    [B, T, D]) in one launch; the output has x's layout."""
+    b, h, t, d = x.shape
+    if x.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride() != sin.stride() or d & (d - 1):
+        from kvbench.rope import apply_rope
+
+        return apply_rope(x, cos, sin)
+    out = torch.empty_like(x)  # (preserves x's strides for its dense layouts)
+    if out.stride() != x.stride():
+        out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    tb = min(16, triton.next_power_of_2(t))
+    _rope_kernel[(b * h, triton.cdiv(t, tb))](x, cos, sin, out, h, t, x.stride(0), x.stride(1), x.stride(2),
+                                             cos.stride(0), cos.stride(1), D=d, TB=tb, num_warps=1 if tb == 1 else 4)
+    return out

@@ -782,8 +782,10 @@ def check_glue(device, results=None):
             emb = torch.cat([ang, ang], -1)
             cos, sin = emb.cos().to(dt).to(device), emb.sin().to(dt).to(device)
             want, got = apply_rope(q, cos, sin), glue.rope(q, cos, sin)
-            results.append({"kernel": f"glue rope {str(dt)[6:]} T={t}", "ok": torch.equal(got, want)
-                            and got.stride() == q.stride()})
+            diff = (got.float() - want.float()).abs()
+            results.append({"kernel": f"glue rope {str(dt)[6:]} T={t}", "max_abs_err": float(diff.max()),
+                            "differing": float((diff > 0).float().mean()), "strides": [got.stride(), q.stride()],
+                            "ok": torch.equal(got, want) and got.stride() == q.stride()})
     lm = load_random_model("tiny", "random:tiny", device=str(device), dtype="float16" if device != "cpu" else "float32")
     method = P.build(methods.get("fp16"), {}, "fp16")
     ids = torch.randint(lm.model.config.vocab_size, (2, 9), generator=gen).to(device)

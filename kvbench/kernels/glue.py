@@ -25,28 +25,53 @@ except ImportError:  # pragma: no cover
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr):
+    def _rn(op: tl.constexpr, a, b, ASM: tl.constexpr):
+        """a op b in fp32, rounded on its own: `mul.rn`/`add.rn` are never contracted into an FMA."""
+        if ASM:
+            return tl.inline_asm_elementwise(op + ".rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        if op == "mul":
+            return a * b
+        return a + b
+
+    @triton.jit
+    def _to_f16_precision(v, ASM: tl.constexpr):
+        """v (fp32) rounded to fp16 and back. In plain Triton the round trip `.to(fp16).to(fp32)` is
+        folded away (measured: RoPE then came out one fp16 ulp off torch on a quarter of the elements,
+        its product and sum contracted into one FMA)."""
+        if ASM:
+            return tl.inline_asm_elementwise("{ .reg .f16 h; cvt.rn.f16.f32 h, $1; cvt.f32.f16 $0, h; }", "=f,f",
+                                             [v], dtype=tl.float32, is_pure=True, pack=1)
+        return v.to(tl.float16).to(tl.float32)
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr, F16: tl.constexpr,
+                         ASM: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
         m = c < N
         x = tl.load(x_ptr + row * N + c, mask=m, other=0.0).to(tl.float32)
         var = tl.sum(x * x, 0) / N
-        h = (x * tl.math.rsqrt(var + eps)).to(out_ptr.dtype.element_ty)  # hidden.to(input_dtype)
+        h = x * tl.math.rsqrt(var + eps)
+        if F16:  # hidden.to(input_dtype)
+            h = _to_f16_precision(h, ASM)
         w = tl.load(w_ptr + c, mask=m, other=0.0)
-        tl.store(out_ptr + row * N + c, (w.to(tl.float32) * h.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(out_ptr + row * N + c, (w.to(tl.float32) * h).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = i < n
         g = tl.load(g_ptr + i, mask=m, other=0.0).to(tl.float32)
-        s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty)  # act_fn(gate) in the input dtype
+        s = g / (1.0 + tl.exp(-g))
+        if F16:  # act_fn(gate) in the input dtype
+            s = _to_f16_precision(s, ASM)
         u = tl.load(u_ptr + i, mask=m, other=0.0)
-        tl.store(out_ptr + i, (s.to(tl.float32) * u.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(out_ptr + i, (s * u.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, xs_b, xs_h, xs_t, cs_b, cs_t,
-                     D: tl.constexpr, TB: tl.constexpr):
+                     D: tl.constexpr, TB: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
         # one program a (batch row, head) and TB tokens: out = x * cos + rotate_half(x) * sin, each
         # product and the sum rounded to x's dtype as torch's kernels round them
         pid = tl.program_id(0)
@@ -59,17 +84,27 @@ if triton is not None:
         row = b.to(tl.int64) * xs_b + h.to(tl.int64) * xs_h + t[:, None].to(tl.int64) * xs_t
         x = tl.load(x_ptr + row + d[None, :], mask=tm, other=0.0)
         partner = tl.load(x_ptr + row + ((d + half) % D)[None, :], mask=tm, other=0.0)
-        rot = tl.where((d < half)[None, :], -partner, partner)
+        rot = tl.where((d < half)[None, :], -partner, partner).to(tl.float32)
         crow = b.to(tl.int64) * cs_b + t[:, None].to(tl.int64) * cs_t + d[None, :]
-        cos = tl.load(cos_ptr + crow, mask=tm, other=0.0).to(x.dtype)
-        sin = tl.load(sin_ptr + crow, mask=tm, other=0.0).to(x.dtype)
-        a = (x.to(tl.float32) * cos.to(tl.float32)).to(x.dtype)
-        r = (rot.to(tl.float32) * sin.to(tl.float32)).to(x.dtype)
-        tl.store(out_ptr + row + d[None, :], (a.to(tl.float32) + r.to(tl.float32)).to(x.dtype), mask=tm)
+        cos = tl.load(cos_ptr + crow, mask=tm, other=0.0).to(x.dtype).to(tl.float32)
+        sin = tl.load(sin_ptr + crow, mask=tm, other=0.0).to(x.dtype).to(tl.float32)
+        a = _rn("mul", x.to(tl.float32), cos, ASM)
+        r = _rn("mul", rot, sin, ASM)
+        if F16:
+            a = _to_f16_precision(a, ASM)
+            r = _to_f16_precision(r, ASM)
+        tl.store(out_ptr + row + d[None, :], _rn("add", a, r, ASM).to(x.dtype), mask=tm)
 
 
 def available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
+
+
+def _asm() -> bool:
+    """Inline PTX for the explicit roundings (not under the CPU interpreter, which rounds as written)."""
+    from kvbench.kernels.decode_attention import interpreting
+
+    return not interpreting()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -78,7 +113,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xc = x.contiguous()
     out = torch.empty_like(xc)
     _rms_norm_kernel[(xc.numel() // n,)](xc, weight, out, eps, N=n, BLOCK=triton.next_power_of_2(n),
-                                         num_warps=8 if n >= 2048 else 4)
+                                         F16=xc.dtype == torch.float16, ASM=_asm(), num_warps=8 if n >= 2048 else 4)
     return out
 
 
@@ -87,7 +122,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g, u = gate.contiguous(), up.contiguous()
     out = torch.empty_like(g)
     n = g.numel()
-    _silu_mul_kernel[(triton.cdiv(n, 1024),)](g, u, out, n, BLOCK=1024)
+    _silu_mul_kernel[(triton.cdiv(n, 1024),)](g, u, out, n, BLOCK=1024, F16=g.dtype == torch.float16, ASM=_asm())
     return out
 
 
@@ -95,7 +130,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`kvbench.rope.apply_rope` (x [B, H, T, D], any strides with unit stride on D; cos, sin
     [B, T, D]) in one launch; the output has x's layout."""
     b, h, t, d = x.shape
-    if x.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride() != sin.stride() or d & (d - 1):
+    if (x.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride() != sin.stride() or d & (d - 1)
+            or x.dtype not in (torch.float16, torch.float32)):
         from kvbench.rope import apply_rope
 
         return apply_rope(x, cos, sin)
@@ -104,5 +140,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     tb = min(16, triton.next_power_of_2(t))
     _rope_kernel[(b * h, triton.cdiv(t, tb))](x, cos, sin, out, h, t, x.stride(0), x.stride(1), x.stride(2),
-                                             cos.stride(0), cos.stride(1), D=d, TB=tb, num_warps=1 if tb == 1 else 4)
+                                             cos.stride(0), cos.stride(1), D=d, TB=tb, F16=x.dtype == torch.float16,
+                                             ASM=_asm(), num_warps=1 if tb == 1 else 4)
     return out

@@ -108,7 +108,11 @@ def _asm() -> bool:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm: weight * (x / sqrt(mean(x**2) + eps)).to(x.dtype), one launch."""
+    """transformers' LlamaRMSNorm: weight * (x / sqrt(mean(x**2) + eps)).to(x.dtype), one launch
+    (fp16 and fp32; other dtypes take the torch ops)."""
+    if x.dtype not in (torch.float16, torch.float32):
+        h = x.float()
+        return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     n = x.shape[-1]
     xc = x.contiguous()
     out = torch.empty_like(xc)
@@ -118,7 +122,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up with torch's roundings (silu in the input dtype, then the product), one launch."""
+    """silu(gate) * up with torch's roundings (silu in the input dtype, then the product), one launch
+    (fp16 and fp32; other dtypes take the torch ops)."""
+    if gate.dtype not in (torch.float16, torch.float32) or up.dtype != gate.dtype:
+        return torch.nn.functional.silu(gate) * up
     g, u = gate.contiguous(), up.contiguous()
     out = torch.empty_like(g)
     n = g.numel()

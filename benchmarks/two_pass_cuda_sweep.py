@@ -53,6 +53,8 @@ def copy_gbps():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--both-only", action="store_true",
+                    help="only both passes: key x values splits an SM, with and without the programmatic launch")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     b, h, cap, group = 8, 32, 8192, 64
@@ -73,42 +75,43 @@ def main():
         print(rows[-1], flush=True)
 
     key_bytes = b * h * cap * (32 + 4 * 128 // group)
-    for tiles in (1, 2, 4):
-        for per_sm in (4, 8):
-            ns, nit = split_plan(cap, tc.STEP, b * h, "cuda", per_sm=per_sm)
-
-            def keys():
-                tc.token_scores(q, kc, ks, kz, lengths, sm, scr, group_size=group, split_len=nit * tc.STEP,
-                                num_splits=ns, tiles=tiles)
-
-            record("token_scores G64", graph_ms(keys), key_bytes + b * h * cap * 4, tiles=tiles, splits_per_sm=per_sm)
-    for (g, iz), (vcodes, vscale, vzero) in v.items():
-        val_bytes = b * h * cap * (32 + 4 * 128 // g + 4)  # codes, scale and zero, the score
-        for tiles in (1, 2, 4, 8):
+    if not args.both_only:  # each pass alone, then KIVI's key pass
+        for tiles in (1, 2, 4):
             for per_sm in (4, 8):
+                ns, nit = split_plan(cap, tc.STEP, b * h, "cuda", per_sm=per_sm)
 
-                def values():
-                    vc.values_from_scores(scores, vcodes, vscale, vzero, lengths, group_size=g, integer_zero=iz,
-                                          splits_per_sm=per_sm, tiles=tiles)
+                def keys():
+                    tc.token_scores(q, kc, ks, kz, lengths, sm, scr, group_size=group, split_len=nit * tc.STEP,
+                                    num_splits=ns, tiles=tiles)
 
-                record(f"values G{g} int_zero={iz}", graph_ms(values), val_bytes, tiles=tiles, splits_per_sm=per_sm)
-    # KIVI's key pass alone (groups of 32): splits an SM x programs an SM its registers are held to
-    kk, kks, kkz, _ = checks._kivi_store(gen, b, h, cap // 32, 128, 2, 32, "cuda")
-    nq = torch.full((b,), cap, device="cuda")
-    kscr = torch.empty(b, h, cap, device="cuda")
-    ktmax = torch.empty(b, h, cap // 16, device="cuda")
-    kivi_key_bytes = b * h * cap * (32 + 16)  # codes, and a scale and zero a channel per 32 tokens
-    for per_sm in (2, 4, 8):
-        for min_blocks in (2, 3, 4):
-            step = kq.WARPS * kq.GROUPS_PER_WARP
-            ns_k, nit_k = split_plan(cap // 32, step, b * h, "cuda", per_sm=per_sm)
+                record("token_scores G64", graph_ms(keys), key_bytes + b * h * cap * 4, tiles=tiles, splits_per_sm=per_sm)
+        for (g, iz), (vcodes, vscale, vzero) in v.items():
+            val_bytes = b * h * cap * (32 + 4 * 128 // g + 4)  # codes, scale and zero, the score
+            for tiles in (1, 2, 4, 8):
+                for per_sm in (4, 8):
 
-            def kivi_keys():
-                kq.kivi_scores(q, kk, kks, kkz, nq, sm, kscr, ktmax, split_groups=nit_k * step, num_splits=ns_k,
-                               min_blocks=min_blocks)
+                    def values():
+                        vc.values_from_scores(scores, vcodes, vscale, vzero, lengths, group_size=g, integer_zero=iz,
+                                              splits_per_sm=per_sm, tiles=tiles)
 
-            record("kivi_scores G32", graph_ms(kivi_keys), kivi_key_bytes + b * h * cap * 4, splits_per_sm=per_sm,
-                   min_blocks=min_blocks)
+                    record(f"values G{g} int_zero={iz}", graph_ms(values), val_bytes, tiles=tiles, splits_per_sm=per_sm)
+        # KIVI's key pass alone (groups of 32): splits an SM x programs an SM its registers are held to
+        kk, kks, kkz, _ = checks._kivi_store(gen, b, h, cap // 32, 128, 2, 32, "cuda")
+        nq = torch.full((b,), cap, device="cuda")
+        kscr = torch.empty(b, h, cap, device="cuda")
+        ktmax = torch.empty(b, h, cap // 16, device="cuda")
+        kivi_key_bytes = b * h * cap * (32 + 16)  # codes, and a scale and zero a channel per 32 tokens
+        for per_sm in (2, 4, 8):
+            for min_blocks in (2, 3, 4):
+                step = kq.WARPS * kq.GROUPS_PER_WARP
+                ns_k, nit_k = split_plan(cap // 32, step, b * h, "cuda", per_sm=per_sm)
+
+                def kivi_keys():
+                    kq.kivi_scores(q, kk, kks, kkz, nq, sm, kscr, ktmax, split_groups=nit_k * step, num_splits=ns_k,
+                                   min_blocks=min_blocks)
+
+                record("kivi_scores G32", graph_ms(kivi_keys), kivi_key_bytes + b * h * cap * 4, splits_per_sm=per_sm,
+                       min_blocks=min_blocks)
     # both passes as decode_per_token_mha runs them (each its own launch settings), the packed bytes
     # of K and V; then the same with the values pass scanning the scores for each split's maximum
     # instead of reading the key pass's tile maxima
@@ -126,6 +129,22 @@ def main():
         vc.values_from_scores(scr, vcodes, vscale, vzero, lengths, group_size=group)
 
     record("both passes G64, values scan the scores", graph_ms(both_scan), 2 * key_bytes, splits_per_sm="own")
+    # both passes, each pass's splits an SM swept, rtn's and quarot's reads, the values pass launched
+    # programmatically (overlapping the key pass's end) or not
+    tmax = torch.empty(b, h, -(-cap // 16), dtype=torch.float32, device="cuda")
+    for rot in (False, True):
+        for kps in (4, 8, 16):
+            for vps in (2, 4, 8):
+                for pdl in (True, False):
+                    def both_cfg(rot=rot, kps=kps, vps=vps, pdl=pdl):
+                        nsk, nitk = split_plan(cap, tc.STEP, b * h, "cuda", per_sm=kps)
+                        tc.token_scores(q, kc, ks, kz, lengths, sm, scr, group_size=group, split_len=nitk * tc.STEP,
+                                        num_splits=nsk, tile_max=tmax, rotate_q=rot)
+                        vc.values_from_scores(scr, vcodes, vscale, vzero, lengths, group_size=group, splits_per_sm=vps,
+                                              tile_max=tmax, rotate_out=rot, programmatic=pdl)
+
+                    record("both passes G64" + (", quarot rotations" if rot else ""), graph_ms(both_cfg),
+                           2 * key_bytes, key_splits_per_sm=kps, values_splits_per_sm=vps, programmatic=pdl)
     json.dump(dict(device=torch.cuda.get_device_name(), copy_GBps=bw,
                    shape="B8 x 8192, 32 heads of 128, MHA, 2 bits", rows=rows), open(args.out, "w"), indent=1)
 

@@ -818,8 +818,8 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
                     qk, ks.codes, ks.scale, ks.zero, gid, vs.codes, vs.scale, vs.zero, cache.lengths, cache.positions,
                     cos, sin, scaling, bits=spec.bits, group_size=spec.group_size, head_group=cache.head_group,
                     pre_rope=cache.m.pre_rope, max_len=ks.codes.shape[2] if capturing else cache.used,
-                    **ROTATEKV_MHA_LAUNCH)
-                parts.append((rotate_partials(o), lse))
+                    rotate_out=True, **ROTATEKV_MHA_LAUNCH)
+                parts.append((o, lse))
             else:
                 o, lse = decode_rotatekv(q3.float() if ROTATEKV_EXACT else qk, ks.codes, ks.scale, ks.zero, gid, vs.codes, vs.scale, vs.zero,
                                          cache.lengths, cache.positions, cos, sin, scaling, bits=spec.bits,

@@ -484,12 +484,14 @@ VALUE_LAUNCH = dict(block_n=64, num_warps=4, splits_per_sm=8)  # 0.073 ms alone,
 
 
 def _values_pass(scores, v_codes, v_scale, v_zero, lengths, bits, group_size, max_len, num_splits, value_launch,
-                 values_impl):
+                 values_impl, rotate_out=False):
     """The second pass of the two-pass read: `values_cuda` (tensor cores, U tiles of loads in flight a
     warp) where it fits and NVRTC works, unless `values_impl="triton"` asks for
-    `decode_mha.values_from_scores` (CUDA cores; `value_launch` is its launch settings)."""
+    `decode_mha.values_from_scores` (CUDA cores; `value_launch` is its launch settings).
+    `rotate_out`: the partials rotated back by the per-head Hadamard (in `values_cuda`'s epilogue,
+    else by `rotate_partials`)."""
     from kvbench.kernels import nvrtc
-    from kvbench.kernels.decode_attention import interpreting
+    from kvbench.kernels.decode_attention import interpreting, rotate_partials
 
     if values_impl not in (None, "triton", "cuda"):
         raise ValueError(f"decode_rotatekv_mha: values_impl must be 'triton', 'cuda' or None, not {values_impl!r}")
@@ -501,15 +503,17 @@ def _values_pass(scores, v_codes, v_scale, v_zero, lengths, bits, group_size, ma
                          "of 32, 64 or 128, fp16 scales and a CUDA device")
     if cuda_ok and values_impl != "triton" and (values_impl == "cuda" or nvrtc.available()):
         return values_cuda.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, group_size=group_size,
-                                              max_len=max_len, num_splits=num_splits)
-    return decode_mha.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, bits=bits, group_size=group_size,
-                                         max_len=max_len, num_splits=num_splits, **(value_launch or VALUE_LAUNCH))
+                                              max_len=max_len, num_splits=num_splits, rotate_out=rotate_out)
+    o, lse = decode_mha.values_from_scores(scores, v_codes, v_scale, v_zero, lengths, bits=bits, group_size=group_size,
+                                           max_len=max_len, num_splits=num_splits, **(value_launch or VALUE_LAUNCH))
+    return (rotate_partials(o) if rotate_out else o), lse
 
 
 def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_zero, lengths, positions, cos, sin,
                         scaling, *, bits, group_size, head_group, pre_rope=True, max_len=None, num_splits=None,
                         block_n=16, num_warps=4, num_stages=2, splits_per_sm=2, stack_heads=None, two_pass=True,
-                        value_launch=None, f16_dequant=None, maxnreg=None, scores_impl=None, values_impl=None):
+                        value_launch=None, f16_dequant=None, maxnreg=None, scores_impl=None, values_impl=None,
+                        rotate_out=False):
     """`decode_attention.decode_rotatekv`'s contract for shapes `supports` accepts: q [B, H, D]
     after RoPE and unrotated; partials whose outputs are in the value-rotated space. Queries and
     the pre-RoPE products' operands are fp16 whatever q's dtype (bf16 queries are converted).
@@ -531,9 +535,10 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
     at first use); None takes "cuda" where it applies and compiles, else "triton". `values_impl`
     (two passes): "cuda" (`values_cuda`, tensor cores; 2-bit values of 128 channels in groups of
     32, 64 or 128) or "triton" (`decode_mha.values_from_scores`); None takes "cuda" where it applies
-    and compiles."""
+    and compiles. `rotate_out`: partials in the model's value space (the per-head Hadamard undone,
+    in the CUDA values pass's epilogue where it runs)."""
     from kvbench.kernels.decode_attention import (_out, _pow2, _require_triton, _sign_matrix_on, interpreting,
-                                                   split_plan)
+                                                   rotate_partials, split_plan)
 
     _require_triton()
     b, hq, d = q.shape
@@ -586,7 +591,7 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
         rotatekv_scores_cuda.rotatekv_scores(q.contiguous(), k_codes, k_scale, k_zero, gid, lengths, positions, cos,
                                              sin, sm_scale, scores, split_len=nit_c * 32, num_splits=ns_c)
         return _values_pass(scores, v_codes, v_scale, v_zero, lengths, bits, group_size, max_len, num_splits,
-                            value_launch, values_impl)
+                            value_launch, values_impl, rotate_out)
     if two_pass:
         scores = torch.empty(b, hkv, cap, dtype=torch.float32, device=q.device)
         _rotatekv_scores_kernel[(b * ngrp, ns)](
@@ -597,7 +602,7 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
             num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )  # fmt: skip
         return _values_pass(scores, v_codes, v_scale, v_zero, lengths, bits, group_size, max_len, num_splits,
-                            value_launch, values_impl)
+                            value_launch, values_impl, rotate_out)
     o, lse = _out(q, ns)
     v_strides = (v_scale.stride(0), v_scale.stride(1), v_scale.stride(2))
     _rotatekv_mha_kernel[(b * ngrp, ns)](
@@ -606,4 +611,4 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
         NIT=nit, NGRP=ngrp, HG=hg, D=d, BITS=bits, NQ=nq, NQP=max(8, _pow2(nq)), G=group_size, PRE_ROPE=pre_rope, BN=block_n, NS=ns,
         GATHER=gather, TAU=8.0, ASM=not interpreting(), STACK=stack_heads, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    return o, lse
+    return (rotate_partials(o) if rotate_out else o), lse

@@ -55,16 +55,22 @@ __device__ __forceinline__ unsigned plane(unsigned x, int p) {
 // element threadIdx.x of H_128 x (Sylvester order, unnormalized) for a 128-thread block holding x one
 // element a thread; s: 128 floats of shared memory. Block-wide (every thread must call it).
 __device__ __forceinline__ float wht128(float* s, float x) {
+    // stages 1..16 between the lanes of a warp (shuffles, no barrier), 32 and 64 across the four warps
+    // through shared memory; every stage computes x + other or other - x exactly as a shared-memory
+    // butterfly would, so the result is the same bit for bit
     const int i = threadIdx.x;
-    s[i] = x;
-    __syncthreads();
 #pragma unroll
-    for (int st = 1; st < 128; st <<= 1) {
+    for (int st = 1; st < 32; st <<= 1) {
+        const float other = __shfl_xor_sync(0xffffffffu, x, st);
+        x = (i & st) ? (other - x) : (x + other);
+    }
+#pragma unroll
+    for (int st = 32; st < 128; st <<= 1) {
+        s[i] = x;
+        __syncthreads();
         const float other = s[i ^ st];
         __syncthreads();
         x = (i & st) ? (other - x) : (x + other);
-        s[i] = x;
-        __syncthreads();
     }
     return x;
 }

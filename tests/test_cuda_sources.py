@@ -46,3 +46,16 @@ def test_every_variant_compiles_without_warnings():
 def test_a_broken_source_is_reported_not_raised():
     build = nvrtc.compile_offline('extern "C" __global__ void k(float* x) { x[0] = undefined_name; }')
     assert not build.ok and "undefined_name" in build.log
+
+
+def test_programmatic_launch_structs_match_cuda_h():
+    # nvrtc.launch hands these to cuLaunchKernelEx: their layout must be cuda.h's (CUlaunchAttribute:
+    # a 4-byte id, padding, a 64-byte value union; CUlaunchConfig: seven uints, then the stream, the
+    # attributes pointer and their count, 8-byte aligned).
+    import ctypes
+
+    attribute, config = nvrtc._launch_structs()
+    assert ctypes.sizeof(attribute) == 72 and attribute.value.offset == 8
+    assert config.hStream.offset == 32 and config.attrs.offset == 40 and config.numAttrs.offset == 48
+    assert ctypes.sizeof(config) == 56
+    assert nvrtc._CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION == 6

@@ -4,7 +4,10 @@
 each cache to preallocate `capacity` tokens per row when it can (`reserve`), fills them to a
 length (`fill`), and runs decode steps of one token per row through the model (`step`), captured
 into a CUDA graph when the caches allow it (`capture`). A step is the model's whole forward:
-projections, MLPs, the caches' write and attention, the LM head; no host sync inside.
+projections, MLPs, the caches' write and attention, the LM head; no host sync inside. On CUDA the
+per-layer RMSNorm, RoPE and SiLU-times-up run as one Triton launch each (`fused_glue`,
+`kvbench.kernels.glue`), the same for every method, fp16 included; `KVBENCH_FUSED_GLUE=0` keeps
+transformers' own ops.
 
 Optional cache protocol (duck-typed; a plain `LayerCache` still runs, uncaptured and filled
 through `append`):

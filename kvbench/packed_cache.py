@@ -247,6 +247,7 @@ class PackedPerTokenCache(LayerCache):
         self.capacity = capacity
         self.dtype: torch.dtype | None = None
         self._chunks: list = []  # (dest, mask) of every append, for replay_chunks
+        self._replayed: tuple = (0, None, None)  # (chunks replayed, k, v) of the last `stored_kv`
 
     # -- storage -------------------------------------------------------------------------
 
@@ -375,8 +376,14 @@ class PackedPerTokenCache(LayerCache):
         if not self.replay_chunks:
             k, v = self.dequantize_stored(self.kstore.read(s), self.vstore.read(s), pos)
             return k, v, pos
-        k = v = None
-        for dest, mask in self._chunks:
+        # Each chunk's stored slots never change once written, so the chunks replayed by an earlier
+        # call are kept and only the new ones are dequantized: one decode step replayed every
+        # earlier step again (300 steps of one layer took 11.6 s on the CPU).
+        done, k, v = self._replayed
+        if k is not None and k.shape[2] < s:
+            k = torch.cat([k, k.new_zeros(*k.shape[:2], s - k.shape[2], k.shape[-1])], 2)
+            v = torch.cat([v, v.new_zeros(*v.shape[:2], s - v.shape[2], v.shape[-1])], 2)
+        for dest, mask in self._chunks[done:]:
             b_idx = torch.arange(dest.shape[0], device=dest.device)[:, None]
             ks, vs = self.kstore, self.vstore
             kq = Quantized(unpack(ks.codes[b_idx, :, dest].transpose(1, 2), ks.spec.bits, ks.row),
@@ -394,6 +401,7 @@ class PackedPerTokenCache(LayerCache):
             kk[b_idx, :, d] = kc.transpose(1, 2)
             vv[b_idx, :, d] = vc.transpose(1, 2)
             k, v = kk[:, :, :s], vv[:, :, :s]
+        self._replayed = (len(self._chunks), k, v)
         return k, v, pos
 
     def attend(self, q: torch.Tensor, q_positions: torch.Tensor, scaling: float) -> torch.Tensor:

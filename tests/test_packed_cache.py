@@ -238,3 +238,17 @@ def test_smollm2_perplexity_packed_equals_simulated(smollm2, name, kw):
     klass = getattr(importlib.import_module(mod), cls)
     ppl = {mode: _perplexity(smollm2, klass(mode=mode, **kw), ids, prefill=96) for mode in ("simulated", "packed")}
     assert abs(ppl["packed"] - ppl["simulated"]) <= 1e-4 * ppl["simulated"], ppl
+
+
+@pytest.mark.parametrize("name,kw", [("quarot", dict(bits=2, group_size=64)), ("rotatekv", dict(bits=2, head_group=2)),
+                                     ("rtn", dict(bits=4, group_size=16, keys="pre_rope"))], ids=str)
+def test_dequantized_reads_every_slot_as_stored_kv_does(name, kw):
+    # The unfused peer row's read: every stored slot at once, no replay of the appends. The same
+    # keys and values as the replayed read up to the rounding of a batched matmul's shape.
+    for _, pk, *_ in _run_both(name, kw):
+        k, v, pos = pk.stored_kv()
+        kd, vd = pk.dequantized()
+        stored = (pos >= 0)[:, None, :, None]
+        for a, b in ((k, kd), (v, vd)):
+            assert a.shape == b.shape
+            assert float(((a - b).abs() * stored).max()) <= 1e-5 * max(1.0, float(a.abs().max()))

@@ -838,14 +838,6 @@ class KIVIPackedCache(LayerCache):
         v = dequantize(self.vstore.read(slots), self.spec, dtype=self.dtype)
         return k, v
 
-    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, v) [B, H, used, D] of every stored slot dequantized at once, every call: the read of
-        the unfused peer row (`decode_latency`: dequantize the whole cache, then SDPA). Not
-        `stored_kv`, whose replay keeps earlier appends and, after a random fill (which writes the
-        stores directly), knows only the decode steps' appends."""
-        s = self.used
-        return self.dequantize_stored(self.kstore.read(s), self.vstore.read(s), self.positions[:, :s])
-
     def attend(self, q: torch.Tensor, q_positions: torch.Tensor, scaling: float) -> torch.Tensor:
         if q.shape[2] == 1 and _kernels_enabled(q) and self.kernel_supported():
             from kvbench.kernels import decode_attention

@@ -252,3 +252,21 @@ def test_dequantized_reads_every_slot_as_stored_kv_does(name, kw):
         for a, b in ((k, kd), (v, vd)):
             assert a.shape == b.shape
             assert float(((a - b).abs() * stored).max()) <= 1e-5 * max(1.0, float(a.abs().max()))
+
+
+@pytest.mark.parametrize("name,kw", [("quarot", dict(bits=2, group_size=64)), ("rtn", dict(bits=2, group_size=32)),
+                                     ("kivi", dict(bits=2, group_size=4, residual=5))], ids=str)
+def test_unfused_peer_read_runs_for_every_packed_cache(name, kw):
+    # decode_latency's unfused row (dequantize everything, then SDPA) on each packed cache kind: it
+    # must run, and on full rows equal the cache's own torch read up to attention's rounding.
+    from tasks.decode_latency import _unfused_fn
+
+    *_, (_, pk, _, _, positions) = _run_both(name, kw)
+    full = [r for r, n in enumerate(ROW_LENGTHS) if n == max(ROW_LENGTHS)]
+    q = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(3))
+    fn = _unfused_fn(pk, q, positions[:, -1:], 1 / math.sqrt(D))
+    assert fn is not None
+    got = fn()
+    want = pk.attend(q, positions[:, -1:], 1 / math.sqrt(D))
+    assert got.shape == want.shape
+    torch.testing.assert_close(got[full], want[full], rtol=1e-4, atol=1e-4)

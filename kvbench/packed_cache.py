@@ -799,11 +799,11 @@ class KIVIPackedCache(LayerCache):
         from kvbench.kernels.quant_write import kivi_group_write
 
         spec, vs = self.spec, self.vstore
-        for keys, win in ((True, self.win_k), (False, self.win_v)):
-            kivi_group_write(win, self.n, self.nq, (self.k_codes, self.k_scale, self.k_zero),
-                             (vs.codes, vs.scale, vs.zero), bits=spec.bits, group_size=self.G,
+        for keys, win, out in ((True, self.win_k, (self.k_codes, self.k_scale, self.k_zero)),
+                               (False, self.win_v, (vs.codes, vs.scale, vs.zero))):
+            kivi_group_write(win, self.n, self.nq, out, keys=keys, bits=spec.bits, group_size=self.G,
                              value_group_size=spec.group_size, residual=self.residual, clip_ratio=spec.clip_ratio,
-                             integer_zero=spec.integer_zero, keys=keys)
+                             integer_zero=spec.integer_zero)
 
     def _window(self):
         """The full-precision ring as attention inputs: (k, v [B, H, W, D], positions [B, W])."""

@@ -99,10 +99,9 @@ def fp_partial_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     validity the kernel works out itself (no mask built in torch: five launches fewer a layer)."""
     b, hq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
-    if ring is not None and valid is None:
-        n, nq = ring
-    else:
-        n = nq = None
+    if (valid is None) == (ring is None):
+        raise ValueError("fp_partial_fused: give either valid [B, S] or ring=(n, nq), not both or neither")
+    n, nq = ring if ring is not None else (None, None)
     if triton is None or s > MAX_TOKENS or d & (d - 1) or k.stride(-1) != 1 or v.stride(-1) != 1:
         return fp_partial(q, k, v, ring_valid(n, nq, s) if valid is None else valid, scaling)
     if valid is None:
@@ -112,10 +111,9 @@ def fp_partial_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     gq = hq // hkv
     gqp = 1 << max(0, (gq - 1).bit_length())
     bc = max(2, min(64, 4096 // (gqp * d)))  # [GQP, BC, D] product tiles of <= 4096 elements: no spills
-    # Splits only while the grid is short of PROGRAMS_PER_SM programs an SM: KIVI's 128-token
-    # window at batch 8 (256 programs) waited on four chunks' loads in a row, while at batch 117
-    # (3744 programs, many waves) five splits a row made the kernel 3x slower than one program
-    # walking its chunks (the per-program work that does not shrink with the chunk).
+    # Splits only while the grid is short of PROGRAMS_PER_SM programs an SM: KIVI's 160-slot window
+    # at batch 8 (256 programs, under one wave) waited on its chunks' loads in a row; at batch 117
+    # (3744 programs, many waves) more programs only repeat the per-program work (q, the stores).
     from kvbench.kernels.decode_attention import _sm_count
 
     chunks = max(1, -(-s // bc))

@@ -96,10 +96,6 @@ if triton is not None:
         tl.store(out_ptr + row + d[None, :], _rn("add", a, r, ASM).to(x.dtype), mask=tm)
 
 
-def available(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda
-
-
 def _asm() -> bool:
     """Inline PTX for the explicit roundings (not under the CPU interpreter, which rounds as written)."""
     from kvbench.kernels.decode_attention import interpreting

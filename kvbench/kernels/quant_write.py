@@ -39,6 +39,12 @@ def is_available() -> bool:
     return triton is not None
 
 
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("kvbench.kernels.quant_write needs triton (pip install triton) and a CUDA GPU, "
+                           "or TRITON_INTERPRET=1 for CPU tensors")
+
+
 if triton is not None:
 
     @triton.jit
@@ -192,9 +198,7 @@ def quantize_pack_rows(x: torch.Tensor, *, bits: int, group_size: int, clip_rati
     [R or out rows, ...]; with `out` (codes [M, n*bits/8] u8, scale/zero [M, n/G] fp16, contiguous)
     and `dest` [R] int64 row indices, writes row r to out row dest[r] (not at all where dest[r] < 0:
     a masked write without a host sync) and returns `out`."""
-    if triton is None:
-        raise RuntimeError("kvbench.kernels.quant_write needs triton (pip install triton) and a CUDA GPU, "
-                           "or TRITON_INTERPRET=1 for CPU tensors")
+    _require_triton()
     rows, n = x.shape
     if bits not in (2, 4, 8) or n & (n - 1) or n % group_size:
         raise ValueError(f"quantize_pack_rows takes bits 2/4/8, a power-of-two row and G | n; got {bits}, {n}, {group_size}")
@@ -225,9 +229,7 @@ def quantize_pack_decode(x: torch.Tensor, lengths: torch.Tensor, token_positions
     the token's position goes to slot_positions[b, lengths[b]]. `lengths` is read, not advanced
     (the caller adds the written tokens after every stream's launch: a program advancing it here
     would race the other heads' reads). No host sync: a decode step stays capturable."""
-    if triton is None:
-        raise RuntimeError("kvbench.kernels.quant_write needs triton (pip install triton) and a CUDA GPU, "
-                           "or TRITON_INTERPRET=1 for CPU tensors")
+    _require_triton()
     b, heads, t, n = x.shape
     codes, scale, zero = out
     if t != 1 or bits not in (2, 4, 8) or n & (n - 1) or n % group_size or not all(
@@ -256,24 +258,23 @@ def reference_quantize_pack_rows(x, *, bits, group_size, clip_ratio=1.0, integer
     return pack(q.codes, bits), q.scale, q.zero
 
 
-def kivi_group_write(win: torch.Tensor, n: torch.Tensor, nq: torch.Tensor, key_out, value_out, *, bits: int,
+def kivi_group_write(win: torch.Tensor, n: torch.Tensor, nq: torch.Tensor, out, *, keys: bool, bits: int,
                      group_size: int, value_group_size: int, residual: int, clip_ratio: float = 1.0,
-                     integer_zero: bool = False, block_rows: int = 16, keys: bool) -> None:
+                     integer_zero: bool = False, block_rows: int = 16) -> None:
     """KIVI's decode write of the group at each row's boundary straight from the full-precision ring
     window `win` [B, H, W, D] (slot = position % W), in one launch, for the rows whose boundary
     moved this step (`n` already counts the step's token; `nq` is the old boundary; neither is
-    changed here): `keys=True` quantizes each channel over the group's tokens into `key_out` (codes
-    [B, H, cap_groups, D, G*bits/8], scale/zero [B, H, cap_groups, D]); `keys=False` each token in
-    groups of `value_group_size` channels into `value_out` (a `PerTokenStore`'s codes, scale, zero).
+    changed here), into `out` = (codes, scale, zero): `keys=True` quantizes each channel over the
+    group's tokens (the key store: codes [B, H, cap_groups, D, G*bits/8], scale/zero
+    [B, H, cap_groups, D]); `keys=False` each token in groups of `value_group_size` channels (a
+    `PerTokenStore`'s codes, scale, zero).
     The same quantizer as `quantize_pack_rows`, on the same values as the torch path gathers."""
-    if triton is None:
-        raise RuntimeError("kvbench.kernels.quant_write needs triton (pip install triton) and a CUDA GPU, "
-                           "or TRITON_INTERPRET=1 for CPU tensors")
+    _require_triton()
     b, h, w, d = win.shape
     g = group_size
     if bits not in (2, 4, 8) or g & (g - 1) or d & (d - 1) or d % value_group_size or not win.is_contiguous():
         raise ValueError("kivi_group_write: bits 2/4/8, power-of-two group and head_dim, a contiguous window")
-    codes, scale, zero = key_out if keys else value_out
+    codes, scale, zero = out
     rows = b * h * (d if keys else g)
     cap = codes.shape[2]
     _kivi_group_kernel[(triton.cdiv(rows, block_rows),)](

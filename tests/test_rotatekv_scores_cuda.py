@@ -46,17 +46,17 @@ def test_exact_arithmetic_leaves_only_operand_rounding():
     assert (got.double() - want).abs().max() <= 1e-3 * want.abs().max()
 
 
-def test_group_offsets_are_skewed_per_token_row():
+def test_group_offsets_hold_each_elements_group_in_the_kernels_order():
     gen = torch.Generator().manual_seed(0)
     gid = (torch.randperm(2 * 512, generator=gen) // 128).to(torch.int32)
-    off = rc.group_offsets(gid, 2).view(torch.uint8).reshape(2, 8, 4, 128).long()  # [grp, g, t, e]
-    base = off[:, 0] // 4
-    for g in range(8):  # row g holds group c at slot (c + g) % 64
-        assert torch.equal(off[:, g] // 4, (base + g) % 64)
-    # element e of lane t: channel j = 32 t + 16 k3 + 8 k0 + a of head slot h', e = (h' 8 + a) 4 + 2 k3 + k0
-    hp, a, k3, k0, t = 2, 5, 1, 0, 3
-    e = (hp * 8 + a) * 4 + 2 * k3 + k0
-    assert int(base[1, t, e]) == int(gid[512 + hp * 128 + 32 * t + 16 * k3 + 8 * k0 + a])
+    off = rc.group_offsets(gid, 2)
+    assert off.shape == (2, 4, 32) and off.dtype == torch.int32
+    grp = off.view(torch.uint8).reshape(2, 4, 128).long()  # [head group, t, element]
+    # element e of quad position t: channel j = 32 t + 16 k3 + 8 k0 + a of head slot h', e = (h' 8 + a) 4 + 2 k3 + k0
+    for hp, a, k3, k0, t in ((2, 5, 1, 0, 3), (0, 0, 0, 0, 0), (3, 7, 1, 1, 2)):
+        e = (hp * 8 + a) * 4 + 2 * k3 + k0
+        assert int(grp[1, t, e]) == int(gid[512 + hp * 128 + 32 * t + 16 * k3 + 8 * k0 + a])
+    assert sorted(grp[0].reshape(-1).tolist()) == sorted(gid[:512].tolist())  # every channel once
 
 
 def test_group_offsets_refuse_more_than_64_groups():

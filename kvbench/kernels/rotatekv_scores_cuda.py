@@ -14,7 +14,8 @@ its B operand (8 tokens a warp tile, one token a thread, 32 channels of each of 
   half-words, one LOP3 per head masks the head's bit plane (after a shift) and ORs the exponent of
   1024, so a half reads 1024 + c. Each channel's (1024 + z, s) pair of its quantization group is
   looked up in the token's scale row, staged in shared memory (the calibrated permutation: a
-  per-channel group; byte offsets packed four to a register, composed into an address by one PRMT),
+  per-channel group, packed four to a register; each lane has its own copy of its token's row, so
+  the 32 lanes' lookups fall in 32 banks and one PRMT composes an address),
   then (v - (1024 + z)) * s: exact subtraction, one rounding.
 * **H_4 x H_8 in-thread**: a 32-point butterfly over (head, a) on fp16x2 registers (5 stages).
 * **H_16, RoPE and the query in one product**: RoPE pairs channel i with i + 64, which differ in
@@ -111,13 +112,11 @@ def query_operands(q: torch.Tensor) -> torch.Tensor:
 
 
 def group_offsets(gid: torch.Tensor, ngrp: int) -> torch.Tensor:
-    """Byte offsets of each element's quantization group in its token's staged scale row, packed four
-    to an int32 in the order the kernel reads them: [NGRP, 32 lanes, 32 words]; element
-    e = (h' * 8 + a) * 4 + k3 * 2 + k0 is byte e % 4 of word e // 4 of lane 4 g + t, for channel
-    j = 32 t + 16 k3 + 8 k0 + a of head slot h'. The row of token g holds group c at slot
-    (c + g) % 64: rows are 256 bytes apart, so without the skew the 8 rows' same group would sit in
-    one shared-memory bank (an 8-way conflict on every lookup; measured: the kernel ran no faster
-    than the Triton pass)."""
+    """Each element's quantization group (its column in the token's scale row), one byte an element,
+    packed four to an int32 in the order the kernel reads them: [NGRP, 4 (t), 32 words]; element
+    e = (h' * 8 + a) * 4 + k3 * 2 + k0 is byte e % 4 of word e // 4 for quad position t, channel
+    j = 32 t + 16 k3 + 8 k0 + a of head slot h'. The kernel adds its staging area's row base to
+    every byte and makes the byte the address's second byte (see `_SOURCE`)."""
     g = gid.reshape(ngrp, HG, D).long()
     a = torch.arange(8).view(1, 8, 1, 1)
     k3 = torch.arange(2).view(1, 1, 2, 1)
@@ -129,11 +128,9 @@ def group_offsets(gid: torch.Tensor, ngrp: int) -> torch.Tensor:
     grp_t = torch.stack(per_t, 1)  # [NGRP, 4 (t), 128] group of each element, e order
     if int(grp_t.max()) > 63:
         raise ValueError("rotatekv_scores_cuda: at most 64 key groups a token")
-    gl = torch.arange(8).view(1, 8, 1, 1)  # lane = 4 g + t
-    byte = 4 * ((grp_t[:, None] + gl) % 64)  # [NGRP, 8 (g), 4 (t), 128]
-    w = byte.reshape(ngrp, 32, 32, 4)
-    packed = w[..., 0] | (w[..., 1] << 8) | (w[..., 2] << 16) | (w[..., 3] << 24)  # int64, < 2**32
-    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32).contiguous()
+    w = grp_t.reshape(ngrp, 4, 32, 4)
+    packed = w[..., 0] | (w[..., 1] << 8) | (w[..., 2] << 16) | (w[..., 3] << 24)  # < 2**30
+    return packed.to(torch.int32).contiguous()
 
 
 def _h32(y: torch.Tensor) -> torch.Tensor:
@@ -158,7 +155,7 @@ def emulate_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, si
     a_mat = a_mat.reshape(b, ngrp, HG, 8, 16, 16)
     if gid is None:  # one group a head
         gid = torch.arange(ngrp * HG * D, dtype=torch.int32) // D
-    offs = group_offsets(gid.cpu(), ngrp).view(torch.uint8).reshape(ngrp, 8, 4, 128).long()[:, 0].to(dev) // 4
+    offs = group_offsets(gid.cpu(), ngrp).view(torch.uint8).reshape(ngrp, 4, 128).long().to(dev)
     raw = k_codes.reshape(b, ngrp, cap, 4, 32).long()  # [.., t, 32 bytes]
     sc = k_scale.reshape(b, cap, -1).float()
     zc = k_zero.reshape(b, cap, -1).float()
@@ -293,7 +290,9 @@ rotatekv_scores(const U4* __restrict__ afrag, const unsigned* __restrict__ offs,
                 double sm_scale_d, int cap, int ngrp, int split_len) {
     asm volatile("griddepcontrol.launch_dependents;");  // the values pass may launch now (it waits for the scores)
     __shared__ U4 s_a[4 * 8 * 32];                 // the 4 heads' A fragments, 16 KB
-    __shared__ alignas(256) unsigned s_sc[4][8][64];  // per warp: 8 token rows of (1024 + z, s), 256 B a row
+    // every lane's own copy of its token's scale row: group c of lane L of warp w at
+    // s_sc[w / 2][c][L + 32 (w % 2)], so a lookup by all 32 lanes hits 32 banks whatever the groups
+    __shared__ alignas(256) unsigned s_sc[2][NQ][64];
     const int b = blockIdx.x / ngrp, grp = blockIdx.x % ngrp;
     const int start = blockIdx.y * split_len;
     const int end = min(start + split_len, (int)len[b]);
@@ -306,15 +305,26 @@ rotatekv_scores(const U4* __restrict__ afrag, const unsigned* __restrict__ offs,
     const int g = lane >> 2, t = lane & 3;
     const int fbase = 32 * ((g >> 1) & 1) + 16 * (g >> 2) + 8 * (g & 1);
     unsigned off[32];
-    const U4* op = (const U4*)(offs + (grp * 32 + lane) * 32);
+    const U4* op = (const U4*)(offs + (grp * 4 + t) * 32);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         U4 v = op[i];
         off[4 * i] = v.x; off[4 * i + 1] = v.y; off[4 * i + 2] = v.z; off[4 * i + 3] = v.w;
     }
-    // this lane's row of the staging area (B role token g): its bytes 1..3 are the address, byte 0
-    // comes from the packed group offsets (rows are 256-byte aligned)
-    const unsigned cbase = smem_addr(&s_sc[warp][g][0]);
+    // Lookup addresses: shared addresses here are below 64 KB and the rows 256 bytes, so a lookup's
+    // address is byte 0 of this lane's column (lbase) with byte 1 = the row, group c's row being
+    // rb + c: one PRMT from the packed groups once rb is added to each of their bytes (no carry:
+    // rb + c < 256).
+    const int half = 32 * (warp & 1);
+    const unsigned lbase = smem_addr(&s_sc[warp >> 1][0][lane + half]);
+    const unsigned rb = (lbase >> 8) & 0xFFu;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) off[i] += rb * 0x01010101u;
+    // staging: this lane loads groups t * QPL .. of token g and writes them into the copies of the
+    // token's four lanes 4 g + (t + j) % 4 (one bijection of the 32 lanes a j: no bank conflicts)
+    unsigned dst[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) dst[j] = smem_addr(&s_sc[warp >> 1][t * QPL][4 * g + ((t + j) & 3) + half]);
     const float sm_scale = (float)sm_scale_d;
     const long long H = (long long)ngrp * 4;
     const unsigned char* kc_row = kc + (long long)(b * ngrp + grp) * cap * 128;
@@ -331,9 +341,12 @@ rotatekv_scores(const U4* __restrict__ afrag, const unsigned* __restrict__ offs,
 #pragma unroll
         for (int i = 0; i < QPL / 2; ++i) {
             unsigned zz = hadd2(cur.z[i], 0x64006400u);
-            unsigned col = t * QPL + 2 * i;  // group col at slot (col + g) % 64 (see group_offsets)
-            sts(cbase + 4 * ((col + g) & 63), prmt(zz, cur.s[i], 0x5410));
-            sts(cbase + 4 * ((col + 1 + g) & 63), prmt(zz, cur.s[i], 0x7632));
+            unsigned w0 = prmt(zz, cur.s[i], 0x5410), w1 = prmt(zz, cur.s[i], 0x7632);  // groups 2i, 2i + 1
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                sts(dst[j] + 512 * i, w0);
+                sts(dst[j] + 512 * i + 256, w1);
+            }
         }
         __syncwarp();
         Tile nxt = load_tile(kc_row, ks_b, kz_b, pos_b, cosb, sinb, tk0 + 32, end, g, t, fbase);
@@ -350,8 +363,8 @@ rotatekv_scores(const U4* __restrict__ afrag, const unsigned* __restrict__ offs,
                 for (int hp = 0; hp < 4; ++hp) {
                     unsigned x = lop_and_or(sp >> (2 * hp), 0x00030003u, 0x64006400u);  // 1024 + c
                     unsigned o = off[hp * 8 + a];
-                    unsigned l0 = lds(prmt(o, cbase, (2 * k3) | 0x7650));
-                    unsigned l1 = lds(prmt(o, cbase, (2 * k3 + 1) | 0x7650));
+                    unsigned l0 = lds(prmt(o, lbase, 0x7604 | ((2 * k3) << 4)));
+                    unsigned l1 = lds(prmt(o, lbase, 0x7604 | ((2 * k3 + 1) << 4)));
                     y[k3][hp][a] = hmul2(hsub2(x, prmt(l0, l1, 0x5410)), prmt(l0, l1, 0x7632));
                 }
             }

@@ -72,6 +72,10 @@ def profile_method(label: str, batch: int, context: int, steps: int) -> dict:
     try:
         engine.fill(context)
         engine.fix_length(context + 1)
+        # The caches' capturable paths (the sync-free RoPE-table write), so the profiled eager steps
+        # run the kernels a captured replay runs
+        if not engine.graph_safe:
+            raise RuntimeError(f"decode_profile: {label}'s caches cannot be captured")
         for _ in range(3):
             engine.step(advance=False)
         torch.cuda.synchronize()

@@ -1,5 +1,6 @@
 """The CUDA scores pass's dataflow on CPU: `emulate_scores` uses the kernel's own operands (the A
-fragments from `query_operands`, the packed, skewed group offsets) and index maps, so these tests
+fragments from `query_operands`, which the kernel builds in its prologue, the packed group indices)
+and index maps, so these tests
 check everything but the CUDA source's arithmetic, which `checks.check_rotatekv_scores_cuda` checks
 on the GPU against the same emulation and the float64 reference."""
 

@@ -171,8 +171,19 @@ def kron_transform(
     block_c = _block(c)
     if left is None:
         # Measured on an H100 (32768 rows, tf32x3): 128 x 128 tiles with 8 warps were 25x faster
-        # at n = 128 than 32-row tiles with 4 warps, which spill.
-        block_m, num_warps = (128, 8) if block_c >= 128 else (64, 4)
+        # at n = 128 than 32-row tiles with 4 warps, which spill. A decode step's few rows want
+        # more, smaller programs: at n = 128, 256 rows (batch 8 x 32 heads) took 9.3 us in 128-row
+        # tiles and 4.4 us in 16-row tiles with 8 warps; 6560 rows 10.0 us and 7.4 us in 64-row
+        # tiles with 4 warps (session11/ab-prologue-operands-and-hadamard-tiles.json). Every
+        # tiling gave the same bits: each row's dot is the same whatever the tile.
+        if block_c < 128:
+            block_m, num_warps = 64, 4
+        elif num_rows <= 1024:
+            block_m, num_warps = 16, 8
+        elif num_rows <= 16384:
+            block_m, num_warps = 64, 4
+        else:
+            block_m, num_warps = 128, 8
         grid = (triton.cdiv(num_rows, block_m),)
         _right_only_kernel[grid](
             rows, right, out, num_rows, scale,

@@ -23,7 +23,8 @@ its B operand (8 tokens a warp tile, one token a thread, 32 channels of each of 
   A_(h,a') [16 x 16] . W [16 x 8 tokens] gives U_f = q_i k_i + q_(i+64) k_(i+64) (rows 0-7) and
   V_f = q_(i+64) k_i - q_i k_(i+64) (rows 8-15) for 8 frequencies f at once, and a score is
   sum_f cos_f U_f + sin_f V_f (two FFMA). The A matrices (H_16 signs times query entries, fp16)
-  are built on the host by one matmul per call and staged in shared memory.
+  are built in each program's prologue from the queries and staged in shared memory
+  (`query_operands` builds the same fragments on the host, for `emulate_scores`).
 
 Contract: `rotatekv_scores(...)` writes the same scratch scores [B, H, cap] (fp32, log2 domain,
 valid below each row's length) as `_rotatekv_scores_kernel`, so `decode_mha.values_from_scores`
@@ -282,7 +283,7 @@ __device__ __forceinline__ unsigned u4_at(const U4& v, int i) {
 }
 
 extern "C" __global__ void __launch_bounds__(128, __MINB__)
-rotatekv_scores(const U4* __restrict__ afrag, const unsigned* __restrict__ offs,
+rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restrict__ offs,
                 const unsigned char* __restrict__ kc, const unsigned short* __restrict__ ks,
                 const unsigned short* __restrict__ kz, const int* __restrict__ pos,
                 const unsigned short* __restrict__ cosb, const unsigned short* __restrict__ sinb,
@@ -297,9 +298,35 @@ rotatekv_scores(const U4* __restrict__ afrag, const unsigned* __restrict__ offs,
     const int start = blockIdx.y * split_len;
     const int end = min(start + split_len, (int)len[b]);
     if (start >= end) return;
-    const U4* ag = afrag + (long long)(b * ngrp + grp) * 4 * 8 * 32;
-    for (int i = threadIdx.x; i < 4 * 8 * 32; i += 128) s_a[i] = ag[i];
-    __syncthreads();
+    {   // The 4 heads' A fragments from the queries (what `query_operands` builds on the host): word w
+        // of lane l of (head h, a') holds rows g + 8 (w & 1), columns 2 t + 8 (w >> 1) + {0, 1},
+        // g = l / 4, t = l % 4. Row n < 8 is U_f = H16[bu] q_f + H16[bp] q_(f+64), row n + 8 is
+        // V_f = H16[bu] q_(f+64) - H16[bp] q_f (f = freq_of(a', n)): two exact fp16 terms summed in
+        // fp32 and rounded once, as the host's fp32 product and fp16 cast give.
+        float* s_q = (float*)&s_sc[0][0][0];  // the staging area, free until the loop (>= 4 KB)
+        const unsigned short* qb = qh + (long long)(b * ngrp + grp) * 4 * 128;
+        for (int i = threadIdx.x; i < 4 * 128; i += 128) s_q[i] = lo_f(qb[i]);
+        __syncthreads();
+        unsigned* sa = (unsigned*)s_a;
+        for (int i = threadIdx.x; i < 4 * 8 * 32 * 4; i += 128) {
+            const int w = i & 3, l = (i >> 2) & 31, ap = (i >> 7) & 7, h = i >> 10;
+            const int r = (l >> 2) + 8 * (w & 1), n = r & 7;
+            const int k3 = n >> 2, t0 = (n >> 1) & 1, k0 = n & 1;
+            const int f = 32 * t0 + 16 * k3 + 8 * k0 + ap;
+            const int bu = 8 * k3 + 2 * t0 + k0, bp = bu | 4;
+            const float qf = s_q[h * 128 + f], qg = s_q[h * 128 + f + 64];
+            unsigned short hv[2];
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int k = 2 * (l & 3) + 8 * (w >> 1) + c;
+                const float su = (__popc(bu & k) & 1) ? -1.f : 1.f, sp = (__popc(bp & k) & 1) ? -1.f : 1.f;
+                const float v = r < 8 ? qf * su + qg * sp : qg * su - qf * sp;
+                asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hv[c]) : "f"(v));
+            }
+            sa[i] = (unsigned)hv[0] | ((unsigned)hv[1] << 16);
+        }
+        __syncthreads();
+    }
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -499,20 +526,20 @@ def rotatekv_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, s
     channel's group column in the scale rows, or None for one group a head."""
     b, ngrp, cap, row = k_codes.shape
     nq = k_scale.shape[-1]
-    if row != 128 or cos.shape[-1] != D or cos.dtype != torch.float16 or k_scale.dtype != torch.float16:
+    if (row != 128 or cos.shape[-1] != D or cos.dtype != torch.float16 or k_scale.dtype != torch.float16
+            or q.dtype != torch.float16 or q.shape != (b, ngrp * HG, D)):
         raise ValueError("rotatekv_scores_cuda: needs 128-byte key rows (4 heads of 128 at 2 bits), fp16 "
-                         "scales and fp16 cos/sin tables [P, 128]")
+                         "queries [B, H, 128], fp16 scales and fp16 cos/sin tables [P, 128]")
     # the kernel indexes these as dense rows (the Triton pass's layout contract) and reads lengths
     # as int64 and positions as int32
-    if not (k_codes.is_contiguous() and k_scale.is_contiguous() and k_zero.is_contiguous() and cos.is_contiguous()
-            and sin.is_contiguous() and positions.is_contiguous() and positions.dtype == torch.int32):
-        raise ValueError("rotatekv_scores_cuda: codes, scales, zeros, cos/sin must be contiguous and positions "
-                         "contiguous int32")
+    dense = (q, k_codes, k_scale, k_zero, cos, sin, positions)
+    if not (all(t.is_contiguous() for t in dense) and positions.dtype == torch.int32):
+        raise ValueError("rotatekv_scores_cuda: queries, codes, scales, zeros, cos/sin must be contiguous and "
+                         "positions contiguous int32")
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
-    afrag = query_operands(q)
     offs = _offsets_on(gid, ngrp, q.device)
     _kernel(nq, q.device, min_blocks)(
         grid=(b * ngrp, num_splits, 1), block=(32 * WARPS, 1, 1),
-        args=[afrag, offs, k_codes, k_scale, k_zero, positions, cos, sin, lengths, scores, float(sm_scale), int(cap),
+        args=[q, offs, k_codes, k_scale, k_zero, positions, cos, sin, lengths, scores, float(sm_scale), int(cap),
               int(ngrp), int(split_len)])
     return scores

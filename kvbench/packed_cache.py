@@ -349,9 +349,13 @@ class PackedPerTokenCache(LayerCache):
             kq, vq = self.quantize_new(new)
             self.kstore.write(kq, dest)
             self.vstore.write(vq, dest)
-        b_idx = torch.arange(b, device=dest.device)[:, None]
-        self.positions[b_idx, dest] = torch.where(to_quant, new.positions, -1).to(torch.int32)
-        self.lengths += to_quant.sum(1)
+        stored = torch.where(to_quant, new.positions, -1).to(torch.int32)
+        if t == 1:  # one slot a row: a scatter and an add (no arange, index_put or reduction)
+            self.positions.scatter_(1, dest, stored)
+            self.lengths += to_quant[:, 0]
+        else:
+            self.positions[torch.arange(b, device=dest.device)[:, None], dest] = stored
+            self.lengths += to_quant.sum(1)
         if self.replay_chunks:
             self._chunks.append((dest, to_quant))
         if exact is not None:

@@ -23,8 +23,9 @@ its B operand (8 tokens a warp tile, one token a thread, 32 channels of each of 
   A_(h,a') [16 x 16] . W [16 x 8 tokens] gives U_f = q_i k_i + q_(i+64) k_(i+64) (rows 0-7) and
   V_f = q_(i+64) k_i - q_i k_(i+64) (rows 8-15) for 8 frequencies f at once, and a score is
   sum_f cos_f U_f + sin_f V_f (two FFMA). The A matrices (H_16 signs times query entries, fp16)
-  are built in each program's prologue from the queries and staged in shared memory
-  (`query_operands` builds the same fragments on the host, for `emulate_scores`).
+  are built from the queries in each program: a lane's fragment of (h, a') is two fp16 values
+  staged in the prologue, with the lane's column signs XORed in (`query_operands` builds the same
+  fragments on the host, for `emulate_scores`).
 
 Contract: `rotatekv_scores(...)` writes the same scratch scores [B, H, cap] (fp32, log2 domain,
 valid below each row's length) as `_rotatekv_scores_kernel`, so `decode_mha.values_from_scores`
@@ -290,7 +291,7 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
                 const long long* __restrict__ len, float* __restrict__ scr,
                 double sm_scale_d, int cap, int ngrp, int split_len) {
     asm volatile("griddepcontrol.launch_dependents;");  // the values pass may launch now (it waits for the scores)
-    __shared__ U4 s_a[4 * 8 * 32];                 // the 4 heads' A fragments, 16 KB
+    __shared__ uint2 s_uv[4 * 8 * 8 * 2];          // ((u, u), (v, v)) per (head, a', row g, t1): 4 KB
     // every lane's own copy of its token's scale row: group c of lane L of warp w at
     // s_sc[w / 2][c][L + 32 (w % 2)], so a lookup by all 32 lanes hits 32 banks whatever the groups
     __shared__ alignas(256) unsigned s_sc[2][NQ][64];
@@ -298,32 +299,29 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
     const int start = blockIdx.y * split_len;
     const int end = min(start + split_len, (int)len[b]);
     if (start >= end) return;
-    {   // The 4 heads' A fragments from the queries (what `query_operands` builds on the host): word w
-        // of lane l of (head h, a') holds rows g + 8 (w & 1), columns 2 t + 8 (w >> 1) + {0, 1},
-        // g = l / 4, t = l % 4. Row n < 8 is U_f = H16[bu] q_f + H16[bp] q_(f+64), row n + 8 is
-        // V_f = H16[bu] q_(f+64) - H16[bp] q_f (f = freq_of(a', n)): two exact fp16 terms summed in
-        // fp32 and rounded once, as the host's fp32 product and fp16 cast give.
+    // The 4 heads' A fragments, from two values a row. Row n < 8 of (head h, a') is
+    // U_f = H16[bu] q_f + H16[bp] q_(f+64) and row n + 8 is V_f = H16[bu] q_(f+64) - H16[bp] q_f
+    // (f = freq_of(a', n), bp = bu | 4, so H16[bp][k] = H16[bu][k] (-1)^(bit 2 of k)). Column k's
+    // bit 2 is bit 1 of the lane's t for all four of its columns, so lane (g, t) holds
+    // sign(H16[bu][k]) times u = (t1 ? q_f - q_(f+64) : q_f + q_(f+64)) in row g and
+    // v = (t1 ? q_f + q_(f+64) : q_(f+64) - q_f) in row g + 8: the prologue stages (u, u) and (v, v)
+    // per (h, a', g, t1), each summed in fp32 and rounded once (what `query_operands`' fp32 product
+    // and fp16 cast give, the sign being exact), and the loop XORs the lane's column signs in.
+    {
         float* s_q = (float*)&s_sc[0][0][0];  // the staging area, free until the loop (>= 4 KB)
         const unsigned short* qb = qh + (long long)(b * ngrp + grp) * 4 * 128;
         for (int i = threadIdx.x; i < 4 * 128; i += 128) s_q[i] = lo_f(qb[i]);
         __syncthreads();
-        unsigned* sa = (unsigned*)s_a;
-        for (int i = threadIdx.x; i < 4 * 8 * 32 * 4; i += 128) {
-            const int w = i & 3, l = (i >> 2) & 31, ap = (i >> 7) & 7, h = i >> 10;
-            const int r = (l >> 2) + 8 * (w & 1), n = r & 7;
-            const int k3 = n >> 2, t0 = (n >> 1) & 1, k0 = n & 1;
-            const int f = 32 * t0 + 16 * k3 + 8 * k0 + ap;
-            const int bu = 8 * k3 + 2 * t0 + k0, bp = bu | 4;
+        for (int i = threadIdx.x; i < 4 * 8 * 8 * 2; i += 128) {
+            const int t1 = i & 1, n = (i >> 1) & 7, ap = (i >> 4) & 7, h = i >> 7;
+            const int f = 32 * ((n >> 1) & 1) + 16 * (n >> 2) + 8 * (n & 1) + ap;
             const float qf = s_q[h * 128 + f], qg = s_q[h * 128 + f + 64];
-            unsigned short hv[2];
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                const int k = 2 * (l & 3) + 8 * (w >> 1) + c;
-                const float su = (__popc(bu & k) & 1) ? -1.f : 1.f, sp = (__popc(bp & k) & 1) ? -1.f : 1.f;
-                const float v = r < 8 ? qf * su + qg * sp : qg * su - qf * sp;
-                asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hv[c]) : "f"(v));
-            }
-            sa[i] = (unsigned)hv[0] | ((unsigned)hv[1] << 16);
+            const float u = t1 ? qf - qg : qf + qg, v = t1 ? qf + qg : qg - qf;
+            unsigned short hu, hv;
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hu) : "f"(u));
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hv) : "f"(v));
+            s_uv[i].x = (unsigned)hu * 0x10001u;
+            s_uv[i].y = (unsigned)hv * 0x10001u;
         }
         __syncthreads();
     }
@@ -331,6 +329,11 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int fbase = 32 * ((g >> 1) & 1) + 16 * (g >> 2) + 8 * (g & 1);
+    // sign bits of H16[bu][k] for this lane's A columns k = 2 t, 2 t + 1 (m01) and k + 8 (m89),
+    // bu = 8 k3 + 2 t0 + k0 of row n = g
+    const int bu = 8 * (g >> 2) + 2 * ((g >> 1) & 1) + (g & 1);
+    const unsigned m01 = ((__popc(bu & (2 * t)) & 1) << 15) | ((__popc(bu & (2 * t + 1)) & 1) << 31);
+    const unsigned m89 = ((__popc(bu & (2 * t + 8)) & 1) << 15) | ((__popc(bu & (2 * t + 9)) & 1) << 31);
     unsigned off[32];
     const U4* op = (const U4*)(offs + (grp * 4 + t) * 32);
 #pragma unroll
@@ -438,7 +441,8 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
 #pragma unroll
             for (int ap = 0; ap < 8; ++ap) {
                 float d[4];
-                mma16816(d, s_a[(h * 8 + ap) * 32 + lane], y[0][h][ap], y[1][h][ap]);
+                const uint2 w = s_uv[((h * 8 + ap) * 8 + g) * 2 + (t >> 1)];
+                mma16816(d, U4{w.x ^ m01, w.y ^ m01, w.x ^ m89, w.y ^ m89}, y[0][h][ap], y[1][h][ap]);
                 sc[h][0] = fmaf(sn0[ap], d[2], fmaf(cs0[ap], d[0], sc[h][0]));  // two FFMA, no FMUL/FADD
                 sc[h][1] = fmaf(sn1[ap], d[3], fmaf(cs1[ap], d[1], sc[h][1]));
             }

@@ -47,6 +47,39 @@ def test_exact_arithmetic_leaves_only_operand_rounding():
     assert (got.double() - want).abs().max() <= 1e-3 * want.abs().max()
 
 
+def test_query_fragments_are_two_values_times_the_lanes_column_signs():
+    """The kernel does not load `query_operands`' fragments: it stages, per (head, a', row g, t1),
+    u = q_f + q_(f+64) (t1 = 0) or q_f - q_(f+64) and v = q_(f+64) - q_f or q_f + q_(f+64), each
+    rounded once to fp16, and XORs in the signs of H16[bu(g)] at the lane's columns 2t, 2t+1 (word 0
+    and 1) and 2t+8, 2t+9 (words 2 and 3). That identity (H16[bu | 4][k] = H16[bu][k] (-1)^(bit 2
+    of k), bit 2 of k = bit 1 of t for all four columns) must give the host's fragments bit for bit,
+    extreme values included, up to the sign of a zero (where q_f = -q_(f+64) the XOR gives -0 and the
+    host +0: the same in every product sum, the accumulator starting at +0; the GPU check found the
+    scores bit-identical)."""
+    gen = torch.Generator().manual_seed(11)
+    q = (torch.randn(2, 8, 128, generator=gen) * 4).half()
+    q[0, 0, 3], q[0, 0, 67], q[1, 2, 10], q[1, 2, 74] = 6e4, -3e-5, 1.5, -1.5  # overflow-edge and q_f = -q_(f+64)
+    want = rc.query_operands(q).view(torch.float16).reshape(2, 8, 8, 32, 8)  # [B, H, a', lane, half]
+    qf = q.float()
+    got = torch.empty_like(want)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        t1 = t >> 1
+        bu = 8 * (g >> 2) + 2 * ((g >> 1) & 1) + (g & 1)
+        sign = [(-1.0) ** bin(bu & k).count("1") for k in (2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9)]
+        for ap in range(8):
+            f = rc.freq_of(ap, g)
+            a, c = qf[..., f], qf[..., f + 64]
+            u = (a - c if t1 else a + c).half()
+            v = (a + c if t1 else c - a).half()
+            # halves: (g, 2t) (g, 2t+1) (g+8, 2t) (g+8, 2t+1) (g, 2t+8) (g, 2t+9) (g+8, 2t+8) (g+8, 2t+9)
+            for e, (val, s) in enumerate(((u, 0), (u, 1), (v, 0), (v, 1), (u, 2), (u, 3), (v, 2), (v, 3))):
+                got[:, :, ap, lane, e] = val * sign[s]
+    differ = got.view(torch.int16) != want.view(torch.int16)
+    assert torch.equal(got, want) and differ.any()  # the planted q_f = -q_(f+64) makes the signed zeros
+    assert (got[differ] == 0).all()
+
+
 def test_group_offsets_hold_each_elements_group_in_the_kernels_order():
     gen = torch.Generator().manual_seed(0)
     gid = (torch.randperm(2 * 512, generator=gen) // 128).to(torch.int32)

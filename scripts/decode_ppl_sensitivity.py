@@ -18,13 +18,14 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from kvbench.calibration import calibrate
 from kvbench.model import load_model
 from kvbench.registry import methods
 from kvbench.session import KVSession
 from kvbench.windows import wikitext_windows
+
+from gpu_decode_ppl import decode_nll  # noqa: E402  the same teacher-forced decode loop (this script's directory)
 
 CASES = [
     ("fp16", "fp16", {}),
@@ -66,11 +67,8 @@ def main() -> int:
             noise["eps"], noise["gen"] = eps, torch.Generator().manual_seed(seed or 0)
             nll = n = 0
             for w in windows:
-                session, ids = KVSession(m, lm.geometry), w[None]
-                for t in range(ids.shape[1] - 1):
-                    logits = lm.forward(session, ids[:, t : t + 1], torch.tensor([[t]]), logits_to_keep=1)[0, -1]
-                    nll += float(F.cross_entropy(logits[None], ids[0, t + 1 : t + 2]))
-                    n += 1
+                a_, b_ = decode_nll(lm, m, w)
+                nll, n = nll + a_, n + b_
             row["runs"].append({"eps": eps, "seed": seed, "ppl": math.exp(nll / n)})
         base = row["runs"][0]["ppl"]
         row["max_rel_shift"] = max(abs(r["ppl"] / base - 1) for r in row["runs"][1:])

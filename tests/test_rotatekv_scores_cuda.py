@@ -1,7 +1,7 @@
 """The CUDA scores pass's dataflow on CPU: `emulate_scores` uses the kernel's own operands (the A
-fragments from `query_operands`, which the kernel builds in its prologue, the packed group indices)
-and index maps, so these tests
-check everything but the CUDA source's arithmetic, which `checks.check_rotatekv_scores_cuda` checks
+fragments from `query_operands`, which the kernel builds from two staged values a row, and the
+packed group indices) and index maps, so these tests check everything but the CUDA source's
+arithmetic, which `checks.check_rotatekv_scores_cuda` checks
 on the GPU against the same emulation and the float64 reference."""
 
 import math

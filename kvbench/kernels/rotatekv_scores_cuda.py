@@ -23,9 +23,12 @@ its B operand (8 tokens a warp tile, one token a thread, 32 channels of each of 
   A_(h,a') [16 x 16] . W [16 x 8 tokens] gives U_f = q_i k_i + q_(i+64) k_(i+64) (rows 0-7) and
   V_f = q_(i+64) k_i - q_i k_(i+64) (rows 8-15) for 8 frequencies f at once, and a score is
   sum_f cos_f U_f + sin_f V_f (two FFMA). The A matrices (H_16 signs times query entries, fp16)
-  are built from the queries in each program: a lane's fragment of (h, a') is two fp16 values
-  staged in the prologue, with the lane's column signs XORed in (`query_operands` builds the same
-  fragments on the host, for `emulate_scores`).
+  are built from the queries in each program's prologue: a lane's fragment of (h, a') is two fp16
+  values with the lane's column signs XORed in, staged whole for the loop (`query_operands` builds
+  the same fragments on the host, for `emulate_scores`).
+* **the loop**: a warp's next tile's global loads (and the positions of the one after it) issue
+  first in each iteration, before its shared-memory traffic; the 8 lanes' partial scores of a token
+  are summed by a 7-shuffle reduce-scatter.
 
 Contract: `rotatekv_scores(...)` writes the same scratch scores [B, H, cap] (fp32, log2 domain,
 valid below each row's length) as `_rotatekv_scores_kernel`, so `decode_mha.values_from_scores`
@@ -243,31 +246,60 @@ __device__ __forceinline__ void mma16816(float* d, U4 a, unsigned b0, unsigned b
                  : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1), "f"(0.f), "f"(0.f), "f"(0.f), "f"(0.f));
 }
 
+__device__ __forceinline__ unsigned ldg1(const void* p) {
+    unsigned v; asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(p)); return v;
+}
+__device__ __forceinline__ uint2 ldg2(const void* p) {
+    uint2 v; asm volatile("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p)); return v;
+}
+
 struct Tile {          // one warp tile's global loads, issued a tile ahead
     U4 k0, k1;         // this lane's 32 key bytes of token g (B role)
     unsigned s[QPL / 2 > 0 ? QPL / 2 : 1], z[QPL / 2 > 0 ? QPL / 2 : 1];  // its share of token g's scale row
     U4 c0, s0, c1, s1; // cos / sin of frequencies fbase .. fbase + 7 at tokens 2t, 2t + 1 (D role)
 };
 
+// Every load is volatile asm, so the loads of the next tile issue in program order at the top of an
+// iteration, before its shared-memory traffic: a plain load the compiler sinks among the lookups
+// waits behind them in the memory pipe, and so does the next instruction that reuses its address
+// registers (the profile's largest long-scoreboard stall). The positions are loaded a tile earlier
+// still, as the cos / sin addresses depend on them.
+__device__ __forceinline__ void load_pos(const int* pos_b, int tk0, int end, int t, int& p0, int& p1) {
+    int last = end - 1;
+    p0 = (int)ldg1(pos_b + min(tk0 + 2 * t, last));
+    p1 = (int)ldg1(pos_b + min(tk0 + 2 * t + 1, last));
+}
+
 __device__ __forceinline__ Tile load_tile(const unsigned char* kc_row, const unsigned short* ks_b,
-                                          const unsigned short* kz_b, const int* pos_b,
+                                          const unsigned short* kz_b, int p0, int p1,
                                           const unsigned short* cosb, const unsigned short* sinb,
                                           int tk0, int end, int g, int t, int fbase) {
     Tile r;
-    int last = end - 1;
-    int tb = min(tk0 + g, last);  // rows past the end re-read the last one (their scores are not stored)
+    int tb = min(tk0 + g, end - 1);  // rows past the end re-read the last one (their scores are not stored)
     const unsigned char* kp = kc_row + (long long)tb * 128 + 32 * t;
     r.k0 = ldg4(kp);
     r.k1 = ldg4(kp + 16);
-    const unsigned short* sp = ks_b + (long long)tb * NQ + t * QPL;
+    const unsigned short* sp = ks_b + (long long)tb * NQ + t * QPL;  // QPL halves, 2 QPL-byte aligned
     const unsigned short* zp = kz_b + (long long)tb * NQ + t * QPL;
+#if QPL % 8 == 0
 #pragma unroll
-    for (int i = 0; i < QPL / 2; ++i) {
-        r.s[i] = *(const unsigned*)(sp + 2 * i);
-        r.z[i] = *(const unsigned*)(zp + 2 * i);
+    for (int i = 0; i < QPL / 8; ++i) {
+        U4 a = ldg4(sp + 8 * i), c = ldg4(zp + 8 * i);
+        r.s[4 * i] = a.x; r.s[4 * i + 1] = a.y; r.s[4 * i + 2] = a.z; r.s[4 * i + 3] = a.w;
+        r.z[4 * i] = c.x; r.z[4 * i + 1] = c.y; r.z[4 * i + 2] = c.z; r.z[4 * i + 3] = c.w;
     }
-    int p0 = max(pos_b[min(tk0 + 2 * t, last)], 0);
-    int p1 = max(pos_b[min(tk0 + 2 * t + 1, last)], 0);
+#elif QPL % 4 == 0
+#pragma unroll
+    for (int i = 0; i < QPL / 4; ++i) {
+        uint2 a = ldg2(sp + 4 * i), c = ldg2(zp + 4 * i);
+        r.s[2 * i] = a.x; r.s[2 * i + 1] = a.y; r.z[2 * i] = c.x; r.z[2 * i + 1] = c.y;
+    }
+#else
+#pragma unroll
+    for (int i = 0; i < QPL / 2; ++i) { r.s[i] = ldg1(sp + 2 * i); r.z[i] = ldg1(zp + 2 * i); }
+#endif
+    p0 = max(p0, 0);
+    p1 = max(p1, 0);
     r.c0 = ldg4(cosb + (long long)p0 * 128 + fbase);
     r.s0 = ldg4(sinb + (long long)p0 * 128 + fbase);
     r.c1 = ldg4(cosb + (long long)p1 * 128 + fbase);
@@ -291,7 +323,6 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
                 const long long* __restrict__ len, float* __restrict__ scr,
                 double sm_scale_d, int cap, int ngrp, int split_len) {
     asm volatile("griddepcontrol.launch_dependents;");  // the values pass may launch now (it waits for the scores)
-    __shared__ uint2 s_uv[4 * 8 * 8 * 2];          // ((u, u), (v, v)) per (head, a', row g, t1): 4 KB
     // every lane's own copy of its token's scale row: group c of lane L of warp w at
     // s_sc[w / 2][c][L + 32 (w % 2)], so a lookup by all 32 lanes hits 32 banks whatever the groups
     __shared__ alignas(256) unsigned s_sc[2][NQ][64];
@@ -301,27 +332,33 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
     if (start >= end) return;
     // The 4 heads' A fragments, from two values a row. Row n < 8 of (head h, a') is
     // U_f = H16[bu] q_f + H16[bp] q_(f+64) and row n + 8 is V_f = H16[bu] q_(f+64) - H16[bp] q_f
-    // (f = freq_of(a', n), bp = bu | 4, so H16[bp][k] = H16[bu][k] (-1)^(bit 2 of k)). Column k's
-    // bit 2 is bit 1 of the lane's t for all four of its columns, so lane (g, t) holds
-    // sign(H16[bu][k]) times u = (t1 ? q_f - q_(f+64) : q_f + q_(f+64)) in row g and
-    // v = (t1 ? q_f + q_(f+64) : q_(f+64) - q_f) in row g + 8: the prologue stages (u, u) and (v, v)
-    // per (h, a', g, t1), each summed in fp32 and rounded once (what `query_operands`' fp32 product
-    // and fp16 cast give, the sign being exact), and the loop XORs the lane's column signs in.
+    // (f = freq_of(a', n), bu = 8 k3 + 2 t0 + k0 of row n, bp = bu | 4, so H16[bp][k] =
+    // H16[bu][k] (-1)^(bit 2 of k)). Column k's bit 2 is bit 1 of the lane's t for all four of its
+    // columns, so lane (g, t) holds sign(H16[bu][k]) times u = (t1 ? q_f - q_(f+64) : q_f + q_(f+64))
+    // in row g and v = (t1 ? q_f + q_(f+64) : q_(f+64) - q_f) in row g + 8: each summed in fp32 and
+    // rounded once (what `query_operands`' fp32 product and fp16 cast give, the sign being exact),
+    // the lane's column signs (m01 for columns 2 t, 2 t + 1, m89 for those + 8) XORed in. Each lane's
+    // fragments are staged whole: one 16-byte load an mma in the loop (building them there from two
+    // values and 4 XORs an mma measured 5% slower: the pass is issue-bound).
+    __shared__ U4 s_frag[4 * 8][32];  // [head h * 8 + a'][lane]: 16 KB
     {
         float* s_q = (float*)&s_sc[0][0][0];  // the staging area, free until the loop (>= 4 KB)
         const unsigned short* qb = qh + (long long)(b * ngrp + grp) * 4 * 128;
         for (int i = threadIdx.x; i < 4 * 128; i += 128) s_q[i] = lo_f(qb[i]);
         __syncthreads();
-        for (int i = threadIdx.x; i < 4 * 8 * 8 * 2; i += 128) {
-            const int t1 = i & 1, n = (i >> 1) & 7, ap = (i >> 4) & 7, h = i >> 7;
-            const int f = 32 * ((n >> 1) & 1) + 16 * (n >> 2) + 8 * (n & 1) + ap;
+        for (int i = threadIdx.x; i < 32 * 32; i += 128) {
+            const int L = i & 31, n = L >> 2, t1 = (L >> 1) & 1, ap = (i >> 5) & 7, h = i >> 8;
+            const int f = 32 * ((n >> 1) & 1) + 16 * (n >> 2) + 8 * (n & 1) + ap, tk = 2 * (L & 3);
+            const int bu = 8 * (n >> 2) + 2 * ((n >> 1) & 1) + (n & 1);
+            const unsigned m01 = ((__popc(bu & tk) & 1) << 15) | ((__popc(bu & (tk + 1)) & 1) << 31);
+            const unsigned m89 = ((__popc(bu & (tk + 8)) & 1) << 15) | ((__popc(bu & (tk + 9)) & 1) << 31);
             const float qf = s_q[h * 128 + f], qg = s_q[h * 128 + f + 64];
             const float u = t1 ? qf - qg : qf + qg, v = t1 ? qf + qg : qg - qf;
             unsigned short hu, hv;
             asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hu) : "f"(u));
             asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hv) : "f"(v));
-            s_uv[i].x = (unsigned)hu * 0x10001u;
-            s_uv[i].y = (unsigned)hv * 0x10001u;
+            const unsigned uu = (unsigned)hu * 0x10001u, vv = (unsigned)hv * 0x10001u;
+            s_frag[i >> 5][L] = U4{uu ^ m01, vv ^ m01, uu ^ m89, vv ^ m89};
         }
         __syncthreads();
     }
@@ -329,11 +366,6 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int fbase = 32 * ((g >> 1) & 1) + 16 * (g >> 2) + 8 * (g & 1);
-    // sign bits of H16[bu][k] for this lane's A columns k = 2 t, 2 t + 1 (m01) and k + 8 (m89),
-    // bu = 8 k3 + 2 t0 + k0 of row n = g
-    const int bu = 8 * (g >> 2) + 2 * ((g >> 1) & 1) + (g & 1);
-    const unsigned m01 = ((__popc(bu & (2 * t)) & 1) << 15) | ((__popc(bu & (2 * t + 1)) & 1) << 31);
-    const unsigned m89 = ((__popc(bu & (2 * t + 8)) & 1) << 15) | ((__popc(bu & (2 * t + 9)) & 1) << 31);
     unsigned off[32];
     const U4* op = (const U4*)(offs + (grp * 4 + t) * 32);
 #pragma unroll
@@ -364,8 +396,14 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
     float* scr_b = scr + ((long long)b * H + grp * 4) * cap;
 
     int tk0 = start + warp * 8;
-    Tile cur = load_tile(kc_row, ks_b, kz_b, pos_b, cosb, sinb, tk0, end, g, t, fbase);
+    int p0, p1;
+    load_pos(pos_b, tk0, end, t, p0, p1);
+    Tile cur = load_tile(kc_row, ks_b, kz_b, p0, p1, cosb, sinb, tk0, end, g, t, fbase);
+    load_pos(pos_b, tk0 + 32, end, t, p0, p1);
     for (; tk0 < end; tk0 += 32) {
+        // the next tile's loads first, then the positions of the one after it (see load_pos)
+        Tile nxt = load_tile(kc_row, ks_b, kz_b, p0, p1, cosb, sinb, tk0 + 32, end, g, t, fbase);
+        load_pos(pos_b, tk0 + 64, end, t, p0, p1);
         // stage token g's scale row share: (1024 + z, s) per group, z + 1024 exact in fp16
         __syncwarp();
 #pragma unroll
@@ -379,7 +417,6 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
             }
         }
         __syncwarp();
-        Tile nxt = load_tile(kc_row, ks_b, kz_b, pos_b, cosb, sinb, tk0 + 32, end, g, t, fbase);
 
         // dequantize: y[k3][h'][a] = (c - z) * s for channels (k0 = 0, 1) of j = 32 t + 16 k3 + 8 k0 + a
         unsigned y[2][4][8];
@@ -441,31 +478,29 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
 #pragma unroll
             for (int ap = 0; ap < 8; ++ap) {
                 float d[4];
-                const uint2 w = s_uv[((h * 8 + ap) * 8 + g) * 2 + (t >> 1)];
-                mma16816(d, U4{w.x ^ m01, w.y ^ m01, w.x ^ m89, w.y ^ m89}, y[0][h][ap], y[1][h][ap]);
+                mma16816(d, s_frag[h * 8 + ap][lane], y[0][h][ap], y[1][h][ap]);
                 sc[h][0] = fmaf(sn0[ap], d[2], fmaf(cs0[ap], d[0], sc[h][0]));  // two FFMA, no FMUL/FADD
                 sc[h][1] = fmaf(sn1[ap], d[3], fmaf(cs1[ap], d[1], sc[h][1]));
             }
         }
-        // sum over the 8 lanes of a quad position (the frequencies), then lane (g < 4, t) stores
-        // head g's tokens 2t, 2t + 1
+        // sum over the 8 lanes of a quad position (the frequencies) as a reduce-scatter: at each
+        // level a lane keeps half its values and adds the partner's copies of them: the same pairs
+        // as `v += shfl_xor(v, 4); 8; 16` (so the same sums) in 7 shuffles instead of 24. Lane
+        // (g, t) ends with value i = 2 h + j = 4 g0 + 2 g1 + g2: head 2 g0 + g1, token 2 t + g2.
+        {
+            const bool b0 = g & 1, b1 = (g >> 1) & 1, b2 = (g >> 2) & 1;
+            float w[4], x[2];
 #pragma unroll
-        for (int h = 0; h < 4; ++h)
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                float v = sc[h][j];
-                v += __shfl_xor_sync(0xffffffffu, v, 4);
-                v += __shfl_xor_sync(0xffffffffu, v, 8);
-                v += __shfl_xor_sync(0xffffffffu, v, 16);
-                sc[h][j] = v;
+            for (int m = 0; m < 4; ++m) {  // value m + 4 b0 (h = m / 2 + 2 b0, j = m % 2)
+                const float lo = sc[m >> 1][m & 1], hi = sc[2 + (m >> 1)][m & 1];
+                w[m] = (b0 ? hi : lo) + __shfl_xor_sync(0xffffffffu, b0 ? lo : hi, 4);
             }
-        if (g < 4) {
-            float v0 = g == 0 ? sc[0][0] : g == 1 ? sc[1][0] : g == 2 ? sc[2][0] : sc[3][0];
-            float v1 = g == 0 ? sc[0][1] : g == 1 ? sc[1][1] : g == 2 ? sc[2][1] : sc[3][1];
-            int tok = tk0 + 2 * t;
-            float* row = scr_b + (long long)g * cap;
-            if (tok < end) row[tok] = v0 * sm_scale;
-            if (tok + 1 < end) row[tok + 1] = v1 * sm_scale;
+#pragma unroll
+            for (int m = 0; m < 2; ++m)  // value m + 2 b1 + 4 b0
+                x[m] = (b1 ? w[m + 2] : w[m]) + __shfl_xor_sync(0xffffffffu, b1 ? w[m] : w[m + 2], 8);
+            const float v = (b2 ? x[1] : x[0]) + __shfl_xor_sync(0xffffffffu, b2 ? x[0] : x[1], 16);
+            const int tok = tk0 + 2 * t + b2;
+            if (tok < end) scr_b[(long long)(2 * b0 + b1) * cap + tok] = v * sm_scale;
         }
         cur = nxt;
     }

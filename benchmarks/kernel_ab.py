@@ -1,0 +1,158 @@
+"""A/B of the hand-laid CUDA decode passes on one machine: Llama-2-7B shape, B8 x 8192. Each
+variant is timed as 20 launches captured in a CUDA graph, the variants alternating over rounds
+(so clock and thermal drift fall on all of them alike), and its outputs are compared with the
+first variant's, bit for bit, at full and at ragged lengths.
+
+    python benchmarks/kernel_ab.py rotatekv_scores --out ab.json [--baseline old.py] [--variants 2,2 3,3]
+    python benchmarks/kernel_ab.py values --out ab.json --baseline old_values_cuda.py
+
+`--baseline` names a copy of an older module (`git show REV:kvbench/kernels/rotatekv_scores_cuda.py`
+or `.../values_cuda.py`), timed first. For `rotatekv_scores`, `--variants` lists the shipped
+module's launch settings as `min_blocks,splits_per_sm` (programs an SM its registers are held to,
+splits an SM); `values` compares the baseline with the shipped module on the three value layouts
+the decode reads use (RotateKV's groups of 128, quarot's of 64 rotated back, KIVI's of 32 with
+float zeros).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import statistics
+
+import torch
+
+from kvbench.kernels import checks, nvrtc
+from kvbench.kernels import rotatekv_scores_cuda, values_cuda
+from kvbench.kernels.decode_attention import split_plan
+
+B, HEADS, CAP = 8, 32, 8192
+RAGGED = [CAP, 5001, 33, 8100, 1, 4097, 7777, 257]
+
+
+def _module(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _graph_ms(fn, calls=20, reps=15):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    ts = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        graph.replay()
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1) / calls)
+    return statistics.median(ts)
+
+
+def compare(variants, outputs, rounds):
+    """variants: [(name, run(lengths) -> tensors)]; outputs of each against the first's; then times
+    at full length, alternating."""
+    dev = torch.device("cuda")
+    lengths = {"full": torch.full((B,), CAP, device=dev), "ragged": torch.tensor(RAGGED, device=dev)}
+    ref = {k: outputs(variants[0][1], n) for k, n in lengths.items()}
+    rows = {}
+    for name, run in variants:
+        row = rows.setdefault(name, {})
+        for k, n in lengths.items():
+            got = outputs(run, n)
+            row[f"{k}_bit_identical"] = all(torch.equal(x, y) for x, y in zip(got, ref[k]))
+            row[f"{k}_max_abs_diff"] = max(float((x - y).abs().max()) for x, y in zip(got, ref[k]))
+    times = {name: [] for name, _ in variants}
+    for _ in range(rounds):
+        for name, run in variants:
+            times[name].append(_graph_ms(lambda run=run: run(lengths["full"])))
+    for name, ts in times.items():
+        rows[name].update(ms_median=statistics.median(ts), ms_all=ts)
+        print(name, {k: v for k, v in rows[name].items() if k != "ms_all"}, flush=True)
+    return rows
+
+
+def rotatekv_scores(args):
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    kc, ks, kz, gid, *_, pos, cos, sin = checks.rotatekv_inputs(gen, B, HEADS, 1, 128, CAP, 2, 128, 4, "cuda")
+    q = torch.randn(B, HEADS, 128, generator=gen).half().cuda()
+    sm = 128**-0.5 * 1.4426950408889634 / math.sqrt(512)  # the butterfly is unnormalized
+    scr = torch.empty(B, HEADS, CAP, device=dev)
+
+    def launcher(mod, min_blocks, per_sm):
+        kernel = nvrtc.compile_source(mod.source(32, min_blocks), "rotatekv_scores", dev)
+        ns, nit = split_plan(CAP, 32, B * HEADS // 4, "cuda", per_sm=per_sm)
+
+        def run(lengths):
+            saved = mod._kernel
+            mod._kernel = lambda *a, **k: kernel
+            try:
+                return mod.rotatekv_scores(q, kc, ks, kz, gid, lengths, pos, cos, sin, sm, scr, split_len=nit * 32,
+                                           num_splits=ns, min_blocks=min_blocks)
+            finally:
+                mod._kernel = saved
+        return run
+
+    def outputs(run, lengths):
+        scr.fill_(float("nan"))
+        run(lengths)
+        valid = torch.arange(CAP, device=dev)[None, None] < lengths[:, None, None]
+        return [torch.where(valid, scr, torch.zeros_like(scr))]
+
+    variants = []
+    if args.baseline:
+        variants.append(("baseline", launcher(_module(args.baseline, "baseline"), 2, 2)))
+    for spec in args.variants:
+        mb, sp = (int(x) for x in spec.split(","))
+        variants.append((f"min_blocks={mb} splits_per_sm={sp}", launcher(rotatekv_scores_cuda, mb, sp)))
+    return compare(variants, outputs, args.rounds)
+
+
+def values(args):
+    if not args.baseline:
+        raise SystemExit("kernel_ab.py values: --baseline (an older values_cuda.py) is required")
+    dev = torch.device("cuda")
+    old = _module(args.baseline, "baseline")
+    gen = torch.Generator().manual_seed(0)
+    scores = (torch.randn(B, HEADS, CAP, generator=gen) * 2).to(dev)
+    rows = {}
+    for layout, group, integer_zero, rotate_out in (("G128 (rotatekv)", 128, True, False),
+                                                    ("G64 rotated (quarot)", 64, True, True),
+                                                    ("G32 float zeros (kivi)", 32, False, False)):
+        vc, vs, vz = checks._store(gen, B, HEADS, CAP, 128, 2, group, dev, float_zero=not integer_zero)
+
+        def run_of(mod):
+            return lambda lengths: mod.values_from_scores(scores, vc, vs, vz, lengths, group_size=group,
+                                                          integer_zero=integer_zero, rotate_out=rotate_out)
+        print(layout, flush=True)
+        rows[layout] = compare([("baseline", run_of(old)), ("shipped", run_of(values_cuda))],
+                               lambda run, n: list(run(n)), args.rounds)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kernel", choices=["rotatekv_scores", "values"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--baseline", default=None)
+    ap.add_argument("--variants", nargs="+", default=["2,2"])
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    rows = (rotatekv_scores if args.kernel == "rotatekv_scores" else values)(args)
+    with open(args.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "kernel": args.kernel, "variants": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

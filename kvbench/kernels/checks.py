@@ -338,7 +338,8 @@ def check_rotatekv_scores_cuda(device, results=None):
 
     results = [] if results is None else results
     gen = torch.Generator().manual_seed(5)
-    for b, hkv, cap, lens in ((4, 8, 700, [700, 699, 311, 2]), (2, 32, 333, [333, 17])):
+    # 8, 16 and 32 key groups a token: each width of the kernel's scale-row loads (4, 8, 16 bytes a lane)
+    for b, hkv, cap, lens in ((4, 8, 700, [700, 699, 311, 2]), (3, 16, 129, [129, 64, 1]), (2, 32, 333, [333, 17])):
         for perm in (True, False):
             kc, ks, kz, gid, *_, pos, cos, sin = rotatekv_inputs(gen, b, hkv, 1, 128, cap, 2, 128, 4, device)
             g = gid if perm else None

@@ -5,13 +5,14 @@ first variant's, bit for bit, at full and at ragged lengths.
 
     python benchmarks/kernel_ab.py rotatekv_scores --out ab.json [--baseline old.py] [--variants 2,2 3,3]
     python benchmarks/kernel_ab.py values --out ab.json --baseline old_values_cuda.py
+    python benchmarks/kernel_ab.py kivi_scores --out ab.json --baseline old_kivi_scores_cuda.py
 
 `--baseline` names a copy of an older module (`git show REV:kvbench/kernels/rotatekv_scores_cuda.py`
 or `.../values_cuda.py`), timed first. For `rotatekv_scores`, `--variants` lists the shipped
 module's launch settings as `min_blocks,splits_per_sm` (programs an SM its registers are held to,
-splits an SM); `values` compares the baseline with the shipped module on the three value layouts
+splits an SM), for `kivi_scores` the splits a row; `values` compares the baseline with the shipped module on the three value layouts
 the decode reads use (RotateKV's groups of 128, quarot's of 64 rotated back, KIVI's of 32 with
-float zeros).
+float zeros); `kivi_scores` compares KIVI's key pass (scores and 16-token tile maxima).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import statistics
 import torch
 
 from kvbench.kernels import checks, nvrtc
-from kvbench.kernels import rotatekv_scores_cuda, values_cuda
+from kvbench.kernels import kivi_scores_cuda, rotatekv_scores_cuda, values_cuda
 from kvbench.kernels.decode_attention import split_plan
 
 B, HEADS, CAP = 8, 32, 8192
@@ -141,15 +142,47 @@ def values(args):
     return rows
 
 
+def kivi_scores(args):
+    if not args.baseline:
+        raise SystemExit("kernel_ab.py kivi_scores: --baseline (an older kivi_scores_cuda.py) is required")
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    capg = CAP // 32
+    kc, ks, kz, _ = checks._kivi_store(gen, B, HEADS, capg, 128, 2, 32, dev)
+    q = torch.randn(B, HEADS, 128, generator=gen).half().to(dev)
+    scr = torch.empty(B, HEADS, CAP, device=dev)
+    tmax = torch.empty(B, HEADS, CAP // 16, device=dev)
+    step = kivi_scores_cuda.WARPS * kivi_scores_cuda.GROUPS_PER_WARP
+    tiles = -(-capg // step)
+
+    def run_of(mod, splits):  # `splits` programs a row, the groups shared evenly (as in a captured step)
+        per = -(-tiles // splits)
+        return lambda lengths: mod.kivi_scores(q, kc, ks, kz, lengths // 32 * 32, 128**-0.5 * 1.4426950408889634,
+                                               scr, tmax, split_groups=per * step, num_splits=-(-tiles // per))
+
+    def outputs(run, lengths):
+        scr.fill_(float("nan"))
+        tmax.fill_(float("nan"))
+        run(lengths)
+        return [torch.nan_to_num(scr.clone(), nan=0.0), torch.nan_to_num(tmax.clone(), nan=0.0)]
+
+    old = _module(args.baseline, "baseline")
+    variants = [("baseline, splits=2", run_of(old, 2))]
+    for spec in args.variants:  # splits a row
+        variants += [(f"baseline, splits={spec}", run_of(old, int(spec))),
+                     (f"shipped, splits={spec}", run_of(kivi_scores_cuda, int(spec)))]
+    return compare(variants, outputs, args.rounds)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("kernel", choices=["rotatekv_scores", "values"])
+    ap.add_argument("kernel", choices=["rotatekv_scores", "values", "kivi_scores"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--baseline", default=None)
     ap.add_argument("--variants", nargs="+", default=["2,2"])
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    rows = (rotatekv_scores if args.kernel == "rotatekv_scores" else values)(args)
+    rows = {"rotatekv_scores": rotatekv_scores, "values": values, "kivi_scores": kivi_scores}[args.kernel](args)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "kernel": args.kernel, "variants": rows}, f, indent=1)
 

@@ -35,7 +35,11 @@ D = 128
 G = 32  # tokens a group (the 8-byte channel rows at 2 bits)
 WARPS = 4
 GROUPS_PER_WARP = 8  # a warp's groups an iteration (the products' rows / columns)
-SPLITS_PER_SM = 4
+# programs an SM the grid is sized for (`split_plan`, captured steps): two waves of the three
+# resident programs (MIN_BLOCKS). At B8 x 8192 (256 rows) 4 gave 2 splits, 512 programs on 396
+# slots, 1.29 waves: 0.0705 ms; 6 gives 3 splits, 768 programs, 1.94 waves: 0.0586 (twelfth
+# session, results/gpu/nvidia-h100-80gb-hbm3/session12/ab-kivi-scores-splits.json)
+SPLITS_PER_SM = 6
 
 
 def supports(gq: int, head_dim: int, bits: int, group_size: int) -> bool:

@@ -120,7 +120,16 @@ def rotatekv_scores(args):
     return compare(variants, outputs, args.rounds)
 
 
+def _merged(run, lengths):
+    """The values pass's split partials merged by their log-sum-exp weights (so that split counts compare)."""
+    o, lse = run(lengths)
+    w = torch.softmax(torch.nan_to_num(lse, neginf=-1e30), -1)
+    return [(o * w[..., None]).sum(2)]
+
+
 def values(args):
+    """The baseline module (default splits), then the shipped one at each of `--variants`' split
+    counts ("auto": the launcher's plan)."""
     if not args.baseline:
         raise SystemExit("kernel_ab.py values: --baseline (an older values_cuda.py) is required")
     dev = torch.device("cuda")
@@ -133,12 +142,15 @@ def values(args):
                                                     ("G32 float zeros (kivi)", 32, False, False)):
         vc, vs, vz = checks._store(gen, B, HEADS, CAP, 128, 2, group, dev, float_zero=not integer_zero)
 
-        def run_of(mod):
+        def run_of(mod, splits=None):
             return lambda lengths: mod.values_from_scores(scores, vc, vs, vz, lengths, group_size=group,
-                                                          integer_zero=integer_zero, rotate_out=rotate_out)
+                                                          integer_zero=integer_zero, rotate_out=rotate_out,
+                                                          num_splits=splits)
         print(layout, flush=True)
-        rows[layout] = compare([("baseline", run_of(old)), ("shipped", run_of(values_cuda))],
-                               lambda run, n: list(run(n)), args.rounds)
+        variants = [("baseline", run_of(old))]
+        variants += [(f"shipped, splits={v}", run_of(values_cuda, None if v == "auto" else int(v)))
+                     for v in (args.variants if args.variants != ["2,2"] else ["auto"])]
+        rows[layout] = compare(variants, _merged, args.rounds)
     return rows
 
 

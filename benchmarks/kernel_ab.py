@@ -10,7 +10,7 @@ first variant's, bit for bit, at full and at ragged lengths.
 `--baseline` names a copy of an older module (`git show REV:kvbench/kernels/rotatekv_scores_cuda.py`
 or `.../values_cuda.py`), timed first. For `rotatekv_scores`, `--variants` lists the shipped
 module's launch settings as `min_blocks,splits_per_sm` (programs an SM its registers are held to,
-splits an SM), for `kivi_scores` the splits a row; `values` compares the baseline with the shipped module on the three value layouts
+splits an SM), for `kivi_scores` the splits a row (`splits[,min_blocks]`); `values` compares the baseline with the shipped module on the three value layouts
 the decode reads use (RotateKV's groups of 128, quarot's of 64 rotated back, KIVI's of 32 with
 float zeros); `kivi_scores` compares KIVI's key pass (scores and 16-token tile maxima).
 """
@@ -167,10 +167,11 @@ def kivi_scores(args):
     step = kivi_scores_cuda.WARPS * kivi_scores_cuda.GROUPS_PER_WARP
     tiles = -(-capg // step)
 
-    def run_of(mod, splits):  # `splits` programs a row, the groups shared evenly (as in a captured step)
+    def run_of(mod, splits, min_blocks=None):  # `splits` programs a row, the groups shared evenly (as captured)
         per = -(-tiles // splits)
+        kw = {} if min_blocks is None else {"min_blocks": min_blocks}
         return lambda lengths: mod.kivi_scores(q, kc, ks, kz, lengths // 32 * 32, 128**-0.5 * 1.4426950408889634,
-                                               scr, tmax, split_groups=per * step, num_splits=-(-tiles // per))
+                                               scr, tmax, split_groups=per * step, num_splits=-(-tiles // per), **kw)
 
     def outputs(run, lengths):
         scr.fill_(float("nan"))
@@ -180,9 +181,11 @@ def kivi_scores(args):
 
     old = _module(args.baseline, "baseline")
     variants = [("baseline, splits=2", run_of(old, 2))]
-    for spec in args.variants:  # splits a row
-        variants += [(f"baseline, splits={spec}", run_of(old, int(spec))),
-                     (f"shipped, splits={spec}", run_of(kivi_scores_cuda, int(spec)))]
+    for spec in args.variants:  # "splits" or "splits,min_blocks"
+        splits, *mb = (int(x) for x in spec.split(","))
+        mb = mb[0] if mb else None
+        variants += [(f"baseline, splits={splits}, min_blocks={mb}", run_of(old, splits, mb)),
+                     (f"shipped, splits={splits}, min_blocks={mb}", run_of(kivi_scores_cuda, splits, mb))]
     return compare(variants, outputs, args.rounds)
 
 

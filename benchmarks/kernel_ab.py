@@ -7,12 +7,14 @@ first variant's, bit for bit, at full and at ragged lengths.
     python benchmarks/kernel_ab.py values --out ab.json --baseline old_values_cuda.py
     python benchmarks/kernel_ab.py kivi_scores --out ab.json --baseline old_kivi_scores_cuda.py
 
-`--baseline` names a copy of an older module (`git show REV:kvbench/kernels/rotatekv_scores_cuda.py`
-or `.../values_cuda.py`), timed first. For `rotatekv_scores`, `--variants` lists the shipped
-module's launch settings as `min_blocks,splits_per_sm` (programs an SM its registers are held to,
-splits an SM), for `kivi_scores` the splits a row (`splits[,min_blocks]`); `values` compares the baseline with the shipped module on the three value layouts
-the decode reads use (RotateKV's groups of 128, quarot's of 64 rotated back, KIVI's of 32 with
-float zeros); `kivi_scores` compares KIVI's key pass (scores and 16-token tile maxima).
+`--baseline` names a copy of an older module (`git show REV:kvbench/kernels/rotatekv_scores_cuda.py`,
+`.../values_cuda.py` or `.../kivi_scores_cuda.py`), timed first. `--variants` are launch settings of
+the shipped module: for `rotatekv_scores`, `min_blocks,splits_per_sm` (programs an SM its registers
+are held to, splits an SM; default 2,2); for `values`, split counts or `auto` (the launcher's plan;
+the default), timed on the three value layouts the decode reads use (RotateKV's groups of 128,
+quarot's of 64 rotated back, KIVI's of 32 with float zeros) and compared after merging the splits;
+for `kivi_scores`, `splits[,min_blocks]` (splits a row, each timed for the baseline too; its
+scores and 16-token tile maxima are compared).
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def rotatekv_scores(args):
     variants = []
     if args.baseline:
         variants.append(("baseline", launcher(_module(args.baseline, "baseline"), 2, 2)))
-    for spec in args.variants:
+    for spec in args.variants or ["2,2"]:
         mb, sp = (int(x) for x in spec.split(","))
         variants.append((f"min_blocks={mb} splits_per_sm={sp}", launcher(rotatekv_scores_cuda, mb, sp)))
     return compare(variants, outputs, args.rounds)
@@ -149,7 +151,7 @@ def values(args):
         print(layout, flush=True)
         variants = [("baseline", run_of(old))]
         variants += [(f"shipped, splits={v}", run_of(values_cuda, None if v == "auto" else int(v)))
-                     for v in (args.variants if args.variants != ["2,2"] else ["auto"])]
+                     for v in args.variants or ["auto"]]
         rows[layout] = compare(variants, _merged, args.rounds)
     return rows
 
@@ -181,7 +183,7 @@ def kivi_scores(args):
 
     old = _module(args.baseline, "baseline")
     variants = [("baseline, splits=2", run_of(old, 2))]
-    for spec in args.variants:  # "splits" or "splits,min_blocks"
+    for spec in args.variants or []:  # "splits" or "splits,min_blocks"
         splits, *mb = (int(x) for x in spec.split(","))
         mb = mb[0] if mb else None
         variants += [(f"baseline, splits={splits}, min_blocks={mb}", run_of(old, splits, mb)),
@@ -194,7 +196,7 @@ def main():
     ap.add_argument("kernel", choices=["rotatekv_scores", "values", "kivi_scores"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--baseline", default=None)
-    ap.add_argument("--variants", nargs="+", default=["2,2"])
+    ap.add_argument("--variants", nargs="+", default=None)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     rows = {"rotatekv_scores": rotatekv_scores, "values": values, "kivi_scores": kivi_scores}[args.kernel](args)

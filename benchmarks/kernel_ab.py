@@ -6,6 +6,7 @@ first variant's, bit for bit, at full and at ragged lengths.
     python benchmarks/kernel_ab.py rotatekv_scores --out ab.json [--baseline old.py] [--variants 2,2 3,3]
     python benchmarks/kernel_ab.py values --out ab.json --baseline old_values_cuda.py
     python benchmarks/kernel_ab.py kivi_scores --out ab.json --baseline old_kivi_scores_cuda.py
+    python benchmarks/kernel_ab.py fp_partial --out ab.json --baseline old_fp_partial.py
 
 `--baseline` names a copy of an older module (`git show REV:kvbench/kernels/rotatekv_scores_cuda.py`,
 `.../values_cuda.py` or `.../kivi_scores_cuda.py`), timed first. `--variants` are launch settings of
@@ -14,7 +15,8 @@ are held to, splits an SM; default 2,2); for `values`, split counts or `auto` (t
 the default), timed on the three value layouts the decode reads use (RotateKV's groups of 128,
 quarot's of 64 rotated back, KIVI's of 32 with float zeros) and compared after merging the splits;
 for `kivi_scores`, `splits[,min_blocks]` (splits a row, each timed for the baseline too; its
-scores and 16-token tile maxima are compared).
+scores and 16-token tile maxima are compared); for `fp_partial` (the full-precision tokens' Triton
+kernel: KIVI's window, RotateKV's sinks), PROGRAMS_PER_SM values or `auto`.
 """
 
 from __future__ import annotations
@@ -191,15 +193,55 @@ def kivi_scores(args):
     return compare(variants, outputs, args.rounds)
 
 
+def fp_partial(args):
+    """The full-precision tokens' partial (`fp_partial.fp_partial_fused`) of KIVI-2's 160-slot ring
+    window and RotateKV-2's 20 sinks at B8 x 32 heads: the baseline module, then the shipped one at
+    each of `--variants`' PROGRAMS_PER_SM (default: its own)."""
+    if not args.baseline:
+        raise SystemExit("kernel_ab.py fp_partial: --baseline (an older fp_partial.py) is required")
+    from kvbench.kernels import fp_partial as shipped
+
+    dev = torch.device("cuda")
+    old = _module(args.baseline, "baseline")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, HEADS, 128, generator=gen).half().to(dev)
+    rows = {}
+    for case, slots in (("kivi-2 window (160-slot ring)", 160), ("rotatekv-2 sinks (20)", 20)):
+        k = torch.randn(B, HEADS, slots, 128, generator=gen).half().to(dev)
+        v = torch.randn(B, HEADS, slots, 128, generator=gen).half().to(dev)
+        if slots == 160:
+            n, nq = torch.full((B,), CAP, device=dev), torch.full((B,), CAP - 144, device=dev)
+            call = {"valid": None, "ring": (n, nq)}
+        else:
+            call = {"valid": torch.ones(B, slots, dtype=torch.bool, device=dev), "ring": None}
+
+        def run_of(mod, per_sm=None):
+            def run(lengths):  # (the lengths are the packed read's: not used here)
+                saved = mod.PROGRAMS_PER_SM
+                mod.PROGRAMS_PER_SM = per_sm or saved
+                try:
+                    return mod.fp_partial_fused(q, k, v, call["valid"], 128**-0.5, ring=call["ring"])
+                finally:
+                    mod.PROGRAMS_PER_SM = saved
+            return run
+        print(case, flush=True)
+        variants = [("baseline", run_of(old))]
+        variants += [(f"shipped, programs_per_sm={v}", run_of(shipped, None if v == "auto" else int(v)))
+                     for v in args.variants or ["auto"]]
+        rows[case] = compare(variants, _merged, args.rounds)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("kernel", choices=["rotatekv_scores", "values", "kivi_scores"])
+    ap.add_argument("kernel", choices=["rotatekv_scores", "values", "kivi_scores", "fp_partial"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--baseline", default=None)
     ap.add_argument("--variants", nargs="+", default=None)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    rows = {"rotatekv_scores": rotatekv_scores, "values": values, "kivi_scores": kivi_scores}[args.kernel](args)
+    rows = {"rotatekv_scores": rotatekv_scores, "values": values, "kivi_scores": kivi_scores,
+            "fp_partial": fp_partial}[args.kernel](args)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "kernel": args.kernel, "variants": rows}, f, indent=1)
 

@@ -562,7 +562,9 @@ def check_write(device, results=None):
 def check_fp_partial(device, results=None):
     """`fp_partial.fp_partial_fused` against `reference.fp_partial`: MHA and GQA (3 and 4 query
     heads a KV head), 1 to 160 tokens, random validity with an empty row, fp16 K/V viewed out of a
-    bigger buffer (strided), an outlier channel. Bound: 1e-5 of the largest |output| (float32)."""
+    bigger buffer (strided), an outlier channel, NaN and inf planted in the slots that are not valid
+    (the kernel loads every slot and must select them away). Bound: 1e-5 of the largest |output|
+    (float32)."""
     from kvbench.kernels import fp_partial as fp_partial_mod
     from kvbench.kernels.fp_partial import fp_partial_fused
 
@@ -578,9 +580,12 @@ def check_fp_partial(device, results=None):
         valid[0] = True
         valid[-1] = False  # no full-precision token in this row
         valid = valid.to(device)
+        ro, rl = ref.fp_partial(q, k, v, valid, d**-0.5)
+        k, v = k.clone(), v.clone()
+        k.masked_fill_(~valid[:, None, :, None], float("nan"))
+        v.masked_fill_(~valid[:, None, :, None], float("inf"))
         parts = fp_partial_fused(q, k, v, valid, d**-0.5)  # (o [B, Hq, S, D], lse [B, Hq, S]): S splits
         o, lse = ref.merge_partials([parts]), torch.logsumexp(parts[1], -1)
-        ro, rl = ref.fp_partial(q, k, v, valid, d**-0.5)
         ro, rl = ro[:, :, 0], rl[..., 0]
         err = float((o - ro).abs().max())
         bound = 1e-5 * max(1.0, float(ro.abs().max()))
@@ -597,8 +602,10 @@ def check_fp_partial(device, results=None):
     k = torch.randn(4, 2, w, 64, generator=gen).half().to(device)
     v = torch.randn(4, 2, w, 64, generator=gen).half().to(device)
     q = torch.randn(4, 2, 64, generator=gen).to(device)
+    held = fp_partial_mod.ring_valid(n, nq, w)
+    ro, _ = ref.fp_partial(q, k, v, held, 0.125)
+    k, v = k.masked_fill(~held[:, None, :, None], float("nan")), v.masked_fill(~held[:, None, :, None], float("-inf"))
     parts = fp_partial_fused(q, k, v, None, 0.125, ring=(n, nq))
-    ro, _ = ref.fp_partial(q, k, v, fp_partial_mod.ring_valid(n, nq, w), 0.125)
     err = float((ref.merge_partials([parts]) - ro[:, :, 0]).abs().max())
     results.append({"kernel": "fp_partial ring window", "max_abs_err": err,
                     "ok": err <= 1e-5 * max(1.0, float(ro.abs().max())) and bool(parts[1][0].isneginf().all())})

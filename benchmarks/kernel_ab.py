@@ -168,10 +168,9 @@ def kivi_scores(args):
     q = torch.randn(B, HEADS, 128, generator=gen).half().to(dev)
     scr = torch.empty(B, HEADS, CAP, device=dev)
     tmax = torch.empty(B, HEADS, CAP // 16, device=dev)
-    step = kivi_scores_cuda.WARPS * kivi_scores_cuda.GROUPS_PER_WARP
-    tiles = -(-capg // step)
-
     def run_of(mod, splits, min_blocks=None):  # `splits` programs a row, the groups shared evenly (as captured)
+        step = mod.WARPS * mod.GROUPS_PER_WARP  # groups a program takes an iteration
+        tiles = -(-capg // step)
         per = -(-tiles // splits)
         kw = {} if min_blocks is None else {"min_blocks": min_blocks}
         return lambda lengths: mod.kivi_scores(q, kc, ks, kz, lengths // 32 * 32, 128**-0.5 * 1.4426950408889634,
@@ -184,7 +183,7 @@ def kivi_scores(args):
         return [torch.nan_to_num(scr.clone(), nan=0.0), torch.nan_to_num(tmax.clone(), nan=0.0)]
 
     old = _module(args.baseline, "baseline")
-    variants = [("baseline, splits=2", run_of(old, 2))]
+    variants = [(f"baseline, splits={args.baseline_splits}", run_of(old, args.baseline_splits))]
     for spec in args.variants or []:  # "splits" or "splits,min_blocks"
         splits, *mb = (int(x) for x in spec.split(","))
         mb = mb[0] if mb else None
@@ -239,6 +238,7 @@ def main():
     ap.add_argument("--baseline", default=None)
     ap.add_argument("--variants", nargs="+", default=None)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--baseline-splits", type=int, default=2, help="kivi_scores: the baseline's splits a row")
     args = ap.parse_args()
     rows = {"rotatekv_scores": rotatekv_scores, "values": values, "kivi_scores": kivi_scores,
             "fp_partial": fp_partial}[args.kernel](args)

@@ -51,8 +51,9 @@ def test_query_fragments_are_two_values_times_the_lanes_column_signs():
     """The kernel does not load `query_operands`' fragments: its prologue builds them, per (head, a',
     row g, t1), from u = q_f + q_(f+64) (t1 = 0) or q_f - q_(f+64) and v = q_(f+64) - q_f or
     q_f + q_(f+64), each rounded once to fp16, XORing in the signs of H16[bu(g)] at the lane's
-    columns 2t, 2t+1 (words 0 and 1) and 2t+8, 2t+9 (words 2 and 3). That identity (H16[bu | 4][k] = H16[bu][k] (-1)^(bit 2
-    of k), bit 2 of k = bit 1 of t for all four columns) must give the host's fragments bit for bit,
+    columns 2t, 2t+1 (words 0 and 1) and 2t+8, 2t+9 (words 2 and 3). That identity
+    (H16[bu | 4][k] = H16[bu][k] (-1)^(bit 2 of k), bit 2 of k = bit 1 of t for all four columns)
+    must give the host's fragments bit for bit,
     extreme values included, up to the sign of a zero (where q_f = -q_(f+64) the XOR gives -0 and the
     host +0: the same in every product sum, the accumulator starting at +0; the GPU check found the
     scores bit-identical)."""

@@ -53,10 +53,9 @@ def test_query_fragments_are_two_values_times_the_lanes_column_signs():
     q_f + q_(f+64), each rounded once to fp16, XORing in the signs of H16[bu(g)] at the lane's
     columns 2t, 2t+1 (words 0 and 1) and 2t+8, 2t+9 (words 2 and 3). That identity
     (H16[bu | 4][k] = H16[bu][k] (-1)^(bit 2 of k), bit 2 of k = bit 1 of t for all four columns)
-    must give the host's fragments bit for bit,
-    extreme values included, up to the sign of a zero (where q_f = -q_(f+64) the XOR gives -0 and the
-    host +0: the same in every product sum, the accumulator starting at +0; the GPU check found the
-    scores bit-identical)."""
+    must give the host's fragments bit for bit, extreme values included, up to the sign of a zero
+    (where q_f = -q_(f+64) the XOR gives -0 and the host +0: the same in every product sum, the
+    accumulator starting at +0; the GPU check found the scores bit-identical)."""
     gen = torch.Generator().manual_seed(11)
     q = (torch.randn(2, 8, 128, generator=gen) * 4).half()
     q[0, 0, 3], q[0, 0, 67], q[1, 2, 10], q[1, 2, 74] = 6e4, -3e-5, 1.5, -1.5  # overflow-edge and q_f = -q_(f+64)

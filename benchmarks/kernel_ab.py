@@ -1,5 +1,5 @@
 """A/B of the hand-laid CUDA decode passes on one machine: Llama-2-7B shape, B8 x 8192. Each
-variant is timed as 20 launches captured in a CUDA graph, the variants alternating over rounds
+variant is timed per call within a CUDA graph of 20 calls (`gpu_timing.amortized_ms`), the variants alternating over rounds
 (so clock and thermal drift fall on all of them alike), and its outputs are compared with the
 first variant's, bit for bit, at full and at ragged lengths.
 
@@ -31,6 +31,7 @@ import torch
 
 from kvbench.kernels import checks, nvrtc
 from kvbench.kernels import kivi_scores_cuda, rotatekv_scores_cuda, values_cuda
+from kvbench.gpu_timing import amortized_ms
 from kvbench.kernels.decode_attention import split_plan
 
 B, HEADS, CAP = 8, 32, 8192
@@ -42,26 +43,6 @@ def _module(path, name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _graph_ms(fn, calls=20, reps=15):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        graph.replay()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) / calls)
-    return statistics.median(ts)
 
 
 def compare(variants, outputs, rounds):
@@ -80,7 +61,7 @@ def compare(variants, outputs, rounds):
     times = {name: [] for name, _ in variants}
     for _ in range(rounds):
         for name, run in variants:
-            times[name].append(_graph_ms(lambda run=run: run(lengths["full"])))
+            times[name].append(amortized_ms(lambda run=run: run(lengths["full"])))
     for name, ts in times.items():
         rows[name].update(ms_median=statistics.median(ts), ms_all=ts)
         print(name, {k: v for k, v in rows[name].items() if k != "ms_all"}, flush=True)
@@ -131,6 +112,13 @@ def _merged(run, lengths):
     return [(o * w[..., None]).sum(2)]
 
 
+def _against_baseline(run_of, old, shipped, setting, specs):
+    """[(name, run)]: the baseline module at its defaults, then the shipped one at each of `specs`
+    (integers for `setting`, or "auto": its own default; the default list is ["auto"])."""
+    return [("baseline", run_of(old))] + [(f"shipped, {setting}={v}", run_of(shipped, None if v == "auto" else int(v)))
+                                          for v in specs or ["auto"]]
+
+
 def values(args):
     """The baseline module (default splits), then the shipped one at each of `--variants`' split
     counts ("auto": the launcher's plan)."""
@@ -151,10 +139,8 @@ def values(args):
                                                           integer_zero=integer_zero, rotate_out=rotate_out,
                                                           num_splits=splits)
         print(layout, flush=True)
-        variants = [("baseline", run_of(old))]
-        variants += [(f"shipped, splits={v}", run_of(values_cuda, None if v == "auto" else int(v)))
-                     for v in args.variants or ["auto"]]
-        rows[layout] = compare(variants, _merged, args.rounds)
+        rows[layout] = compare(_against_baseline(run_of, old, values_cuda, "splits", args.variants), _merged,
+                               args.rounds)
     return rows
 
 
@@ -224,10 +210,8 @@ def fp_partial(args):
                     mod.PROGRAMS_PER_SM = saved
             return run
         print(case, flush=True)
-        variants = [("baseline", run_of(old))]
-        variants += [(f"shipped, programs_per_sm={v}", run_of(shipped, None if v == "auto" else int(v)))
-                     for v in args.variants or ["auto"]]
-        rows[case] = compare(variants, _merged, args.rounds)
+        rows[case] = compare(_against_baseline(run_of, old, shipped, "programs_per_sm", args.variants), _merged,
+                             args.rounds)
     return rows
 
 

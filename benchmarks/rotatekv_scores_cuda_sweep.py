@@ -1,6 +1,7 @@
 """Launch sweep of the CUDA scores pass alone (rotatekv_scores_cuda), Llama-2-7B shape, B8 x 8192:
 programs an SM the registers are held to (min_blocks) x splits an SM. 20 launches captured in a
-CUDA graph (eager launches through ctypes cost more than the kernel), median over 20 replays. Usage: python benchmarks/rotatekv_scores_cuda_sweep.py --out F"""
+CUDA graph (eager launches through ctypes cost more than the kernel), median over 20 replays
+(`gpu_timing.amortized_ms`). Usage: python benchmarks/rotatekv_scores_cuda_sweep.py --out F"""
 
 import argparse
 import json
@@ -8,6 +9,7 @@ import math
 
 import torch
 
+from kvbench.gpu_timing import amortized_ms
 from kvbench.kernels import checks, rotatekv_scores_cuda as rc
 from kvbench.kernels.decode_attention import split_plan
 
@@ -32,24 +34,8 @@ def main():
                 rc.rotatekv_scores(q, kc, ks, kz, gid, lengths, pos, cos, sin, sm, scr, split_len=nit * 32,
                                    num_splits=ns, min_blocks=minb)
 
-            for _ in range(3):
-                run()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(20):
-                    run()
-            graph.replay()
-            ts = []
-            for _ in range(20):
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                graph.replay()
-                e1.record()
-                e1.synchronize()
-                ts.append(e0.elapsed_time(e1) / 20)
-            ts.sort()
-            rows.append(dict(min_blocks=minb, splits_per_sm=per_sm, splits=ns, ms_p50=ts[10], ms_min=ts[0]))
+            ms = amortized_ms(run, calls=20, reps=20)
+            rows.append(dict(min_blocks=minb, splits_per_sm=per_sm, splits=ns, ms_p50=ms))
             print(rows[-1], flush=True)
     json.dump(dict(device=torch.cuda.get_device_name(), shape="B8 x 8192, 32 heads of 128, 4-head groups, 2 bits",
                    rows=rows), open(args.out, "w"), indent=1)

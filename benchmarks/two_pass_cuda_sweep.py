@@ -19,35 +19,15 @@ import torch  # noqa: E402
 
 from kvbench.kernels import checks, decode_mha_cuda, kivi_scores_cuda as kq  # noqa: E402
 from kvbench.kernels import token_scores_cuda as tc, values_cuda as vc  # noqa: E402
+from kvbench.gpu_timing import amortized_ms  # noqa: E402
 from kvbench.kernels.decode_attention import split_plan  # noqa: E402
-
-
-def graph_ms(fn, launches=20, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    graph.replay()
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        graph.replay()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) / launches)
-    ts.sort()
-    return ts[len(ts) // 2]
 
 
 def copy_gbps():
     n = 2**30 // 2
     src = torch.empty(n, dtype=torch.float16, device="cuda")
     dst = torch.empty_like(src)
-    return 2 * n * 2 / (graph_ms(lambda: dst.copy_(src), launches=5, reps=10) * 1e-3) / 1e9
+    return 2 * n * 2 / (amortized_ms(lambda: dst.copy_(src), calls=5, reps=10) * 1e-3) / 1e9
 
 
 def main():
@@ -84,7 +64,7 @@ def main():
                     tc.token_scores(q, kc, ks, kz, lengths, sm, scr, group_size=group, split_len=nit * tc.STEP,
                                     num_splits=ns, tiles=tiles)
 
-                record("token_scores G64", graph_ms(keys), key_bytes + b * h * cap * 4, tiles=tiles, splits_per_sm=per_sm)
+                record("token_scores G64", amortized_ms(keys), key_bytes + b * h * cap * 4, tiles=tiles, splits_per_sm=per_sm)
         for (g, iz), (vcodes, vscale, vzero) in v.items():
             val_bytes = b * h * cap * (32 + 4 * 128 // g + 4)  # codes, scale and zero, the score
             for tiles in (1, 2, 4, 8):
@@ -94,7 +74,7 @@ def main():
                         vc.values_from_scores(scores, vcodes, vscale, vzero, lengths, group_size=g, integer_zero=iz,
                                               splits_per_sm=per_sm, tiles=tiles)
 
-                    record(f"values G{g} int_zero={iz}", graph_ms(values), val_bytes, tiles=tiles, splits_per_sm=per_sm)
+                    record(f"values G{g} int_zero={iz}", amortized_ms(values), val_bytes, tiles=tiles, splits_per_sm=per_sm)
         # KIVI's key pass alone (groups of 32): splits an SM x programs an SM its registers are held to
         kk, kks, kkz, _ = checks._kivi_store(gen, b, h, cap // 32, 128, 2, 32, "cuda")
         nq = torch.full((b,), cap, device="cuda")
@@ -110,7 +90,7 @@ def main():
                     kq.kivi_scores(q, kk, kks, kkz, nq, sm, kscr, ktmax, split_groups=nit_k * step, num_splits=ns_k,
                                    min_blocks=min_blocks)
 
-                record("kivi_scores G32", graph_ms(kivi_keys), kivi_key_bytes + b * h * cap * 4, splits_per_sm=per_sm,
+                record("kivi_scores G32", amortized_ms(kivi_keys), kivi_key_bytes + b * h * cap * 4, splits_per_sm=per_sm,
                        min_blocks=min_blocks)
     # both passes as decode_per_token_mha runs them (each its own launch settings), the packed bytes
     # of K and V; then the same with the values pass scanning the scores for each split's maximum
@@ -121,14 +101,14 @@ def main():
         decode_mha_cuda.decode_per_token_mha_cuda(q, kc, ks, kz, vcodes, vscale, vzero, lengths, 128**-0.5,
                                                   group_size=group)
 
-    record("both passes G64", graph_ms(both), 2 * key_bytes, splits_per_sm="own")
+    record("both passes G64", amortized_ms(both), 2 * key_bytes, splits_per_sm="own")
     ns, nit = split_plan(cap, tc.STEP, b * h, "cuda", per_sm=tc.SPLITS_PER_SM)
 
     def both_scan():
         tc.token_scores(q, kc, ks, kz, lengths, sm, scr, group_size=group, split_len=nit * tc.STEP, num_splits=ns)
         vc.values_from_scores(scr, vcodes, vscale, vzero, lengths, group_size=group)
 
-    record("both passes G64, values scan the scores", graph_ms(both_scan), 2 * key_bytes, splits_per_sm="own")
+    record("both passes G64, values scan the scores", amortized_ms(both_scan), 2 * key_bytes, splits_per_sm="own")
     # both passes, each pass's splits an SM swept, rtn's and quarot's reads, the values pass launched
     # programmatically (overlapping the key pass's end) or not
     tmax = torch.empty(b, h, -(-cap // 16), dtype=torch.float32, device="cuda")
@@ -143,7 +123,7 @@ def main():
                         vc.values_from_scores(scr, vcodes, vscale, vzero, lengths, group_size=group, splits_per_sm=vps,
                                               tile_max=tmax, rotate_out=rot, programmatic=pdl)
 
-                    record("both passes G64" + (", quarot rotations" if rot else ""), graph_ms(both_cfg),
+                    record("both passes G64" + (", quarot rotations" if rot else ""), amortized_ms(both_cfg),
                            2 * key_bytes, key_splits_per_sm=kps, values_splits_per_sm=vps, programmatic=pdl)
     json.dump(dict(device=torch.cuda.get_device_name(), copy_GBps=bw,
                    shape="B8 x 8192, 32 heads of 128, MHA, 2 bits", rows=rows), open(args.out, "w"), indent=1)

@@ -83,6 +83,14 @@ def capture(fn: Callable[[], object], warmup: int = 2) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def amortized_ms(fn: Callable[[], object], calls: int = 20, reps: int = 15) -> float:
+    """Median milliseconds a call of `fn` within one CUDA graph of `calls` calls (no graph launch a
+    call, as inside a captured decode step): for kernels of tens of microseconds, whose own launch
+    through Python costs more than they do."""
+    graph = capture(lambda: [fn() for _ in range(calls)])
+    return time_each(graph.replay, reps, warmup=1).median_ms / calls
+
+
 def bench(fn: Callable[[], object], reps: int = 100, warmup: int = 10, graph: bool = True) -> tuple[Stats, bool]:
     """(timings of fn, whether a CUDA graph was used). Falls back to plain launches if capture fails."""
     if graph:

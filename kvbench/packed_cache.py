@@ -156,6 +156,7 @@ class FullPrecisionStore:
     def __init__(self):
         self.k = self.v = self.positions = self.lengths = None
         self.used = 0
+        self._valid = None  # positions >= 0 of the used slots, until the next append
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> None:
         b, h, t, d = k.shape
@@ -175,6 +176,7 @@ class FullPrecisionStore:
         self.v[b_idx, :, dest] = v.transpose(1, 2)
         self.positions[b_idx, dest] = torch.where(mask, positions, -1).to(torch.int32)
         self.lengths += mask.sum(1)
+        self._valid = None
 
     def view(self):
         """(k, v, positions) over the used slots, or None when empty."""
@@ -182,6 +184,14 @@ class FullPrecisionStore:
             return None
         s = self.used
         return self.k[:, :, :s], self.v[:, :, :s], self.positions[:, :s]
+
+    def valid(self) -> torch.Tensor:
+        """[B, used] bool: the used slots holding a token. Kept until the next append: only a
+        prefill appends here (RotateKV's sinks), so every decode step's read of every layer would
+        otherwise compute the same mask again."""
+        if self._valid is None:
+            self._valid = self.positions[:, : self.used] >= 0
+        return self._valid
 
     def nbytes(self) -> int:
         return _nbytes(self.k, self.v, self.positions, self.lengths)
@@ -225,6 +235,17 @@ class RopeTable:
         return _nbytes(self.cos, self.sin)
 
 
+def share_rope_tables(caches: list) -> None:
+    """Give every layer's per-token packed cache that keeps a RoPE table the first one's table: a
+    model applies one RoPE (`KVGeometry.rope_theta`) at every layer, so the rows are the same. The
+    first cache (layer 0, which appends first in every forward) writes the new tokens' rows and
+    counts the table's bytes; the others only read it. Saves the table's update launches of every
+    other layer each step, and its bytes (4 MB a layer at 8192 positions and head_dim 128)."""
+    owners = [c for c in caches if isinstance(c, PackedPerTokenCache) and c.rope is not None]
+    for c in owners[1:]:
+        c.rope, c.owns_rope = owners[0].rope, False
+
+
 # --------------------------------------------------------------------------------------------
 # Per-token methods: rtn, quarot, rotatekv
 
@@ -241,6 +262,7 @@ class PackedPerTokenCache(LayerCache):
         self.vstore = PerTokenStore(spec, v_streams, v_row)
         self.fp = FullPrecisionStore()
         self.rope = RopeTable() if needs_rope_table else None
+        self.owns_rope = True  # False when another layer's cache keeps the table (`share_rope_tables`)
         self.lengths: torch.Tensor | None = None  # [B] int64, device
         self.positions: torch.Tensor | None = None  # [B, cap] int32
         self.used = 0  # host-side upper bound of max(lengths)
@@ -330,7 +352,7 @@ class PackedPerTokenCache(LayerCache):
     def append(self, new: NewTokens) -> None:
         b, _, t, _ = new.k.shape
         self.dtype = new.k.dtype
-        if self.rope is not None:
+        if self.rope is not None and self.owns_rope:
             self.rope.update(new, bound=max(self.used + t, self.capacity))
         valid = new.valid
         exact = self.exact_tokens(new)
@@ -441,7 +463,7 @@ class PackedPerTokenCache(LayerCache):
         return False
 
     def nbytes(self) -> int:
-        extra = 0 if self.rope is None else self.rope.nbytes()
+        extra = self.rope.nbytes() if self.rope is not None and self.owns_rope else 0
         return (self.kstore.nbytes() + self.vstore.nbytes() + self.fp.nbytes()
                 + _nbytes(self.positions, self.lengths) + extra)
 
@@ -554,6 +576,55 @@ class RotateKVPackedCache(PackedPerTokenCache):
             self._dev[key] = (self.perm.to(device), self.inv.to(device))
         return self._dev[key]
 
+    def _fused_write_tables(self, dev, b: int):
+        """Device tables of the fused writes, built once per (device, batch, capacity): the key
+        kernel's channel order and group map, and the first flattened value row of each (batch row,
+        head); None where the kernels do not take this layout."""
+        from kvbench.kernels import rotatekv_write as rw
+
+        g, spec, ks, vs = self.g, self.spec, self.kstore, self.vstore
+        c, d = g.kv_channels, g.head_dim
+        if d & (d - 1) or not rw.supports(c, c // spec.group_size, self.key_block, spec.bits):
+            return None
+        key = ("fused", str(dev), b, ks.codes.shape[2], vs.codes.shape[2])
+        if self._dev.get("fused") is None or self._dev["fused"][0] != key:
+            vbase = (torch.arange(b, device=dev)[:, None] * vs.streams + torch.arange(vs.streams, device=dev))
+            self._dev["fused"] = (key, self.perm.to(device=dev, dtype=torch.int32), self.key_group_of_channel.to(dev),
+                                  (vbase * vs.codes.shape[2])[:, :, None])
+        return self._dev["fused"][1:]
+
+    def _append_decode_fused(self, new, valid):
+        """One token a row on CUDA with triton: the key write of `_write_fused` at slot lengths[b],
+        writing the slot's position in the same launch, and the values through
+        `quant_write.quantize_pack_decode`; then the lengths advance. The same codes as the general
+        path (the same kernels' arithmetic), without its slot bookkeeping: a clone of the lengths,
+        the value rows' index sum, and a where, a cast and a scatter for the positions, every layer
+        of a captured step."""
+        if not _kernels_enabled(new.k):
+            return False
+        from kvbench.kernels import rotatekv_write as rw
+        from kvbench.kernels.quant_write import quantize_pack_decode
+
+        b = new.k.shape[0]
+        tables = self._fused_write_tables(new.k.device, b)
+        if tables is None:
+            return False
+        order, gid, _ = tables
+        spec, ks, vs = self.spec, self.kstore, self.vstore
+        if self.replay_chunks:  # (before the lengths move)
+            self._chunks.append((self.lengths[:, None].clone(), valid))
+        rot = self.m.rotated_keys(new, self.g)  # [B, 1, C] float32, as quantize_new computes it
+        rw.quantize_pack_grouped(rot.reshape(b, -1), gid, order=order, bits=spec.bits, num_qgroups=ks.ng,
+                                 clip_ratio=spec.clip_ratio, integer_zero=spec.integer_zero, key_block=self.key_block,
+                                 codes_out=ks.codes.view(-1, ks.row_bytes), scale_out=ks.scale.view(-1, ks.ng),
+                                 zero_out=ks.zero.view(-1, ks.ng), capacity=ks.codes.shape[2], lengths=self.lengths,
+                                 token_positions=new.positions, slot_positions=self.positions)
+        quantize_pack_decode(self._rotated_values(new), self.lengths, new.positions, (vs.codes, vs.scale, vs.zero),
+                             bits=spec.bits, group_size=spec.group_size, clip_ratio=spec.clip_ratio,
+                             integer_zero=spec.integer_zero)
+        self.lengths += valid[:, 0]
+        return True
+
     def _write_fused(self, new, dest):
         """On CUDA with triton (same gating as the base class): rotated keys in torch (the very
         `rotated_keys` of the torch path), then kvbench.kernels.rotatekv_write quantizes them in
@@ -567,20 +638,13 @@ class RotateKVPackedCache(PackedPerTokenCache):
         from kvbench.kernels import rotatekv_write as rw
         from kvbench.kernels.quant_write import quantize_pack_rows
 
+        b, t = dest.shape
+        tables = self._fused_write_tables(dest.device, b)
+        if tables is None:
+            return False
+        order, gid, vbase = tables
         g, spec, ks, vs = self.g, self.spec, self.kstore, self.vstore
         c, d = g.kv_channels, g.head_dim
-        if d & (d - 1) or not rw.supports(c, c // spec.group_size, self.key_block, spec.bits):
-            return False
-        dev = dest.device
-        b, t = dest.shape
-        key = ("fused", str(dev), b, ks.codes.shape[2], vs.codes.shape[2])
-        if self._dev.get("fused") is None or self._dev["fused"][0] != key:
-            # Device tables, built once per (device, batch, capacity): the kernel's channel order
-            # and group map, and the first flattened value row of each (batch row, head).
-            vbase = (torch.arange(b, device=dev)[:, None] * vs.streams + torch.arange(vs.streams, device=dev))
-            self._dev["fused"] = (key, self.perm.to(device=dev, dtype=torch.int32), self.key_group_of_channel.to(dev),
-                                  (vbase * vs.codes.shape[2])[:, :, None])
-        _, order, gid, vbase = self._dev["fused"]
         rot = self.m.rotated_keys(new, g)  # [B, T, C] float32, as quantize_new computes it
         # Key rows from the slots in the kernel: codes (b * Hg + kb) * cap + dest, scales b * cap + dest.
         rw.quantize_pack_grouped(rot.reshape(b * t, c), gid, order=order, bits=spec.bits, num_qgroups=ks.ng,
@@ -680,6 +744,7 @@ class KIVIPackedCache(LayerCache):
         self.capacity = capacity
         self.dtype = None
         self._stash = None  # exact tokens of the last append, for the attend that follows
+        self._nq_old = None  # [B]: the boundary before a fused decode append (kivi_group_write reads it)
 
     def reserve(self, tokens: int) -> None:
         self.capacity = max(self.capacity, tokens)
@@ -763,17 +828,23 @@ class KIVIPackedCache(LayerCache):
         self.used += 1
         if self.used > self.k_codes.shape[2] * g:  # host-side bound: grows only without reserve()
             self._ensure_quant(self.used)
+        if _kernels_enabled(new.k) and self.spec.bits in (2, 4, 8) and not (g & (g - 1) or self.D & (self.D - 1)):
+            from kvbench.kernels.quant_write import kivi_ring_append
+
+            if self._nq_old is None or self._nq_old.shape != self.nq.shape or self._nq_old.device != self.nq.device:
+                self._nq_old = torch.empty_like(self.nq)
+            # the token into its ring slot, n + 1, and the boundary to Q(n - 1) (one token a step moves
+            # it by G at most), the old boundary kept for the group write: one launch
+            kivi_ring_append(new.k, new.v, self.win_k, self.win_v, self.n, self.nq, self._nq_old,
+                             residual=self.residual, group_size=g)
+            self._write_group_fused(self._nq_old)
+            self._stash = None
+            return
         bi = torch.arange(b, device=dev)
         slot = self.n % w
         self.win_k[bi, :, slot] = new.k[:, :, 0].to(self.win_k.dtype)
         self.win_v[bi, :, slot] = new.v[:, :, 0].to(self.win_v.dtype)
         self.n.add_(1)
-        if _kernels_enabled(new.k) and self.spec.bits in (2, 4, 8) and not (g & (g - 1) or self.D & (self.D - 1)):
-            self._write_group_fused()
-            # one token a step moves the boundary by G at most: it is Q(n - 1) again
-            self.nq.copy_(self.quantized_below(self.n - 1))
-            self._stash = None
-            return
         cross = self.quantized_below(self.n - 1) > self.nq  # [B]: a group leaves the window
         ar = torch.arange(g, device=dev)
         gslot = (self.nq[:, None] + ar) % w  # [B, G] ring slots of the group at nq
@@ -794,10 +865,11 @@ class KIVIPackedCache(LayerCache):
         self.nq.add_(torch.where(cross, g, 0))
         self._stash = None
 
-    def _write_group_fused(self) -> None:
+    def _write_group_fused(self, nq_old: torch.Tensor) -> None:
         """The group at each row's boundary, quantized and packed straight from the ring window into
         the stores by kvbench.kernels.quant_write.kivi_group_write (the torch quantizer's arithmetic
-        bit for bit), for the rows whose boundary moved (the kernel reads n and nq): keys as rows of
+        bit for bit), for the rows whose boundary moved past `nq_old` (the kernel reads the advanced
+        n and the old boundary): keys as rows of
         one channel over the G tokens, values as rows of one token. Two launches and no gather,
         where the torch path takes dozens (a gather of every row's group, every step)."""
         from kvbench.kernels.quant_write import kivi_group_write
@@ -805,7 +877,7 @@ class KIVIPackedCache(LayerCache):
         spec, vs = self.spec, self.vstore
         for keys, win, out in ((True, self.win_k, (self.k_codes, self.k_scale, self.k_zero)),
                                (False, self.win_v, (vs.codes, vs.scale, vs.zero))):
-            kivi_group_write(win, self.n, self.nq, out, keys=keys, bits=spec.bits, group_size=self.G,
+            kivi_group_write(win, self.n, nq_old, out, keys=keys, bits=spec.bits, group_size=self.G,
                              value_group_size=spec.group_size, residual=self.residual, clip_ratio=spec.clip_ratio,
                              integer_zero=spec.integer_zero)
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from kvbench.method import KVGeometry, KVMethod, NewTokens
+from kvbench.packed_cache import share_rope_tables
 from kvbench.rope import apply_rope
 
 Observer = Callable[[int, NewTokens], None]
@@ -22,6 +23,7 @@ class KVSession:
         self.method = method
         self.geometry = geometry
         self.caches = [method.new_cache(i, geometry) for i in range(geometry.num_layers)]
+        share_rope_tables(self.caches)
         self.observer = observer
         self.needs_layer_input = method.needs_layer_input
         self.positions: torch.Tensor | None = None  # [B, T] of the forward call in progress

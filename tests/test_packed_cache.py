@@ -183,6 +183,29 @@ def test_nbytes_counts_codes_scales_and_capacity():
     assert cache.used_nbytes() < cache.nbytes()
 
 
+def test_layers_share_one_rope_table():
+    # A session's per-token caches keep one RoPE table (layer 0's): the other layers neither write
+    # nor count it, and read exactly what a cache with its own table reads.
+    from kvbench.session import KVSession
+
+    geom = KVGeometry(num_layers=3, num_heads=H, num_kv_heads=HKV, head_dim=D, hidden_size=96, rope_theta=THETA)
+    method = _method("rotatekv", "packed", bits=2, head_group=2, reorder=False)
+    caches = KVSession(method, geom).caches
+    assert all(c.rope is caches[0].rope for c in caches) and [c.owns_rope for c in caches] == [True, False, False]
+    alone = method.new_cache(1, geom)
+    gen = torch.Generator().manual_seed(4)
+    positions, lengths = _prefill_positions(), torch.tensor(ROW_LENGTHS)
+    for step in range(3):
+        new = _tokens(gen, positions, prefill=step == 0)
+        q = torch.randn(B, H, positions.shape[1], D, generator=gen)
+        for c in (*caches, alone):  # layer order, as a forward appends
+            c.append(new)
+        assert torch.equal(caches[1].attend(q, positions, 0.125), alone.attend(q, positions, 0.125))
+        positions = lengths[:, None] + step
+    table = caches[0].rope.nbytes()
+    assert table > 0 and caches[0].nbytes() - caches[1].nbytes() == table == alone.nbytes() - caches[1].nbytes()
+
+
 def test_fp16_inputs_bit_identical():
     for sim, pk, out_s, out_p, positions in _run_both("rtn", dict(bits=2, group_size=32), dtype=torch.float16):
         a, b = _simulated_kv_by_position(sim), _packed_kv_by_position(pk)

@@ -836,6 +836,6 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
                                           hadamard=isinstance(cache, pc.QuaRotPackedCache)))
         fp = cache.fp.view()
         if fp is not None:
-            k, v, pos = fp
-            parts.append(fp_partial_fused(q3, k, v, pos >= 0, scaling))
+            k, v, _ = fp
+            parts.append(fp_partial_fused(q3, k, v, cache.fp.valid(), scaling))
     return merge_partials_fused(parts, q.dtype)[:, :, None]

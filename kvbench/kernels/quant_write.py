@@ -191,6 +191,55 @@ if triton is not None:
                         D, BITS, GV)
 
 
+    @triton.jit
+    def _kivi_ring_append_kernel(
+        k_ptr, v_ptr, wk_ptr, wv_ptr, n_ptr, nq_ptr, nq_old_ptr, k_sb, k_sh, v_sb, v_sh, heads, window, residual,
+        D: tl.constexpr, GT: tl.constexpr, BH: tl.constexpr,
+    ):
+        # KIVI's decode append, one program a row b: the step's token into ring slot n % W of every
+        # head (keys and values), then n += 1 and the boundary to quantized_below(n_new - 1); the
+        # old boundary goes to nq_old (what kivi_group_write needs after this).
+        b = tl.program_id(0).to(tl.int64)
+        n = tl.load(n_ptr + b)
+        nq = tl.load(nq_ptr + b)
+        slot = n % window
+        c = tl.arange(0, D)[None, :]
+        for h0 in range(0, heads, BH):
+            h = (h0 + tl.arange(0, BH))[:, None]
+            m = h < heads
+            dst = ((b * heads + h) * window + slot) * D + c
+            kx = tl.load(k_ptr + b * k_sb + h * k_sh + c, mask=m, other=0.0)
+            vx = tl.load(v_ptr + b * v_sb + h * v_sh + c, mask=m, other=0.0)
+            tl.store(wk_ptr + dst, kx.to(wk_ptr.dtype.element_ty), mask=m)
+            tl.store(wv_ptr + dst, vx.to(wv_ptr.dtype.element_ty), mask=m)
+        tl.debug_barrier()  # every warp has read n and nq before they move
+        tl.store(nq_old_ptr + b, nq)
+        tl.store(n_ptr + b, n + 1)
+        tl.store(nq_ptr + b, (tl.maximum(n + 1 - residual, 0) // GT) * GT)
+
+
+def kivi_ring_append(k: torch.Tensor, v: torch.Tensor, win_k: torch.Tensor, win_v: torch.Tensor, n: torch.Tensor,
+                     nq: torch.Tensor, nq_old: torch.Tensor, *, residual: int, group_size: int,
+                     heads_block: int = 8) -> None:
+    """KIVI's decode append of one token a row (k, v [B, H, 1, D]) into the full-precision ring
+    windows [B, H, W, D] at slot n[b] % W, in one launch that also advances the counters: n += 1
+    and nq = quantized_below(n - 1) (`KIVIPackedCache.quantized_below`), with the old nq copied to
+    `nq_old` for `kivi_group_write`. Where the torch path takes an index, two index_put and half a
+    dozen integer ops a layer. Positions are not read: the ring slot of a row's next token is its
+    count n, as in the torch path."""
+    _require_triton()
+    b, h, t, d = k.shape
+    if (t != 1 or v.shape != k.shape or d & (d - 1) or win_k.shape != win_v.shape or win_k.shape[:2] != (b, h)
+            or win_k.shape[-1] != d or not (win_k.is_contiguous() and win_v.is_contiguous())
+            or k.stride(-1) != 1 or v.stride(-1) != 1 or n.shape != (b,) or nq.shape != (b,) or nq_old.shape != (b,)):
+        raise ValueError("kivi_ring_append: one token a row [B, H, 1, D] (D a power of two, unit channel stride), "
+                         "contiguous windows [B, H, W, D] and counters [B]")
+    _kivi_ring_append_kernel[(b,)](
+        k, v, win_k, win_v, n, nq, nq_old, k.stride(0), k.stride(1), v.stride(0), v.stride(1), h, win_k.shape[2],
+        residual, D=d, GT=group_size, BH=heads_block,
+    )  # fmt: skip
+
+
 def quantize_pack_rows(x: torch.Tensor, *, bits: int, group_size: int, clip_ratio: float = 1.0,
                        integer_zero: bool = True, rotate: bool = False, dest: torch.Tensor | None = None,
                        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, block_rows: int = 16):

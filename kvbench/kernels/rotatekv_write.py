@@ -60,13 +60,17 @@ if triton is not None:
     @triton.jit
     def _quant_pack_grouped_kernel(
         x_ptr, order_ptr, gid_ptr, codes_ptr, scale_ptr, zero_ptr, crow_ptr, srow_ptr, clip, tokens, cap,
+        tok_ptr, spos_ptr, spos_cap,
         C: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, BITS: tl.constexpr,
         INT_ZERO: tl.constexpr, NGP: tl.constexpr, GP: tl.constexpr, NKBP: tl.constexpr, PP: tl.constexpr,
-        SLOTS: tl.constexpr, ASM: tl.constexpr,
+        SLOTS: tl.constexpr, FROM_LENGTHS: tl.constexpr, WRITE_POS: tl.constexpr, ASM: tl.constexpr,
     ):
         # SLOTS: crow_ptr holds each row's slot dest[b, t] (row r = b * tokens + t) and the rows
         # follow a PerTokenStore's layout: codes (b * NKB + kb) * cap + slot, scales b * cap + slot.
-        # Otherwise crow_ptr [R, NKB] and srow_ptr [R] are the rows themselves.
+        # FROM_LENGTHS (a decode step, tokens == 1, the same layout): crow_ptr holds the lengths [B]
+        # instead and the slot is lengths[b]; a padding token (tok_ptr[b] < 0) is not written, and
+        # WRITE_POS stores the token's position at spos_ptr[b, slot]. Otherwise crow_ptr [R, NKB]
+        # and srow_ptr [R] are the rows themselves.
         NKB: tl.constexpr = C // KB
         P: tl.constexpr = KB * BITS // 8
         NPL: tl.constexpr = 8 // BITS
@@ -89,7 +93,14 @@ if triton is not None:
             zero = _round_even(tl.div_rn(-xmin, scale)).to(tl.float16).to(tl.float32)
         else:
             zero = xmin.to(tl.float16).to(tl.float32)
-        if SLOTS:
+        if FROM_LENGTHS:
+            tok = tl.load(tok_ptr + r)
+            slot = tl.where(tok >= 0, tl.load(crow_ptr + r), -1).to(tl.int64)
+            b = r
+            srow = tl.where(slot >= 0, b * cap + slot, -1)
+            if WRITE_POS:
+                tl.store(spos_ptr + b * spos_cap + slot, tok.to(tl.int32), mask=slot >= 0)
+        elif SLOTS:
             slot = tl.load(crow_ptr + r).to(tl.int64)
             b = r // tokens
             srow = tl.where(slot >= 0, b * cap + slot, -1)
@@ -103,7 +114,7 @@ if triton is not None:
         kb = i // PP
         j = i % PP
         m2 = (kb < NKB) & (j < P)
-        if SLOTS:
+        if SLOTS or FROM_LENGTHS:
             crow = tl.where(slot >= 0, (b * NKB + kb) * cap + slot, -1)
         else:
             crow = tl.load(crow_ptr + r * NKB + kb, mask=kb < NKB, other=-1)
@@ -143,6 +154,8 @@ def quantize_pack_grouped(rot: torch.Tensor, gid: torch.Tensor, *, bits: int, nu
                           scale_out: torch.Tensor | None = None, zero_out: torch.Tensor | None = None,
                           code_rows: torch.Tensor | None = None, scale_rows: torch.Tensor | None = None,
                           dest: torch.Tensor | None = None, capacity: int | None = None,
+                          lengths: torch.Tensor | None = None, token_positions: torch.Tensor | None = None,
+                          slot_positions: torch.Tensor | None = None,
                           order: torch.Tensor | None = None, num_warps: int | None = None):
     """Quantize rows rot [R, C] in the groups gid [C] (int32, values 0 .. num_qgroups - 1, each
     exactly C / num_qgroups times) and pack each key block of `key_block` channels (natural
@@ -152,6 +165,10 @@ def quantize_pack_grouped(rot: torch.Tensor, gid: torch.Tensor, *, bits: int, nu
     (R = B * T) and `capacity` give them for a PerTokenStore's flattened tensors (codes
     [B, C/key_block, cap, P], scales [B, 1, cap, num_qgroups]): code row (b * C/key_block + kb) *
     cap + dest[b, t], scale row b * cap + dest[b, t], computed in the kernel (no index launches).
+    A decode step (R = B, one token a row) may give `lengths` [B] and `token_positions` [B] instead
+    of `dest`: the slot is lengths[b] (read, not advanced), padding tokens (position < 0) are not
+    written, and with `slot_positions` [B, cap] int32 the token's position goes to
+    slot_positions[b, lengths[b]]: the decode append's bookkeeping in the same launch.
     `order` [C] int32: channels sorted by group (computed from gid when omitted; pass it to save a
     launch). Without outputs, returns new (codes [R * C/key_block, P], scale [R, num_qgroups],
     zero), rows in order. Returns (codes_out, scale_out, zero_out)."""
@@ -175,18 +192,29 @@ def quantize_pack_grouped(rot: torch.Tensor, gid: torch.Tensor, *, bits: int, nu
         num_warps = 8 if c >= 2048 else 4
     rot = rot.contiguous()
     slots = dest is not None
-    if slots:
+    from_lengths = lengths is not None
+    if from_lengths:
+        if slots or capacity is None or token_positions is None or lengths.shape != (rows,) \
+                or token_positions.numel() != rows:
+            raise ValueError("lengths mode: one token a row (lengths [R], token_positions [R]), the store's "
+                             "capacity, and no dest")
+        code_rows, scale_rows, tokens = lengths.contiguous(), lengths, 1
+    elif slots:
         if dest.numel() != rows or capacity is None:
             raise ValueError("dest must hold one slot per row of rot, with the store's capacity")
         code_rows, scale_rows, tokens = dest.contiguous(), dest, dest.shape[-1]
     else:
         code_rows, scale_rows, tokens = code_rows.contiguous(), scale_rows.contiguous(), 1
+    tok = token_positions.reshape(-1).contiguous() if from_lengths else code_rows  # (unread otherwise)
+    spos = slot_positions if slot_positions is not None else code_rows
     if rows:
         _quant_pack_grouped_kernel[(rows,)](
             rot, order, gid, codes_out, scale_out, zero_out, code_rows, scale_rows, clip_ratio, tokens,
-            capacity or 0, C=c, NG=num_qgroups, G=g, KB=key_block, BITS=bits, INT_ZERO=integer_zero,
+            capacity or 0, tok, spos, spos.shape[-1] if slot_positions is not None else 1,
+            C=c, NG=num_qgroups, G=g, KB=key_block, BITS=bits, INT_ZERO=integer_zero,
             NGP=_pow2(num_qgroups), GP=_pow2(g), NKBP=_pow2(c // key_block), PP=_pow2(p), SLOTS=slots,
-            ASM=not interpreting(), num_warps=num_warps,
+            FROM_LENGTHS=from_lengths, WRITE_POS=slot_positions is not None, ASM=not interpreting(),
+            num_warps=num_warps,
         )  # fmt: skip
     return codes_out, scale_out, zero_out
 

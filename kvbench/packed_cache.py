@@ -603,6 +603,7 @@ class RotateKVPackedCache(PackedPerTokenCache):
         if not _kernels_enabled(new.k):
             return False
         from kvbench.kernels import rotatekv_write as rw
+        from kvbench.kernels import side_stream
         from kvbench.kernels.quant_write import quantize_pack_decode
 
         b = new.k.shape[0]
@@ -613,15 +614,18 @@ class RotateKVPackedCache(PackedPerTokenCache):
         spec, ks, vs = self.spec, self.kstore, self.vstore
         if self.replay_chunks:  # (before the lengths move)
             self._chunks.append((self.lengths[:, None].clone(), valid))
+        side = side_stream.fork(new.k.device)  # the values' three launches beside the keys' three
+        with side_stream.on(side):
+            quantize_pack_decode(self._rotated_values(new), self.lengths, new.positions, (vs.codes, vs.scale, vs.zero),
+                                 bits=spec.bits, group_size=spec.group_size, clip_ratio=spec.clip_ratio,
+                                 integer_zero=spec.integer_zero)
         rot = self.m.rotated_keys(new, self.g)  # [B, 1, C] float32, as quantize_new computes it
         rw.quantize_pack_grouped(rot.reshape(b, -1), gid, order=order, bits=spec.bits, num_qgroups=ks.ng,
                                  clip_ratio=spec.clip_ratio, integer_zero=spec.integer_zero, key_block=self.key_block,
                                  codes_out=ks.codes.view(-1, ks.row_bytes), scale_out=ks.scale.view(-1, ks.ng),
                                  zero_out=ks.zero.view(-1, ks.ng), capacity=ks.codes.shape[2], lengths=self.lengths,
                                  token_positions=new.positions, slot_positions=self.positions)
-        quantize_pack_decode(self._rotated_values(new), self.lengths, new.positions, (vs.codes, vs.scale, vs.zero),
-                             bits=spec.bits, group_size=spec.group_size, clip_ratio=spec.clip_ratio,
-                             integer_zero=spec.integer_zero)
+        side_stream.join(side)
         self.lengths += valid[:, 0]
         return True
 
@@ -872,14 +876,18 @@ class KIVIPackedCache(LayerCache):
         n and the old boundary): keys as rows of
         one channel over the G tokens, values as rows of one token. Two launches and no gather,
         where the torch path takes dozens (a gather of every row's group, every step)."""
+        from kvbench.kernels import side_stream
         from kvbench.kernels.quant_write import kivi_group_write
 
         spec, vs = self.spec, self.vstore
-        for keys, win, out in ((True, self.win_k, (self.k_codes, self.k_scale, self.k_zero)),
-                               (False, self.win_v, (vs.codes, vs.scale, vs.zero))):
-            kivi_group_write(win, self.n, nq_old, out, keys=keys, bits=spec.bits, group_size=self.G,
-                             value_group_size=spec.group_size, residual=self.residual, clip_ratio=spec.clip_ratio,
-                             integer_zero=spec.integer_zero)
+        side = side_stream.fork(self.n.device)  # keys and values are independent: the values beside
+        for keys, win, out, stream in ((True, self.win_k, (self.k_codes, self.k_scale, self.k_zero), None),
+                                       (False, self.win_v, (vs.codes, vs.scale, vs.zero), side)):
+            with side_stream.on(stream):
+                kivi_group_write(win, self.n, nq_old, out, keys=keys, bits=spec.bits, group_size=self.G,
+                                 value_group_size=spec.group_size, residual=self.residual,
+                                 clip_ratio=spec.clip_ratio, integer_zero=spec.integer_zero)
+        side_stream.join(side)
 
     def _window(self):
         """The full-precision ring as attention inputs: (k, v [B, H, W, D], positions [B, W])."""

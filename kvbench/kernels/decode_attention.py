@@ -779,20 +779,31 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
     fused kernels; returns [B, Hq, 1, D] in q's dtype. Host-sync free for rtn/quarot/rotatekv
     (the split size comes from the host-side bound `cache.used`)."""
     from kvbench import packed_cache as pc
-    from kvbench.kernels import decode_mha, decode_rotatekv_mha
+    from kvbench.kernels import decode_mha, decode_rotatekv_mha, side_stream
 
     q3 = q[:, :, 0]
     qk = q3.half() if q3.dtype == torch.float32 else q3
     parts = []
     # A captured CUDA graph keeps its grid: cover the whole reserved capacity then (masked).
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if isinstance(cache, pc.KIVIPackedCache):
+    # The full-precision tokens' partial (KIVI's window, RotateKV's sinks: 6-18 us a layer at
+    # B8, latency more than bytes) goes on a side stream, beside the packed read's passes.
+    kivi = isinstance(cache, pc.KIVIPackedCache)
+    fp = None if kivi else cache.fp.view()
+    fp_part = side = None
+    if kivi or fp is not None:
+        side = side_stream.fork(q.device)
+        with side_stream.on(side):
+            if kivi:
+                fp_part = fp_partial_fused(q3, cache.win_k, cache.win_v, None, scaling, ring=(cache.n, cache.nq))
+            else:
+                fp_part = fp_partial_fused(q3, fp[0], fp[1], cache.fp.valid(), scaling)
+    if kivi:
         spec = cache.spec
         o, lse = decode_kivi(qk, cache.k_codes, cache.k_scale, cache.k_zero, cache.vstore.codes,
                              cache.vstore.scale, cache.vstore.zero, cache.nq, scaling,
                              bits=spec.bits, group_size=spec.group_size, max_len=cache.vstore.codes.shape[2])
         parts.append((o, lse))
-        parts.append(fp_partial_fused(q3, cache.win_k, cache.win_v, None, scaling, ring=(cache.n, cache.nq)))
     else:
         spec = cache.spec
         ks, vs = cache.kstore, cache.vstore
@@ -834,8 +845,7 @@ def packed_decode(cache, q: torch.Tensor, scaling: float) -> torch.Tensor:
                                           integer_zero=spec.integer_zero,
                                           max_len=ks.codes.shape[2] if capturing else cache.used,
                                           hadamard=isinstance(cache, pc.QuaRotPackedCache)))
-        fp = cache.fp.view()
-        if fp is not None:
-            k, v, _ = fp
-            parts.append(fp_partial_fused(q3, k, v, cache.fp.valid(), scaling))
+    if fp_part is not None:
+        side_stream.join(side)
+        parts.append(fp_part)
     return merge_partials_fused(parts, q.dtype)[:, :, None]

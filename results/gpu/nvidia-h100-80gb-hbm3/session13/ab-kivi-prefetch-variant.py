@@ -1,0 +1,204 @@
+"""KIVI's key pass (keys quantized per channel over groups of 32 tokens, 2 bits, head_dim 128) as a
+hand-laid CUDA kernel on the tensor cores, for one query head per KV head.
+
+KIVI stores a group's keys channel-major (`kvbench.packed_cache.KIVIPackedCache`): an 8-byte row a
+(group, channel), byte j holding tokens j, 8 + j, 16 + j, 24 + j in its bit planes. With
+dequantization c s + z (float zero: the group minimum), token t's score is
+sum_c (q_c s_gc) c_tc + sum_c q_c z_gc: the scale goes into the query once a group and channel,
+the zeros into one bias a group. So a warp takes 8 groups at once into `mma.m16n8k16` products:
+
+* **A = the scaled queries, one row a group**: row g is q * s of group g (fp16 pairs, one HMUL2 a
+  pair of channels), rows 8..15 zero; k = 16 channels (8 products cover the 128).
+* **B = the codes in place, one column a group**: lane (g, t) owns group g and the channel pairs
+  (2t, 2t + 1) and (2t + 8, 2t + 9) of each 16-channel chunk, loaded as two 16-byte rows a chunk
+  (both channels' 8 bytes). One PRMT puts byte j of the two channels into the half-words (it
+  serves the byte's four planes, i.e. four tokens), one LOP3 and one HFMA2 leave the exact codes.
+  Column n of product (j, p) is token 8 p + j of group n.
+* D's diagonal (row n = column n) is group n's dot for that token; lane (g, g / 2) holds it. It
+  adds the bias (lane-partial FMAs over its 32 channels, reduced over the quad), writes the score
+  and keeps each 16-token tile's maximum for the values pass (`values_cuda`, `tile_max`).
+
+Contract: `kivi_scores(...)` writes scores [B, H, cap_tokens] fp32 (log2 domain, `sm_scale`
+includes log2 e) for tokens below nq[b] (whole groups) and the tiles' maxima [B, H, cap_tokens / 16].
+Error: the products take fp16(q s) (2**-11 relative a channel, as the values pass's weights), exact
+codes, fp32 accumulation; the bias in fp32. `emulate_scores` is the same arithmetic in torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvbench.kernels import nvrtc
+from kvbench.kernels.cuda_prelude import PRELUDE
+
+D = 128
+G = 32  # tokens a group (the 8-byte channel rows at 2 bits)
+WARPS = 4
+GROUPS_PER_WARP = 8  # a warp's groups an iteration (the products' rows / columns)
+# programs an SM the grid is sized for (`split_plan`, captured steps): two waves of the three
+# resident programs (MIN_BLOCKS). At B8 x 8192 (256 rows) 4 gave 2 splits, 512 programs on 396
+# slots, 1.29 waves: 0.0705 ms; 6 gives 3 splits, 768 programs, 1.94 waves: 0.0586 (twelfth
+# session, results/gpu/nvidia-h100-80gb-hbm3/session12/ab-kivi-scores-splits.json)
+SPLITS_PER_SM = 6
+
+
+def supports(gq: int, head_dim: int, bits: int, group_size: int) -> bool:
+    return gq == 1 and head_dim == D and bits == 2 and group_size == G
+
+
+_SOURCE = r"""
+#define MINB __MINB__  // programs an SM the registers are held to
+__device__ __forceinline__ uint4 ldg16(const void* p) {
+    uint4 v; asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ unsigned ldg4b(const void* p) {
+    unsigned v; asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(p)); return v;
+}
+struct Next { uint4 c0[8], c1[8]; unsigned s0[8], s1[8], z0[8], z1[8]; };
+__device__ __forceinline__ void load_groups(Next& n, const uint4* kc, const unsigned* ks, const unsigned* kz,
+                                            long long gi, int t) {
+    const uint4* kg = kc + gi * 64;
+    const unsigned* sg = ks + gi * 64;
+    const unsigned* zg = kz + gi * 64;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) { n.c0[k] = ldg16(kg + 8 * k + t); n.c1[k] = ldg16(kg + 8 * k + 4 + t); }
+#if PF_SCALES
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        n.s0[k] = ldg4b(sg + 8 * k + t); n.s1[k] = ldg4b(sg + 8 * k + 4 + t);
+        n.z0[k] = ldg4b(zg + 8 * k + t); n.z1[k] = ldg4b(zg + 8 * k + 4 + t);
+    }
+#endif
+}
+extern "C" __global__ void __launch_bounds__(128, MINB)
+kivi_scores(const uint4* __restrict__ kc, const unsigned* __restrict__ ks, const unsigned* __restrict__ kz,
+            const unsigned* __restrict__ q, const long long* __restrict__ nq, float* __restrict__ scr,
+            float* __restrict__ tmax, double sm_scale_d, int capg, int cap, int H, int split_groups) {
+    pdl_launch_dependents();
+    const float sm_scale = (float)sm_scale_d;
+    const int row = blockIdx.x, b = row / H;
+    const int ngroups = (int)(nq[b] / 32);
+    const int gstart = blockIdx.y * split_groups;
+    const int gend = min(gstart + split_groups, ngroups);
+    if (gstart >= gend) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const unsigned* qr = q + (long long)row * 64;
+    float* sr = scr + (long long)row * cap;
+    float* mr = tmax + (long long)row * ((cap + 15) / 16);
+    int g0 = gstart + 8 * warp;
+    if (g0 >= gend) return;
+    // register double-buffering: the next iteration's codes (and, with PF_SCALES, its scales and
+    // zeros) are loaded at the top of this one (volatile loads: in program order, before the products)
+    Next nx;
+    load_groups(nx, kc, ks, kz, (long long)row * capg + min(g0 + g, gend - 1), t);
+    for (; g0 < gend; g0 += 8 * 4) {
+        const int grp = min(g0 + g, gend - 1);
+        const long long gi = (long long)row * capg + grp;
+        uint4 c0[8], c1[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) { c0[k] = nx.c0[k]; c1[k] = nx.c1[k]; }
+        unsigned a0[8], a2[8];
+        float bias = 0.f;
+#if PF_SCALES
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const unsigned q0 = qr[8 * k + t], q1 = qr[8 * k + 4 + t];
+            a0[k] = hmul2(q0, nx.s0[k]);
+            a2[k] = hmul2(q1, nx.s1[k]);
+            bias += lo2f(q0) * lo2f(nx.z0[k]) + hi2f(q0) * hi2f(nx.z0[k]) + lo2f(q1) * lo2f(nx.z1[k]) + hi2f(q1) * hi2f(nx.z1[k]);
+        }
+#endif
+        if (g0 + 32 < gend) load_groups(nx, kc, ks, kz, (long long)row * capg + min(g0 + 32 + g, gend - 1), t);
+#if !PF_SCALES
+        const unsigned* sg = ks + gi * 64;
+        const unsigned* zg = kz + gi * 64;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const unsigned q0 = qr[8 * k + t], q1 = qr[8 * k + 4 + t];
+            const unsigned s0 = sg[8 * k + t], s1 = sg[8 * k + 4 + t];
+            const unsigned z0 = zg[8 * k + t], z1 = zg[8 * k + 4 + t];
+            a0[k] = hmul2(q0, s0);
+            a2[k] = hmul2(q1, s1);
+            bias += lo2f(q0) * lo2f(z0) + hi2f(q0) * hi2f(z0) + lo2f(q1) * lo2f(z1) + hi2f(q1) * hi2f(z1);
+        }
+#endif
+        bias += __shfl_xor_sync(0xffffffffu, bias, 1);
+        bias += __shfl_xor_sync(0xffffffffu, bias, 2);
+        const bool owner = (g >> 1) == t && g0 + g < gend;
+        float mx0 = -1e30f, mx1 = -1e30f;
+#pragma unroll
+        for (int jh = 0; jh < 2; ++jh)
+#pragma unroll 1
+        for (int jl = 0; jl < 4; ++jl) {
+            const int j = 4 * jh + jl;
+            unsigned x0[8], x1[8];
+            const unsigned sel = jl | ((4 + jl) << 8);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                x0[k] = prmt(u4w(c0[k], jh), u4w(c0[k], 2 + jh), sel);
+                x1[k] = prmt(u4w(c1[k], jh), u4w(c1[k], 2 + jh), sel);
+            }
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int k = 0; k < 8; ++k) mma_acc(acc, a0[k], a2[k], plane(x0[k], p), plane(x1[k], p));
+                const float v = ((g & 1) ? acc[1] : acc[0]) + bias;
+                const float sc = v * sm_scale;
+                if (owner) {
+                    sr[(long long)grp * 32 + 8 * p + j] = sc;
+                    if (p < 2) mx0 = fmaxf(mx0, sc); else mx1 = fmaxf(mx1, sc);
+                }
+            }
+        }
+        if (owner) { mr[2 * grp] = mx0; mr[2 * grp + 1] = mx1; }
+    }
+}
+"""
+
+_KERNELS: dict = {}
+
+
+MIN_BLOCKS = 2  # 160 registers without spills (4 spills 56 bytes)
+
+
+def source(min_blocks: int = MIN_BLOCKS) -> str:
+    return "#define PF_SCALES 1\n" + PRELUDE + _SOURCE.replace("__MINB__", str(min_blocks))
+
+
+def kivi_scores(q, k_codes, k_scale, k_zero, nq, sm_scale, scores, tile_max, *, split_groups, num_splits,
+                min_blocks=MIN_BLOCKS):
+    """Write KIVI's scores [B, H, cap] fp32 (log2 domain) for tokens below nq[b] and each 16-token
+    tile's maximum into `tile_max` [B, H, ceil(cap / 16)], for q [B, H, 128] over k_codes
+    [B, H, capg, 128, 8] (2 bits, groups of 32) with fp16 k_scale/k_zero [B, H, capg, 128]."""
+    b, h, cap = scores.shape
+    capg = k_codes.shape[2]
+    if k_codes.shape[-2:] != (D, G * 2 // 8) or k_scale.dtype != torch.float16 or k_zero.dtype != torch.float16:
+        raise ValueError("kivi_scores_cuda: needs 2-bit codes in groups of 32 tokens, 128 channels, fp16 scales")
+    k_codes, k_scale, k_zero = k_codes.contiguous(), k_scale.contiguous(), k_zero.contiguous()
+    q = q.half().contiguous()
+    nq = nq if nq.dtype == torch.int64 else nq.long()
+    key = (min_blocks, str(q.device))
+    if key not in _KERNELS:
+        _KERNELS[key] = nvrtc.compile_source(source(min_blocks), "kivi_scores", q.device)
+    _KERNELS[key](grid=(b * h, num_splits, 1), block=(32 * WARPS, 1, 1),
+                  args=[k_codes, k_scale, k_zero, q, nq, scores, tile_max, float(sm_scale), int(capg), int(cap), int(h),
+                        int(split_groups)])
+    return scores
+
+
+def emulate_scores(q, k_codes, k_scale, k_zero, nq, sm_scale):
+    """The kernel's arithmetic in torch: fp16(q s) per group and channel on the exact codes (fp32
+    sums), plus sum q z in fp32. Returns [B, H, capg * 32] with -inf past nq[b]."""
+    from kvbench.packing import unpack
+
+    b, h, capg = k_codes.shape[:3]
+    codes = unpack(k_codes, 2, G).float()  # [B, H, capg, D, G]
+    qh = q.half()
+    a = (qh[:, :, None, :] * k_scale).float()  # fp16 product, rounded as HMUL2 does
+    bias = (qh.float()[:, :, None, :] * k_zero.float()).sum(-1)  # [B, H, capg]
+    s = torch.einsum("bhgc,bhgct->bhgt", a, codes) + bias[..., None]
+    s = (s * sm_scale).reshape(b, h, capg * G)
+    valid = torch.arange(capg * G, device=q.device)[None, None] < nq.to(q.device)[:, None, None]
+    return torch.where(valid, s, torch.full_like(s, float("-inf")))

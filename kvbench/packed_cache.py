@@ -599,7 +599,8 @@ class RotateKVPackedCache(PackedPerTokenCache):
         `quant_write.quantize_pack_decode`; then the lengths advance. The same codes as the general
         path (the same kernels' arithmetic), without its slot bookkeeping: a clone of the lengths,
         the value rows' index sum, and a where, a cast and a scatter for the positions, every layer
-        of a captured step."""
+        of a captured step. Unlike `_write_fused`, a padding token (position < 0) is not written:
+        its slot lies past its row's length either way, as in the per-token caches' decode write."""
         if not _kernels_enabled(new.k):
             return False
         from kvbench.kernels import rotatekv_write as rw

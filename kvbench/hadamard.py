@@ -284,7 +284,7 @@ def _triton_applies(x: torch.Tensor) -> bool:
     )
 
 
-def _triton_transform(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def _triton_transform(x: torch.Tensor) -> torch.Tensor:
     from kvbench.kernels import hadamard_triton
 
     if not _triton_applies(x):
@@ -298,7 +298,7 @@ def _triton_transform(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> 
     left = None if r is None else _device_sign_matrix(r, x.device)
     right = _device_sign_matrix(c, x.device)
     rows = x.reshape(-1, n).contiguous()
-    out = hadamard_triton.kron_transform(rows, left, right, scale=1.0 / math.sqrt(n), out_dtype=out_dtype)
+    out = hadamard_triton.kron_transform(rows, left, right, scale=1.0 / math.sqrt(n))
     return out.reshape(x.shape)
 
 
@@ -315,29 +315,23 @@ def _auto_backend(x: torch.Tensor) -> str:
 # Public transforms
 
 
-def hadamard_transform(x: torch.Tensor, backend: str = "auto", out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`x @ H_n.T` along the last dim (n = x.shape[-1]), for any leading dims, in x's dtype or
-    `out_dtype`: `hadamard_transform(x, out_dtype=torch.float32)` is `hadamard_transform(x.float())`
-    bit for bit (the triton backend reads half rows and writes float32 without the cast's copy)."""
+def hadamard_transform(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """`x @ H_n.T` along the last dim (n = x.shape[-1]), in x's dtype, for any leading dims."""
     _check_size(x.shape[-1])
     if not x.is_floating_point():
         raise TypeError(f"hadamard_transform needs a floating-point tensor, got {x.dtype}")
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if backend == "auto":
-        backend = _auto_backend(x)  # (the same choice for x and x.to(out_dtype))
-    if out_dtype is not None and out_dtype != x.dtype:
-        if backend == "triton" and out_dtype == torch.float32:
-            return _triton_transform(x, out_dtype)  # the kernel converts on load: no cast's copy
-        x = x.to(out_dtype)
-    if backend == "triton":
-        return _triton_transform(x)
+        backend = _auto_backend(x)
     if backend == "fast_hadamard_transform":
         return _fast_hadamard_transform(x)
+    if backend == "triton":
+        return _triton_transform(x)
     return _torch_transform(x)
 
 
-def inverse_hadamard_transform(x: torch.Tensor, backend: str = "auto", out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def inverse_hadamard_transform(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """`x @ H_n`, undoing `hadamard_transform`. H_n is symmetric and orthonormal, so this is the
     forward transform again."""
-    return hadamard_transform(x, backend=backend, out_dtype=out_dtype)
+    return hadamard_transform(x, backend=backend)

@@ -682,7 +682,7 @@ class RotateKVPackedCache(PackedPerTokenCache):
         from kvbench.rotation import grouped_hadamard, heads_to_tokens
 
         g = self.g
-        v = grouped_hadamard(heads_to_tokens(new.v), g.head_dim, out_dtype=torch.float32)  # [B, T, C]
+        v = grouped_hadamard(heads_to_tokens(new.v.float()), g.head_dim)  # [B, T, C]
         b, t, _ = v.shape
         return v.reshape(b, t, g.num_kv_heads, g.head_dim).transpose(1, 2)
 

@@ -24,13 +24,11 @@ def tokens_to_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.reshape(b, t, num_heads, c // num_heads).transpose(1, 2)
 
 
-def grouped_hadamard(x: torch.Tensor, group_channels: int, inverse: bool = False,
-                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Hadamard over consecutive blocks of `group_channels` along the last dim of [..., C], in x's
-    dtype or `out_dtype` (as if x were cast to it first; see `hadamard_transform`)."""
+def grouped_hadamard(x: torch.Tensor, group_channels: int, inverse: bool = False) -> torch.Tensor:
+    """Hadamard over consecutive blocks of `group_channels` along the last dim of [..., C]."""
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // group_channels, group_channels)
     fn = inverse_hadamard_transform if inverse else hadamard_transform
-    return fn(blocks, out_dtype=out_dtype).reshape(x.shape)
+    return fn(blocks).reshape(x.shape)
 
 
 def reorder_from_means(channel_means: torch.Tensor) -> torch.Tensor:

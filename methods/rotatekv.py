@@ -107,9 +107,7 @@ class RotateKV(KVMethod):
     def rotated_keys(self, new: NewTokens, g: KVGeometry) -> torch.Tensor:
         """[B, T, C]: H-rotated keys (before or after RoPE), before the permutation."""
         keys = new.k_pre if self.pre_rope else new.k
-        # float32 out without casting half keys first: the same numbers, one copy fewer a layer
-        return grouped_hadamard(heads_to_tokens(keys), self.resolved_head_group(g) * g.head_dim,
-                                out_dtype=torch.float32)
+        return grouped_hadamard(heads_to_tokens(keys.float()), self.resolved_head_group(g) * g.head_dim)
 
     def permutation(self, layer_idx: int, g: KVGeometry, device) -> torch.Tensor:
         if not self.reorder:

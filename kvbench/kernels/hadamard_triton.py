@@ -141,15 +141,11 @@ def kron_transform(
     right: torch.Tensor,
     scale: float = 1.0,
     precision: str | None = None,
-    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """scale * rows @ kron(left, right)^T (or scale * rows @ right^T without left).
 
     rows: contiguous [num_rows, n] float32/float16/bfloat16, n = left.shape[0] * right.shape[0].
-    Returns a tensor of rows' shape, in `out_dtype` (default: rows' dtype). The kernels convert
-    each loaded element to float32 first, so half rows with a float32 output give the bits of
-    float32 rows holding the same values, without a cast's copy. CUDA tensors, or CPU ones under
-    TRITON_INTERPRET=1.
+    Returns a tensor of rows' shape and dtype. CUDA tensors, or CPU ones under TRITON_INTERPRET=1.
     precision: tl.dot's input_precision; None picks "tf32x3" where TF32 exists, else "ieee".
     """
     if triton is None:
@@ -168,7 +164,7 @@ def kron_transform(
     if not fits(None if left is None else r, c):
         raise ValueError(f"matrices of order {r} and {c} exceed the kernel's tile ({MAX_BLOCK})")
 
-    out = torch.empty(rows.shape, dtype=out_dtype or rows.dtype, device=rows.device)
+    out = torch.empty_like(rows)
     if num_rows == 0:
         return out
     right = right.to(device=rows.device, dtype=torch.float32).contiguous()

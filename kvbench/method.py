@@ -54,11 +54,14 @@ class NewTokens:
     positions: torch.Tensor  # [B, T] int64 position in the row's own sequence; -1 marks padding
     layer_input: torch.Tensor | None  # [B, T, hidden] residual stream before the input norm
     is_prefill: bool
+    # positions >= 0, when the caller has it already: a session computes it once a forward
+    # instead of once a layer (a launch a layer of a captured decode step)
+    valid_mask: torch.Tensor | None = None
 
     @property
     def valid(self) -> torch.Tensor:
         """[B, T] bool: True for real tokens, False for left padding."""
-        return self.positions >= 0
+        return self.valid_mask if self.valid_mask is not None else self.positions >= 0
 
 
 class LayerCache(ABC):

@@ -27,6 +27,7 @@ class KVSession:
         self.observer = observer
         self.needs_layer_input = method.needs_layer_input
         self.positions: torch.Tensor | None = None  # [B, T] of the forward call in progress
+        self._valid: torch.Tensor | None = None  # positions >= 0
         self.is_prefill = True
         self.layer_inputs: dict[int, torch.Tensor] = {}
         # RMSNorm, RoPE and the MLP's SiLU-times-up each in one Triton launch (CUDA speed runs:
@@ -36,6 +37,7 @@ class KVSession:
     def begin_step(self, positions: torch.Tensor) -> None:
         """Set the positions of the tokens of the next forward call ([B, T], -1 for padding)."""
         self.positions = positions
+        self._valid = positions >= 0  # every layer's NewTokens.valid
         self.layer_inputs.clear()
 
     def end_step(self) -> None:
@@ -65,6 +67,7 @@ class KVSession:
             positions=self.positions,
             layer_input=self.layer_inputs.get(layer_idx),
             is_prefill=self.is_prefill,
+            valid_mask=self._valid,
         )
         if self.observer is not None:
             self.observer(layer_idx, new)

@@ -12,11 +12,15 @@ and `checks` compares kernel, emulation and reference on the GPU.
   rows in one pass, straight into a packed cache's slots (`dest`, `out`); bit-identical to
   kvbench.quant + kvbench.packing without rotation. Reference: `reference_quantize_pack_rows`.
   A decode step's token (one a row) goes through `quantize_pack_decode` (the slot lengths[b] and
-  its position written in the kernel), KIVI's boundary group through `kivi_group_write` (straight
+  its position written in the kernel), KIVI's token through `kivi_ring_append` (into its ring
+  slot, with the counters' advance) and its boundary group through `kivi_group_write` (straight
   from the ring window: keys as channel rows over the group, values as token rows).
 * `rotatekv_write.quantize_pack_grouped`: RotateKV's key write. Quantize rotated keys in the
   groups of the calibrated permutation and pack each head group's row in rotated order, in one
-  launch, bit-identical to the torch path. Reference: `reference_quantize_pack_grouped`.
+  launch, bit-identical to the torch path (a decode token: the slot from the lengths and its
+  position written in the kernel). Reference: `reference_quantize_pack_grouped`.
+* `side_stream`: a second CUDA stream for a decode step's independent launches (the
+  full-precision partial, the value writes), a parallel branch of a captured graph.
 * `decode_attention`: fused decode attention over packed caches, split over the context with a
   log-sum-exp merge, GQA in the M dimension of tl.dot:
   - `decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling,

@@ -4,10 +4,14 @@ one Triton launch.
 `reference.fp_partial` does it in about ten torch ops (two einsums, masking, log-sum-exp, ...),
 which in a decode step cost ~0.1 ms a layer for 20-160 tokens: more than half of KIVI's packed
 kernel. Here one program per (batch row, KV head, split of the tokens) reads its tokens' K and V
-once, in chunks with an online softmax, for all of its query heads at once, in float32. The
-splits are partials of their own (merged with the packed read's by the caller's log-sum-exp
-merge): one program walking KIVI's 128-token window chunk by chunk took 20 us a layer on the
-H100, four chunks of load latency in a row. Contract of `reference.fp_partial` with S splits:
+once, in chunks with an online softmax, for all of its query heads at once, in float32. With one
+query head a KV head (MHA: KIVI's window and RotateKV's sinks on Llama-2) the weighted values stay
+per token slot and are summed over the slots once at the end (`_fp_partial_one_row`): summing
+them every chunk, as the general path's [GQ, BC, D] tiles do, cost cross-thread reductions that
+made the kernel instruction-bound (KIVI's window at B8: 15.3 us, 7.8 us this way; docs/kernel-notes.md,
+thirteenth session). The splits are partials of their own (merged with the packed read's by the
+caller's log-sum-exp merge): one program walking KIVI's 128-token window chunk by chunk took 20 us
+a layer on the H100, four chunks of load latency in a row. Contract of `reference.fp_partial` with S splits:
 q [B, Hq, D], k, v [B, Hkv, S_tok, D], valid [B, S_tok] -> (o [B, Hq, S, D] fp32, lse [B, Hq, S]);
 a split with no valid token gets o = 0, lse = -inf.
 """
@@ -49,17 +53,60 @@ if triton is not None:
         r = tl.arange(0, GQP)
         d = tl.arange(0, D)
         rows = (b * HKV + h) * GQ + r
+        nq_b = 0
+        held = 0
+        base = 0
         if RING:  # a ring of S slots holding positions nq[b] .. n[b] - 1 at slot position % S
             # (int32 and one scalar modulo: an int64 % per element, in the layout the loads
             # broadcast it to, made this kernel 3x slower at batch 117)
             nq_b = tl.load(nq_ptr + b)
             held = (tl.load(n_ptr + b) - nq_b).to(tl.int32)
             base = (nq_b % S).to(tl.int32)
-        q = tl.load(q_ptr + rows[:, None] * D + d[None, :], mask=(r < GQ)[:, None], other=0.0).to(tl.float32)
-        m = tl.full([GQP], float("-inf"), tl.float32)
-        l_sum = tl.zeros([GQP], tl.float32)
-        acc = tl.zeros([GQP, D], tl.float32)
-        for c in range(NC):  # a loop, not unrolled: unrolled, the loads of all chunks spilled
+        if GQP == 1:  # one query row (MHA)
+            _fp_partial_one_row(q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, lse_ptr, scaling, S, k_b, k_h, k_s, v_b, v_h,
+                                v_s, valid_b, b, h, split, rows, d, D, BC, NC, NS, RING, nq_b, held, base)
+        else:
+            q = tl.load(q_ptr + rows[:, None] * D + d[None, :], mask=(r < GQ)[:, None], other=0.0).to(tl.float32)
+            m = tl.full([GQP], float("-inf"), tl.float32)
+            l_sum = tl.zeros([GQP], tl.float32)
+            acc = tl.zeros([GQP, D], tl.float32)
+            for c in range(NC):  # a loop, not unrolled: unrolled, the loads of all chunks spilled
+                s = (split * NC + c) * BC + tl.arange(0, BC)
+                if RING:
+                    rel = s - base
+                    ok = (s < S) & (tl.where(rel < 0, rel + S, rel) < held)
+                else:
+                    ok = (s < S) & (tl.load(valid_ptr + b * valid_b + s, mask=s < S, other=0) != 0)
+                k = tl.load(k_ptr + b * k_b + h * k_h + s[:, None] * k_s + d[None, :], mask=ok[:, None], other=0.0)
+                v = tl.load(v_ptr + b * v_b + h * v_h + s[:, None] * v_s + d[None, :], mask=ok[:, None], other=0.0)
+                score = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scaling  # [GQP, BC]
+                score = tl.where(ok[None, :], score, float("-inf"))
+                m_new = tl.maximum(m, tl.max(score, 1))
+                live = m_new > float("-inf")
+                ref = tl.where(live, m_new, 0.0)
+                alpha = tl.where(live, tl.exp(m - ref), 1.0)
+                p = tl.where(ok[None, :], tl.exp(score - ref[:, None]), 0.0)
+                l_sum = l_sum * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+                m = m_new
+            has = l_sum > 0
+            inv = tl.where(has, 1.0 / tl.where(has, l_sum, 1.0), 0.0)
+            tl.store(o_ptr + (rows * NS + split)[:, None] * D + d[None, :], acc * inv[:, None], mask=(r < GQ)[:, None])
+            tl.store(lse_ptr + rows * NS + split, tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf")), mask=r < GQ)
+
+    @triton.jit
+    def _fp_partial_one_row(q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, lse_ptr, scaling, S, k_b, k_h, k_s, v_b, v_h, v_s,
+                            valid_b, b, h, split, rows, d, D: tl.constexpr, BC: tl.constexpr, NC: tl.constexpr,
+                            NS: tl.constexpr, RING: tl.constexpr, nq_b, held, base):
+        # The general path's arithmetic for one query row, the weighted values kept per token slot
+        # ([BC, D], rescaled by the running maximum's factor each chunk: the slots share one
+        # maximum) and summed over the slots once at the end, not every chunk.
+        row = tl.sum(rows, 0)  # the program's one query row
+        q = tl.load(q_ptr + row * D + d).to(tl.float32)
+        m = tl.max(tl.full([1], float("-inf"), tl.float32), 0)
+        l_sum = tl.sum(tl.zeros([1], tl.float32), 0)
+        acc = tl.zeros([BC, D], tl.float32)
+        for c in range(NC):
             s = (split * NC + c) * BC + tl.arange(0, BC)
             if RING:
                 rel = s - base
@@ -68,20 +115,21 @@ if triton is not None:
                 ok = (s < S) & (tl.load(valid_ptr + b * valid_b + s, mask=s < S, other=0) != 0)
             k = tl.load(k_ptr + b * k_b + h * k_h + s[:, None] * k_s + d[None, :], mask=ok[:, None], other=0.0)
             v = tl.load(v_ptr + b * v_b + h * v_h + s[:, None] * v_s + d[None, :], mask=ok[:, None], other=0.0)
-            score = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scaling  # [GQP, BC]
-            score = tl.where(ok[None, :], score, float("-inf"))
-            m_new = tl.maximum(m, tl.max(score, 1))
+            score = tl.sum(q[None, :] * k.to(tl.float32), 1) * scaling  # [BC]
+            score = tl.where(ok, score, float("-inf"))
+            m_new = tl.maximum(m, tl.max(score, 0))
             live = m_new > float("-inf")
             ref = tl.where(live, m_new, 0.0)
             alpha = tl.where(live, tl.exp(m - ref), 1.0)
-            p = tl.where(ok[None, :], tl.exp(score - ref[:, None]), 0.0)
-            l_sum = l_sum * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+            p = tl.where(ok, tl.exp(score - ref), 0.0)
+            l_sum = l_sum * alpha + tl.sum(p, 0)
+            acc = acc * alpha + p[:, None] * v.to(tl.float32)
             m = m_new
+        out = tl.sum(acc, 0)  # [D]
         has = l_sum > 0
         inv = tl.where(has, 1.0 / tl.where(has, l_sum, 1.0), 0.0)
-        tl.store(o_ptr + (rows * NS + split)[:, None] * D + d[None, :], acc * inv[:, None], mask=(r < GQ)[:, None])
-        tl.store(lse_ptr + rows * NS + split, tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf")), mask=r < GQ)
+        tl.store(o_ptr + (row * NS + split) * D + d, out * inv)
+        tl.store(lse_ptr + row * NS + split, tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf")))
 
 
 def ring_valid(n: torch.Tensor, nq: torch.Tensor, slots: int) -> torch.Tensor:

@@ -71,15 +71,9 @@ if triton is not None:
             l_sum = tl.zeros([GQP], tl.float32)
             acc = tl.zeros([GQP, D], tl.float32)
             for c in range(NC):  # a loop, not unrolled: unrolled, the loads of all chunks spilled
-                s = (split * NC + c) * BC + tl.arange(0, BC)
-                if RING:
-                    rel = s - base
-                    ok = (s < S) & (tl.where(rel < 0, rel + S, rel) < held)
-                else:
-                    ok = (s < S) & (tl.load(valid_ptr + b * valid_b + s, mask=s < S, other=0) != 0)
-                k = tl.load(k_ptr + b * k_b + h * k_h + s[:, None] * k_s + d[None, :], mask=ok[:, None], other=0.0)
-                v = tl.load(v_ptr + b * v_b + h * v_h + s[:, None] * v_s + d[None, :], mask=ok[:, None], other=0.0)
-                score = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scaling  # [GQP, BC]
+                ok, k, v = _load_chunk(k_ptr, v_ptr, valid_ptr, S, k_b, k_h, k_s, v_b, v_h, v_s, valid_b, b, h,
+                                       (split * NC + c) * BC, d, BC, RING, held, base)
+                score = tl.sum(q[:, None, :] * k[None, :, :], 2) * scaling  # [GQP, BC]
                 score = tl.where(ok[None, :], score, float("-inf"))
                 m_new = tl.maximum(m, tl.max(score, 1))
                 live = m_new > float("-inf")
@@ -87,12 +81,27 @@ if triton is not None:
                 alpha = tl.where(live, tl.exp(m - ref), 1.0)
                 p = tl.where(ok[None, :], tl.exp(score - ref[:, None]), 0.0)
                 l_sum = l_sum * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
                 m = m_new
             has = l_sum > 0
             inv = tl.where(has, 1.0 / tl.where(has, l_sum, 1.0), 0.0)
             tl.store(o_ptr + (rows * NS + split)[:, None] * D + d[None, :], acc * inv[:, None], mask=(r < GQ)[:, None])
             tl.store(lse_ptr + rows * NS + split, tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf")), mask=r < GQ)
+
+    @triton.jit
+    def _load_chunk(k_ptr, v_ptr, valid_ptr, S, k_b, k_h, k_s, v_b, v_h, v_s, valid_b, b, h, first, d,
+                    BC: tl.constexpr, RING: tl.constexpr, held, base):
+        """The chunk of BC slots from `first`: (ok [BC], k, v [BC, D] float32), slots not holding a
+        token masked (their loads skipped, zeros)."""
+        s = first + tl.arange(0, BC)
+        if RING:
+            rel = s - base
+            ok = (s < S) & (tl.where(rel < 0, rel + S, rel) < held)
+        else:
+            ok = (s < S) & (tl.load(valid_ptr + b * valid_b + s, mask=s < S, other=0) != 0)
+        k = tl.load(k_ptr + b * k_b + h * k_h + s[:, None] * k_s + d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(v_ptr + b * v_b + h * v_h + s[:, None] * v_s + d[None, :], mask=ok[:, None], other=0.0)
+        return ok, k.to(tl.float32), v.to(tl.float32)
 
     @triton.jit
     def _fp_partial_one_row(q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, lse_ptr, scaling, S, k_b, k_h, k_s, v_b, v_h, v_s,
@@ -107,15 +116,9 @@ if triton is not None:
         l_sum = tl.sum(tl.zeros([1], tl.float32), 0)
         acc = tl.zeros([BC, D], tl.float32)
         for c in range(NC):
-            s = (split * NC + c) * BC + tl.arange(0, BC)
-            if RING:
-                rel = s - base
-                ok = (s < S) & (tl.where(rel < 0, rel + S, rel) < held)
-            else:
-                ok = (s < S) & (tl.load(valid_ptr + b * valid_b + s, mask=s < S, other=0) != 0)
-            k = tl.load(k_ptr + b * k_b + h * k_h + s[:, None] * k_s + d[None, :], mask=ok[:, None], other=0.0)
-            v = tl.load(v_ptr + b * v_b + h * v_h + s[:, None] * v_s + d[None, :], mask=ok[:, None], other=0.0)
-            score = tl.sum(q[None, :] * k.to(tl.float32), 1) * scaling  # [BC]
+            ok, k, v = _load_chunk(k_ptr, v_ptr, valid_ptr, S, k_b, k_h, k_s, v_b, v_h, v_s, valid_b, b, h,
+                                   (split * NC + c) * BC, d, BC, RING, held, base)
+            score = tl.sum(q[None, :] * k, 1) * scaling  # [BC]
             score = tl.where(ok, score, float("-inf"))
             m_new = tl.maximum(m, tl.max(score, 0))
             live = m_new > float("-inf")
@@ -123,7 +126,7 @@ if triton is not None:
             alpha = tl.where(live, tl.exp(m - ref), 1.0)
             p = tl.where(ok, tl.exp(score - ref), 0.0)
             l_sum = l_sum * alpha + tl.sum(p, 0)
-            acc = acc * alpha + p[:, None] * v.to(tl.float32)
+            acc = acc * alpha + p[:, None] * v
             m = m_new
         out = tl.sum(acc, 0)  # [D]
         has = l_sum > 0

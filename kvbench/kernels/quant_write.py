@@ -309,7 +309,7 @@ def reference_quantize_pack_rows(x, *, bits, group_size, clip_ratio=1.0, integer
 
 def kivi_group_write(win: torch.Tensor, n: torch.Tensor, nq: torch.Tensor, out, *, keys: bool, bits: int,
                      group_size: int, value_group_size: int, residual: int, clip_ratio: float = 1.0,
-                     integer_zero: bool = False, block_rows: int = 16) -> None:
+                     integer_zero: bool = False, block_rows: int | None = None) -> None:
     """KIVI's decode write of the group at each row's boundary straight from the full-precision ring
     window `win` [B, H, W, D] (slot = position % W), in one launch, for the rows whose boundary
     moved this step (`n` already counts the step's token; `nq` is the old boundary; neither is
@@ -317,7 +317,11 @@ def kivi_group_write(win: torch.Tensor, n: torch.Tensor, nq: torch.Tensor, out, 
     group's tokens (the key store: codes [B, H, cap_groups, D, G*bits/8], scale/zero
     [B, H, cap_groups, D]); `keys=False` each token in groups of `value_group_size` channels (a
     `PerTokenStore`'s codes, scale, zero).
-    The same quantizer as `quantize_pack_rows`, on the same values as the torch path gathers."""
+    The same quantizer as `quantize_pack_rows`, on the same values as the torch path gathers.
+    `block_rows` (default: one (row, head) a program, D channel rows or G token rows) sets the rows
+    a program takes: most steps move no boundary, and a program whose rows did not move returns
+    after loading two counters, so the launch costs what its grid costs (16-row programs: 15 us a
+    launch at batch 117, thirteenth session)."""
     _require_triton()
     b, h, w, d = win.shape
     g = group_size
@@ -326,6 +330,7 @@ def kivi_group_write(win: torch.Tensor, n: torch.Tensor, nq: torch.Tensor, out, 
     codes, scale, zero = out
     rows = b * h * (d if keys else g)
     cap = codes.shape[2]
+    block_rows = block_rows or (d if keys else g)
     _kivi_group_kernel[(triton.cdiv(rows, block_rows),)](
         win, n, nq, codes, scale, zero, rows, clip_ratio, h, w, residual, cap,
         D=d, GT=g, GV=value_group_size, BITS=bits, INT_ZERO=integer_zero, KEYS=keys, BR=block_rows,

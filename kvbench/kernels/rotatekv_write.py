@@ -195,9 +195,11 @@ def quantize_pack_grouped(rot: torch.Tensor, gid: torch.Tensor, *, bits: int, nu
     from_lengths = lengths is not None
     if from_lengths:
         if slots or capacity is None or token_positions is None or lengths.shape != (rows,) \
-                or token_positions.numel() != rows:
+                or token_positions.numel() != rows or (slot_positions is not None and (
+                    slot_positions.dtype != torch.int32 or not slot_positions.is_contiguous()
+                    or slot_positions.shape[0] != rows)):
             raise ValueError("lengths mode: one token a row (lengths [R], token_positions [R]), the store's "
-                             "capacity, and no dest")
+                             "capacity, no dest, and slot_positions (if given) contiguous int32 [R, cap]")
         code_rows, scale_rows, tokens = lengths.contiguous(), lengths, 1
     elif slots:
         if dest.numel() != rows or capacity is None:

@@ -92,6 +92,36 @@ def test_rotatekv_mha_options_that_do_not_apply_are_refused():
         decode_rotatekv_mha(*common, **kw, pre_rope=False, f16_dequant=True)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_decode_write_arguments_are_checked_before_any_launch():
+    # the decode-step writes' contracts, refused with a clear error on CPU tensors (no launch)
+    from kvbench.kernels.quant_write import kivi_ring_append
+    from kvbench.kernels.rotatekv_write import quantize_pack_grouped
+
+    b, h, d, w = 2, 3, 64, 8
+    tok, win, n = torch.zeros(b, h, 1, d), torch.zeros(b, h, w, d), torch.zeros(b, dtype=torch.long)
+    with pytest.raises(ValueError, match="one token a row"):
+        kivi_ring_append(torch.zeros(b, h, 2, d), tok, win, win, n, n, n, residual=4, group_size=4)
+    with pytest.raises(ValueError, match="counters"):
+        kivi_ring_append(tok, tok, win, win, n, n, torch.zeros(b + 1, dtype=torch.long), residual=4, group_size=4)
+    rot, gid = torch.zeros(b, 192), (torch.arange(192) // 64).to(torch.int32)
+    kw = dict(bits=2, num_qgroups=3, key_block=192, codes_out=torch.zeros(b * 8, 48, dtype=torch.uint8),
+              scale_out=torch.zeros(b * 8, 3, dtype=torch.float16), zero_out=torch.zeros(b * 8, 3, dtype=torch.float16),
+              capacity=8, lengths=torch.zeros(b, dtype=torch.long), token_positions=torch.zeros(b, dtype=torch.long))
+    with pytest.raises(ValueError, match="lengths mode"):
+        quantize_pack_grouped(rot, gid, **kw, dest=torch.zeros(b, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="int32"):
+        quantize_pack_grouped(rot, gid, **kw, slot_positions=torch.zeros(b, 8, dtype=torch.long))
+
+
+def test_side_stream_is_off_on_cpu():
+    from kvbench.kernels import side_stream
+
+    assert side_stream.fork("cpu") is None
+    with side_stream.on(None):
+        side_stream.join(None)
+
+
 def test_merge_partials_is_exact():
     from kvbench.kernels.reference import fp_partial, merge_partials
 

@@ -53,7 +53,6 @@ if triton is not None:
         r = tl.arange(0, GQP)
         d = tl.arange(0, D)
         rows = (b * HKV + h) * GQ + r
-        nq_b = 0
         held = 0
         base = 0
         if RING:  # a ring of S slots holding positions nq[b] .. n[b] - 1 at slot position % S
@@ -64,7 +63,7 @@ if triton is not None:
             base = (nq_b % S).to(tl.int32)
         if GQP == 1:  # one query row (MHA)
             _fp_partial_one_row(q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, lse_ptr, scaling, S, k_b, k_h, k_s, v_b, v_h,
-                                v_s, valid_b, b, h, split, rows, d, D, BC, NC, NS, RING, nq_b, held, base)
+                                v_s, valid_b, b, h, split, rows, d, D, BC, NC, NS, RING, held, base)
         else:
             q = tl.load(q_ptr + rows[:, None] * D + d[None, :], mask=(r < GQ)[:, None], other=0.0).to(tl.float32)
             m = tl.full([GQP], float("-inf"), tl.float32)
@@ -106,7 +105,7 @@ if triton is not None:
     @triton.jit
     def _fp_partial_one_row(q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, lse_ptr, scaling, S, k_b, k_h, k_s, v_b, v_h, v_s,
                             valid_b, b, h, split, rows, d, D: tl.constexpr, BC: tl.constexpr, NC: tl.constexpr,
-                            NS: tl.constexpr, RING: tl.constexpr, nq_b, held, base):
+                            NS: tl.constexpr, RING: tl.constexpr, held, base):
         # The general path's arithmetic for one query row, the weighted values kept per token slot
         # ([BC, D], rescaled by the running maximum's factor each chunk: the slots share one
         # maximum) and summed over the slots once at the end, not every chunk.

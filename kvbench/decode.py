@@ -6,8 +6,9 @@ length (`fill`), and runs decode steps of one token per row through the model (`
 into a CUDA graph when the caches allow it (`capture`). A step is the model's whole forward:
 projections, MLPs, the caches' write and attention, the LM head; no host sync inside. On CUDA the
 per-layer RMSNorm, RoPE and SiLU-times-up run as one Triton launch each (`fused_glue`,
-`kvbench.kernels.glue`), the same for every method, fp16 included; `KVBENCH_FUSED_GLUE=0` keeps
-transformers' own ops.
+`kvbench.kernels.glue`) and each layer's q/k/v and gate/up projections are one GEMM each
+(`kvbench.model.fuse_projections`), the same for every method, fp16 included;
+`KVBENCH_FUSED_GLUE=0` keeps transformers' own ops and GEMMs.
 
 Optional cache protocol (duck-typed; a plain `LayerCache` still runs, uncaptured and filled
 through `append`):
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.method import KVGeometry, KVMethod, LayerCache, NewTokens
-from kvbench.model import LoadedModel
+from kvbench.model import LoadedModel, fuse_projections
 from kvbench.rope import apply_rope
 from kvbench.session import KVSession
 from kvbench.simulated import attention as masked_attention
@@ -92,7 +93,11 @@ class StaticKVCache(LayerCache):
         b, _, t, _ = new.k.shape
         if self.k is None or self.cursor + t > self.capacity:
             self.reserve(b, max(2 * self.capacity, self.cursor + t, 16), new.k.device, new.k.dtype)
-        if t == 1 and not new.is_prefill:
+        if t == 1 and not new.is_prefill and self._write_kernel(new.k):
+            from kvbench.kernels.kv_write import write_token
+
+            write_token(new.k, new.v, new.positions, self.pad, self.k, self.v, self.pos)  # one launch
+        elif t == 1 and not new.is_prefill:
             slot = (new.positions + self.pad).view(b, 1, 1, 1).expand(b, self.g.num_kv_heads, 1, self.g.head_dim)
             self.k.scatter_(2, slot, new.k.to(self.k.dtype))
             self.v.scatter_(2, slot, new.v.to(self.v.dtype))
@@ -103,6 +108,14 @@ class StaticKVCache(LayerCache):
             s = slice(self.cursor, self.cursor + t)
             self.k[:, :, s], self.v[:, :, s], self.pos[:, s] = new.k, new.v, new.positions
         self.cursor += t
+
+    @staticmethod
+    def _write_kernel(x: torch.Tensor) -> bool:
+        # the packed caches' switch (CUDA, triton, KVBENCH_PACKED_KERNELS unset or 1), so fp16's
+        # write takes a kernel exactly where theirs do
+        from kvbench.packed_cache import kernels_enabled
+
+        return x.dtype in (torch.float16, torch.float32) and kernels_enabled(x)
 
     def attend(self, q: torch.Tensor, q_positions: torch.Tensor, scaling: float) -> torch.Tensor:
         gqa = q.shape[1] != self.g.num_kv_heads
@@ -346,8 +359,10 @@ class DecodeEngine:
         # RMSNorm, RoPE and SiLU-times-up in one Triton launch each, for every method alike (None:
         # on CUDA with triton unless KVBENCH_FUSED_GLUE=0): ~700 fewer launches a Llama-2-7B step
         self.session.fused_glue = _fused_glue_wanted(fused_glue, self.device)
-        self.glue = ("fused (kvbench.kernels.glue: RMSNorm, RoPE, SiLU-mul)" if self.session.fused_glue
-                     else "transformers' own (torch ops)")
+        if self.session.fused_glue:  # and one GEMM for q, k, v and one for gate, up (same for every method)
+            fuse_projections(lm.model)
+        self.glue = ("fused (kvbench.kernels.glue: RMSNorm, RoPE, SiLU-mul; q/k/v and gate/up projections "
+                     "stacked)" if self.session.fused_glue else "transformers' own (torch ops)")
         self.caches = self.session.caches
         self.preallocated = all([reserve(c, batch, capacity, self.device, lm.dtype) for c in self.caches])
         self.gen = torch.Generator(device=self.device)

@@ -85,7 +85,9 @@ def slot_destinations(mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor
     return torch.where(mask, base + c - 1, base + n + other - 1)
 
 
-def _kernels_enabled(x: torch.Tensor) -> bool:
+def kernels_enabled(x: torch.Tensor) -> bool:
+    """Whether the Triton/CUDA write and read paths run for tensors like x: on CUDA, with triton, unless
+    KVBENCH_PACKED_KERNELS=0 (the torch paths then, for A/B runs and debugging)."""
     if not x.is_cuda or os.environ.get("KVBENCH_PACKED_KERNELS", "1") == "0":
         return False
     from kvbench.kernels import decode_attention
@@ -300,7 +302,7 @@ class PackedPerTokenCache(LayerCache):
         """On CUDA with triton: (rotate,) quantize and pack K and V straight into their slots
         with kvbench.kernels.quant_write (one launch each)."""
         inputs = self.fused_write_inputs(new)
-        if inputs is None or not _kernels_enabled(new.k) or self.spec.bits not in (2, 4, 8):
+        if inputs is None or not kernels_enabled(new.k) or self.spec.bits not in (2, 4, 8):
             return False
         from kvbench.kernels.quant_write import quantize_pack_rows
 
@@ -325,7 +327,7 @@ class PackedPerTokenCache(LayerCache):
         then the lengths advance. Four launches where the general path takes about thirty: in a
         captured decode step each small launch costs a few microseconds, every layer."""
         inputs = self.fused_write_inputs(new)
-        if inputs is None or not _kernels_enabled(new.k) or self.spec.bits not in (2, 4, 8):
+        if inputs is None or not kernels_enabled(new.k) or self.spec.bits not in (2, 4, 8):
             return False
         from kvbench.kernels.quant_write import quantize_pack_decode
 
@@ -439,7 +441,7 @@ class PackedPerTokenCache(LayerCache):
         return self.dequantize_stored(self.kstore.read(s), self.vstore.read(s), self.positions[:, :s])
 
     def attend(self, q: torch.Tensor, q_positions: torch.Tensor, scaling: float) -> torch.Tensor:
-        if q.shape[2] == 1 and _kernels_enabled(q) and self.kernel_supported():
+        if q.shape[2] == 1 and kernels_enabled(q) and self.kernel_supported():
             from kvbench.kernels import decode_attention
 
             return decode_attention.packed_decode(self, q, scaling)
@@ -601,7 +603,7 @@ class RotateKVPackedCache(PackedPerTokenCache):
         the value rows' index sum, and a where, a cast and a scatter for the positions, every layer
         of a captured step. Unlike `_write_fused`, a padding token (position < 0) is not written:
         its slot lies past its row's length either way, as in the per-token caches' decode write."""
-        if not _kernels_enabled(new.k):
+        if not kernels_enabled(new.k):
             return False
         from kvbench.kernels import rotatekv_write as rw
         from kvbench.kernels import side_stream
@@ -638,7 +640,7 @@ class RotateKVPackedCache(PackedPerTokenCache):
         as `quantize_new` rotates them, then quant_write.quantize_pack_rows (bit-identical too).
         Every token is written at its `dest` slot, scratch slots of padding and sinks included, as
         the torch path does."""
-        if not _kernels_enabled(new.k):
+        if not kernels_enabled(new.k):
             return False
         from kvbench.kernels import rotatekv_write as rw
         from kvbench.kernels.quant_write import quantize_pack_rows
@@ -833,7 +835,7 @@ class KIVIPackedCache(LayerCache):
         self.used += 1
         if self.used > self.k_codes.shape[2] * g:  # host-side bound: grows only without reserve()
             self._ensure_quant(self.used)
-        if _kernels_enabled(new.k) and self.spec.bits in (2, 4, 8) and not (g & (g - 1) or self.D & (self.D - 1)):
+        if kernels_enabled(new.k) and self.spec.bits in (2, 4, 8) and not (g & (g - 1) or self.D & (self.D - 1)):
             from kvbench.kernels.quant_write import kivi_ring_append
 
             if self._nq_old is None or self._nq_old.shape != self.nq.shape or self._nq_old.device != self.nq.device:
@@ -924,7 +926,7 @@ class KIVIPackedCache(LayerCache):
         return k, v
 
     def attend(self, q: torch.Tensor, q_positions: torch.Tensor, scaling: float) -> torch.Tensor:
-        if q.shape[2] == 1 and _kernels_enabled(q) and self.kernel_supported():
+        if q.shape[2] == 1 and kernels_enabled(q) and self.kernel_supported():
             from kvbench.kernels import decode_attention
 
             return decode_attention.packed_decode(self, q, scaling)

@@ -144,6 +144,7 @@ def test_kernels_on_gpu():
     from kvbench.kernels import checks, rotatekv_write
 
     results = checks.run_all("cuda", small=False) + checks.check_write("cuda") + checks.check_fused_append("cuda")
+    results += checks.check_glue("cuda")
     results += rotatekv_write.check_rotatekv_write("cuda") + rotatekv_write.check_rotatekv_append("cuda")
     results += rotatekv_write.check_rotatekv_append("cuda", dtype=torch.float16)
     bad = [r for r in results if not r["ok"]]

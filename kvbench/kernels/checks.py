@@ -654,14 +654,14 @@ def torch_and_fused_appends(make, news, device):
             plain.append(new)
     finally:
         del os.environ["KVBENCH_PACKED_KERNELS"]
-    saved = pc._kernels_enabled
+    saved = pc.kernels_enabled
     if device == "cpu":  # the interpreter runs the kernels on CPU tensors
-        pc._kernels_enabled = lambda x: True
+        pc.kernels_enabled = lambda x: True
     try:
         for new in news:
             fused.append(new)
     finally:
-        pc._kernels_enabled = saved
+        pc.kernels_enabled = saved
     return plain, fused
 
 
@@ -720,7 +720,40 @@ def check_fused_append(device, results=None):
                     info["codes_differing"] = max(info.get("codes_differing", 0.0), frac)
                     ok &= frac <= 5e-3 and int((a - c).abs().max()) <= 1
         results.append({"kernel": f"fused append {name}", "ok": bool(ok), **info})
+    check_fused_static_decode(news, device, results)
     check_fused_kivi_decode(device, results)
+    return results
+
+
+def check_fused_static_decode(news, device, results=None):
+    """fp16's cache (`decode.StaticKVCache`): decode tokens written by `kv_write.write_token` (one
+    launch) store exactly what its three scatters store, for left-padded rows and for decode keys
+    and values that are strided views of one projection output (as `fuse_projections` gives)."""
+    from kvbench.decode import StaticKVCache
+    from kvbench.method import KVGeometry, NewTokens
+
+    results = [] if results is None else results
+    b, hkv, _, d = news[0].k.shape
+    strided = [news[0]]
+    for new in news[1:]:  # k and v as views into a [B, 1, 3 H D] output, unit channel stride
+        out = torch.zeros(b, 1, 3 * hkv * d, device=device)
+        out[..., hkv * d:2 * hkv * d] = new.k.transpose(1, 2).reshape(b, 1, -1)
+        out[..., 2 * hkv * d:] = new.v.transpose(1, 2).reshape(b, 1, -1)
+        k, v = (x.view(b, 1, hkv, d).transpose(1, 2) for x in out.split([hkv * d] * 3, -1)[1:])
+        strided.append(NewTokens(k_pre=new.k_pre, k=k, v=v, cos=new.cos, sin=new.sin, positions=new.positions,
+                                 layer_input=None, is_prefill=False))
+    geometry = KVGeometry(1, hkv, hkv, d, hkv * d, 1e4)
+
+    def make():
+        cache = StaticKVCache(geometry)
+        cache.reserve(b, 24, device, torch.float32)
+        return cache
+
+    plain, fused = torch_and_fused_appends(make, strided, device)
+    same = all(torch.equal(x.cpu(), y.cpu()) for x, y in ((plain.k, fused.k), (plain.v, fused.v),
+                                                          (plain.pos, fused.pos)))
+    results.append({"kernel": "fused append fp16 (static cache) decode steps, strided inputs", "ok": same
+                    and plain.cursor == fused.cursor})
     return results
 
 
@@ -758,12 +791,15 @@ def check_fused_kivi_decode(device, results=None):
 def check_glue(device, results=None):
     """`glue.rms_norm`, `glue.silu_mul` and `glue.rope` against the torch ops they replace (fp16 and
     fp32; RoPE on the model's non-contiguous q/k views, 1 to 37 tokens: bit-exact; SiLU-mul within an
-    fp16 ulp of torch's; RMSNorm within 2e-3 of the largest output), and a tiny random Llama's logits
-    with the session's `fused_glue` on against off (one prefill and two decode steps, fp16 cache)."""
+    fp16 ulp of torch's, and the same bits on the two halves of one tensor; RMSNorm within 2e-3 of
+    the largest output), and a tiny random Llama's logits with the session's `fused_glue` and
+    `fuse_projections` on against off (one prefill and two decode steps, fp16 cache); stacking the
+    projections leaves the torch path's logits bit for bit."""
     import transformers.models.llama.modeling_llama as llama
 
     from kvbench import params as P
     from kvbench.kernels import glue
+    from kvbench.model import fuse_projections
     from kvbench.registry import methods
     from kvbench.rope import apply_rope
     from kvbench.session import KVSession
@@ -784,6 +820,10 @@ def check_glue(device, results=None):
         err = float((got.float() - want.float()).abs().max())
         results.append({"kernel": f"glue silu_mul {str(dt)[6:]}", "max_abs_err": err,
                         "ok": got.dtype == dt and err <= 1e-3 * float(want.abs().max())})
+        halves = torch.cat([gate, up], -1).split(300, -1)  # a fused gate-up output's two views
+        got_views = glue.silu_mul(*halves)
+        results.append({"kernel": f"glue silu_mul {str(dt)[6:]} on the halves of one tensor",
+                        "ok": torch.equal(got_views, got) and got_views.is_contiguous()})
         for t in (1, 5, 37):
             q = torch.randn(2, t, 3, 64, generator=gen).to(dt).to(device).transpose(1, 2)  # the model's view
             ang = torch.randn(2, t, 32, generator=gen)
@@ -797,16 +837,25 @@ def check_glue(device, results=None):
     lm = load_random_model("tiny", "random:tiny", device=str(device), dtype="float16" if device != "cpu" else "float32")
     method = P.build(methods.get("fp16"), {}, "fp16")
     ids = torch.randint(lm.model.config.vocab_size, (2, 9), generator=gen).to(device)
-    logits = []
-    for fused in (False, True):
+
+    def run(fused):
         session = KVSession(method, lm.geometry)
         session.fused_glue = fused
         out = [lm.forward(session, ids, torch.arange(9, device=device).expand(2, 9), logits_to_keep=1)]
         for step in range(2):
             out.append(lm.forward(session, ids[:, step:step + 1], torch.full((2, 1), 9 + step, device=device),
                                   logits_to_keep=1))
-        logits.append(torch.cat(out, 1))
-    err = float((logits[1] - logits[0]).abs().max())
-    results.append({"kernel": "glue: tiny Llama, fused against torch glue", "max_abs_err": err,
-                    "ok": err <= 2e-2 * max(1.0, float(logits[0].abs().max()))})
+        return torch.cat(out, 1)
+
+    plain = run(False)
+    weights = sum(p.numel() for p in lm.model.parameters())
+    fuse_projections(lm.model)  # the Linears' weights become views: the torch path gives the same bits
+    plain_after = run(False)
+    results.append({"kernel": "fuse_projections: torch path unchanged, no extra weights", "ok": torch.equal(
+        plain_after, plain) and sum(p.numel() for p in lm.model.parameters()) == weights
+        and lm.model.model.layers[0].self_attn.q_proj.weight.data_ptr()
+        == lm.model.model.layers[0].self_attn.kvbench_qkv[0].data_ptr()})
+    err = float((run(True) - plain).abs().max())
+    results.append({"kernel": "glue: tiny Llama, fused glue and stacked projections against torch glue",
+                    "max_abs_err": err, "ok": err <= 2e-2 * max(1.0, float(plain.abs().max()))})
     return results

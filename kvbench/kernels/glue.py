@@ -59,15 +59,18 @@ if triton is not None:
         tl.store(out_ptr + row * N + c, (w.to(tl.float32) * h).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, gs, us, BLOCK: tl.constexpr, F16: tl.constexpr,
+                         ASM: tl.constexpr):
+        # rows of n elements at row strides gs, us (the two halves of a fused gate-up output), out dense
+        row = tl.program_id(0).to(tl.int64)
+        i = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = i < n
-        g = tl.load(g_ptr + i, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row * gs + i, mask=m, other=0.0).to(tl.float32)
         s = g / (1.0 + tl.exp(-g))
         if F16:  # act_fn(gate) in the input dtype
             s = _to_f16_precision(s, ASM)
-        u = tl.load(u_ptr + i, mask=m, other=0.0)
-        tl.store(out_ptr + i, (s * u.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
+        u = tl.load(u_ptr + row * us + i, mask=m, other=0.0)
+        tl.store(out_ptr + row * n + i, (s * u.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, xs_b, xs_h, xs_t, cs_b, cs_t,
@@ -117,15 +120,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, n] without a copy where its rows are evenly spaced with unit element stride (the
+    halves of a fused gate-up output are), else a contiguous copy."""
+    n = x.shape[-1]
+    flat = x.reshape(-1, n) if x.dim() != 2 else x
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up with torch's roundings (silu in the input dtype, then the product), one launch
-    (fp16 and fp32; other dtypes take the torch ops)."""
-    if gate.dtype not in (torch.float16, torch.float32) or up.dtype != gate.dtype:
+    (fp16 and fp32; other dtypes take the torch ops). gate and up may be strided views with unit
+    element stride (the two halves of one GEMM's output); the result is contiguous."""
+    if gate.dtype not in (torch.float16, torch.float32) or up.dtype != gate.dtype or gate.shape != up.shape:
         return torch.nn.functional.silu(gate) * up
-    g, u = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(g)
-    n = g.numel()
-    _silu_mul_kernel[(triton.cdiv(n, 1024),)](g, u, out, n, BLOCK=1024, F16=g.dtype == torch.float16, ASM=_asm())
+    g, u = _rows(gate), _rows(up)
+    rows, n = g.shape
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if out.numel() == 0:
+        return out
+    block = min(1024, triton.next_power_of_2(n))
+    _silu_mul_kernel[(rows, triton.cdiv(n, block))](g, u, out, n, g.stride(0), u.stride(0), BLOCK=block,
+                                                    F16=g.dtype == torch.float16, ASM=_asm())
     return out
 
 

@@ -669,8 +669,9 @@ def check_fused_append(device, results=None):
     """A packed cache's fused Triton write (CUDA; forced on under the interpreter) stores the
     same codes, scales and zeros as its torch write: exactly for rtn, and for quarot (rotation
     in the kernel) up to rare one-step code differences; over a prefill of left-padded rows and
-    then decode steps (one token a row, written at each row's length by `quantize_pack_decode`),
-    with the same slot positions and lengths."""
+    then decode steps (one token a row, written at each row's length by `quantize_pack_decode`;
+    keys and values are views with gaps into one tensor, as the stacked projections give them),
+    with the same slot positions and lengths; fp16's cache too (`check_fused_static_decode`)."""
     from kvbench import packed_cache as pc
     from kvbench.method import NewTokens
     from kvbench.packing import unpack
@@ -695,9 +696,12 @@ def check_fused_append(device, results=None):
         k1 = torch.randn(b, hkv, 1, d, generator=gen)
         k1[..., 2] *= 20
         dcos, dsin = rope_tables(dpos, d, 1e4)
-        news.append(NewTokens(k_pre=k1.to(device), k=apply_rope(k1, dcos, dsin).to(device),
-                              v=torch.randn(b, hkv, 1, d, generator=gen).to(device), cos=dcos.to(device),
-                              sin=dsin.to(device), positions=dpos.to(device), layer_input=None, is_prefill=False))
+        # k_pre, k and v as views with gaps into one [B, 1, 3 H D] tensor (the stacked projections')
+        stacked = torch.cat([x.transpose(1, 2).reshape(b, 1, -1) for x in (
+            k1, apply_rope(k1, dcos, dsin), torch.randn(b, hkv, 1, d, generator=gen))], -1).to(device)
+        kp, kr, v1 = (x.view(b, 1, hkv, d).transpose(1, 2) for x in stacked.split(hkv * d, -1))
+        news.append(NewTokens(k_pre=kp, k=kr, v=v1, cos=dcos.to(device), sin=dsin.to(device),
+                              positions=dpos.to(device), layer_input=None, is_prefill=False))
     stored = [n + len(news) - 1 for n in lengths]
     for name, make, exact in (("rtn-2", lambda: pc.RTNPackedCache(QuantSpec(2, 32), False, hkv, d), True),
                               ("rtn-4 pre-RoPE", lambda: pc.RTNPackedCache(QuantSpec(4, 64, 0.9), True, hkv, d), True),
@@ -727,21 +731,13 @@ def check_fused_append(device, results=None):
 
 def check_fused_static_decode(news, device, results=None):
     """fp16's cache (`decode.StaticKVCache`): decode tokens written by `kv_write.write_token` (one
-    launch) store exactly what its three scatters store, for left-padded rows and for decode keys
-    and values that are strided views of one projection output (as `fuse_projections` gives)."""
+    launch) store exactly what its three scatters store, for left-padded rows (`news`: a prefill,
+    then decode tokens whose keys and values are views with gaps, as stacked projections give)."""
     from kvbench.decode import StaticKVCache
-    from kvbench.method import KVGeometry, NewTokens
+    from kvbench.method import KVGeometry
 
     results = [] if results is None else results
     b, hkv, _, d = news[0].k.shape
-    strided = [news[0]]
-    for new in news[1:]:  # k and v as views into a [B, 1, 3 H D] output, unit channel stride
-        out = torch.zeros(b, 1, 3 * hkv * d, device=device)
-        out[..., hkv * d:2 * hkv * d] = new.k.transpose(1, 2).reshape(b, 1, -1)
-        out[..., 2 * hkv * d:] = new.v.transpose(1, 2).reshape(b, 1, -1)
-        k, v = (x.view(b, 1, hkv, d).transpose(1, 2) for x in out.split([hkv * d] * 3, -1)[1:])
-        strided.append(NewTokens(k_pre=new.k_pre, k=k, v=v, cos=new.cos, sin=new.sin, positions=new.positions,
-                                 layer_input=None, is_prefill=False))
     geometry = KVGeometry(1, hkv, hkv, d, hkv * d, 1e4)
 
     def make():
@@ -749,10 +745,10 @@ def check_fused_static_decode(news, device, results=None):
         cache.reserve(b, 24, device, torch.float32)
         return cache
 
-    plain, fused = torch_and_fused_appends(make, strided, device)
+    plain, fused = torch_and_fused_appends(make, news, device)
     same = all(torch.equal(x.cpu(), y.cpu()) for x, y in ((plain.k, fused.k), (plain.v, fused.v),
                                                           (plain.pos, fused.pos)))
-    results.append({"kernel": "fused append fp16 (static cache) decode steps, strided inputs", "ok": same
+    results.append({"kernel": "fused append fp16 (static cache) decode steps", "ok": same
                     and plain.cursor == fused.cursor})
     return results
 
@@ -834,6 +830,12 @@ def check_glue(device, results=None):
             results.append({"kernel": f"glue rope {str(dt)[6:]} T={t}", "max_abs_err": float(diff.max()),
                             "differing": float((diff > 0).float().mean()), "strides": [got.stride(), q.stride()],
                             "ok": torch.equal(got, want) and got.stride() == q.stride()})
+            qkv = torch.randn(2, t, 3 * 3 * 64, generator=gen).to(dt).to(device)  # one stacked GEMM's output
+            k = qkv.split(3 * 64, -1)[1].view(2, t, 3, 64).transpose(1, 2)
+            got = glue.rope(k, cos, sin)
+            results.append({"kernel": f"glue rope {str(dt)[6:]} T={t} on a view with gaps",
+                            "strides": [got.stride(), k.stride()], "ok": torch.equal(got, apply_rope(k, cos, sin))
+                            and got.stride() == torch.empty_like(k).stride()})
     lm = load_random_model("tiny", "random:tiny", device=str(device), dtype="float16" if device != "cpu" else "float32")
     method = P.build(methods.get("fp16"), {}, "fp16")
     ids = torch.randint(lm.model.config.vocab_size, (2, 9), generator=gen).to(device)

@@ -73,7 +73,7 @@ if triton is not None:
         tl.store(out_ptr + row * n + i, (s * u.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, xs_b, xs_h, xs_t, cs_b, cs_t,
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, xs_b, xs_h, xs_t, os_b, os_h, os_t, cs_b, cs_t,
                      D: tl.constexpr, TB: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
         # one program a (batch row, head) and TB tokens: out = x * cos + rotate_half(x) * sin, each
         # product and the sum rounded to x's dtype as torch's kernels round them
@@ -96,7 +96,8 @@ if triton is not None:
         if F16:
             a = _to_f16_precision(a, ASM)
             r = _to_f16_precision(r, ASM)
-        tl.store(out_ptr + row + d[None, :], _rn("add", a, r, ASM).to(x.dtype), mask=tm)
+        orow = b.to(tl.int64) * os_b + h.to(tl.int64) * os_h + t[:, None].to(tl.int64) * os_t
+        tl.store(out_ptr + orow + d[None, :], _rn("add", a, r, ASM).to(x.dtype), mask=tm)
 
 
 def _asm() -> bool:
@@ -147,18 +148,33 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`kvbench.rope.apply_rope` (x [B, H, T, D], any strides with unit stride on D; cos, sin
-    [B, T, D]) in one launch; the output has x's layout."""
+    [B, T, D]) in one launch; the output has x's layout, made dense where x has gaps."""
     b, h, t, d = x.shape
     if (x.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride() != sin.stride() or d & (d - 1)
             or x.dtype not in (torch.float16, torch.float32)):
         from kvbench.rope import apply_rope
 
         return apply_rope(x, cos, sin)
-    out = torch.empty_like(x)  # (preserves x's strides for its dense layouts)
-    if out.stride() != x.stride():
+    # torch's layout for an elementwise result: dense, in x's dim order (so a view with gaps, q or k
+    # of one stacked q/k/v GEMM's output, gives a dense [B, H, T, D] with T outside H, as the
+    # separate projections' views are); a dense x keeps its strides exactly, size-1 dims included
+    out = torch.empty_like(x)
+    if _dense(x) and out.stride() != x.stride():
         out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     tb = min(16, triton.next_power_of_2(t))
     _rope_kernel[(b * h, triton.cdiv(t, tb))](x, cos, sin, out, h, t, x.stride(0), x.stride(1), x.stride(2),
-                                             cos.stride(0), cos.stride(1), D=d, TB=tb, F16=x.dtype == torch.float16,
-                                             ASM=_asm(), num_warps=1 if tb == 1 else 4)
+                                             out.stride(0), out.stride(1), out.stride(2), cos.stride(0),
+                                             cos.stride(1), D=d, TB=tb, F16=x.dtype == torch.float16, ASM=_asm(),
+                                             num_warps=1 if tb == 1 else 4)
     return out
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Whether x's elements fill its storage span without gaps or overlaps (some order of its dims
+    is contiguous)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

@@ -102,7 +102,7 @@ if triton is not None:
     @triton.jit
     def _quant_pack_kernel(
         x_ptr, h_ptr, dest_ptr, codes_ptr, scale_ptr, zero_ptr, num_rows, clip, inv_sqrt_n,
-        len_ptr, tok_pos_ptr, slot_pos_ptr, heads, streams, cap, pos_cap,
+        len_ptr, tok_pos_ptr, slot_pos_ptr, heads, streams, cap, pos_cap, xs_b, xs_h,
         N: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, INT_ZERO: tl.constexpr,
         ROTATE: tl.constexpr, HAS_DEST: tl.constexpr, BR: tl.constexpr, ASM: tl.constexpr,
         FROM_LENGTHS: tl.constexpr = False, WRITE_POS: tl.constexpr = False,
@@ -110,7 +110,11 @@ if triton is not None:
         r = tl.program_id(0) * BR + tl.arange(0, BR)
         rmask = r < num_rows
         c = tl.arange(0, N)
-        x = tl.load(x_ptr + r[:, None].to(tl.int64) * N + c[None, :], mask=rmask[:, None], other=0.0)
+        if FROM_LENGTHS:  # row (b, h) of x [B, H, 1, N] at strides xs_b, xs_h (a view of one GEMM's output)
+            xrow = (r // heads).to(tl.int64) * xs_b + (r % heads).to(tl.int64) * xs_h
+        else:
+            xrow = r.to(tl.int64) * N
+        x = tl.load(x_ptr + xrow[:, None] + c[None, :], mask=rmask[:, None], other=0.0)
         if ROTATE:
             k = tl.arange(0, N)
             ht = tl.load(h_ptr + c[None, :] * N + k[:, None])  # ht[k, j] = H[j, k]
@@ -260,7 +264,7 @@ def quantize_pack_rows(x: torch.Tensor, *, bits: int, group_size: int, clip_rati
     if rows:
         _quant_pack_kernel[(triton.cdiv(rows, block_rows),)](
             x, h if h is not None else x, dest if dest is not None else x, out[0], out[1], out[2], rows,
-            clip_ratio, 1.0 / math.sqrt(n), x, x, x, 1, 1, 1, 1,
+            clip_ratio, 1.0 / math.sqrt(n), x, x, x, 1, 1, 1, 1, 0, 0,
             N=n, BITS=bits, G=group_size, INT_ZERO=integer_zero, ROTATE=rotate, HAS_DEST=dest is not None,
             BR=block_rows, ASM=not interpreting(),
         )  # fmt: skip
@@ -272,8 +276,9 @@ def quantize_pack_decode(x: torch.Tensor, lengths: torch.Tensor, token_positions
                          clip_ratio: float = 1.0, integer_zero: bool = True, rotate: bool = False,
                          slot_positions: torch.Tensor | None = None, block_rows: int = 16) -> None:
     """One decode token a row, straight into a `PerTokenStore`'s next free slot, in one launch:
-    x [B, H, 1, n] row (b, h) is quantized as `quantize_pack_rows` does and written to slot
-    lengths[b] of stream h of `out` (codes [B, S, cap, n*bits/8], scale/zero [B, S, cap, n/G]),
+    x [B, H, 1, n] (any batch and head strides) row (b, h) is quantized as `quantize_pack_rows`
+    does and written to slot lengths[b] of stream h of `out` (codes [B, S, cap, n*bits/8],
+    scale/zero [B, S, cap, n/G]),
     not at all where token_positions[b] < 0 (padding). With `slot_positions` ([B, pos_cap] int32),
     the token's position goes to slot_positions[b, lengths[b]]. `lengths` is read, not advanced
     (the caller adds the written tokens after every stream's launch: a program advancing it here
@@ -286,12 +291,14 @@ def quantize_pack_decode(x: torch.Tensor, lengths: torch.Tensor, token_positions
         raise ValueError("quantize_pack_decode: one token a row of a power-of-two width, bits 2/4/8, contiguous "
                          "stores and lengths [B]")
     h = _sign_matrix_on(n, torch.float32, x.device) if rotate else None
-    x = x.reshape(b * heads, n).contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()  # (any batch and head strides are read as they are)
     tok = token_positions.reshape(b).contiguous()
     pos = slot_positions if slot_positions is not None else tok
     _quant_pack_kernel[(triton.cdiv(b * heads, block_rows),)](
         x, h if h is not None else x, x, codes, scale, zero, b * heads, clip_ratio, 1.0 / math.sqrt(n),
         lengths, tok, pos, heads, codes.shape[1], codes.shape[2], pos.shape[-1] if pos.dim() == 2 else 1,
+        x.stride(0), x.stride(1),
         N=n, BITS=bits, G=group_size, INT_ZERO=integer_zero, ROTATE=rotate, HAS_DEST=False, BR=block_rows,
         ASM=not interpreting(), FROM_LENGTHS=True, WRITE_POS=slot_positions is not None,
     )  # fmt: skip

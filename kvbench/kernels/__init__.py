@@ -19,6 +19,9 @@ and `checks` compares kernel, emulation and reference on the GPU.
   groups of the calibrated permutation and pack each head group's row in rotated order, in one
   launch, bit-identical to the torch path (a decode token: the slot from the lengths and its
   position written in the kernel). Reference: `reference_quantize_pack_grouped`.
+* `kv_write.write_token`: fp16's decode write (`decode.StaticKVCache`): a token's key, value and
+  position into their slots in one launch, a plain copy (the torch path's three scatters did it in
+  four).
 * `side_stream`: a second CUDA stream for a decode step's independent launches (the
   full-precision partial, the value writes), a parallel branch of a captured graph.
 * `decode_attention`: fused decode attention over packed caches, split over the context with a

@@ -163,6 +163,39 @@ def test_static_fp16_cache_matches_simulated(tiny):
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
 
+def test_stacked_projections_are_views_and_keep_outputs():
+    # fuse_projections (the speed runs' one GEMM for q/k/v and one for gate/up) on a model with
+    # biases: the Linears become views of the stacked weights (no second copy), the model's own
+    # forward is unchanged bit for bit, and the stacked product equals the separate ones
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvbench.model import fuse_projections
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(64, (2, 7))
+    with torch.no_grad():
+        before = model(ids).logits
+        params = sum(p.numel() for p in model.parameters())
+        fuse_projections(model)
+        fuse_projections(model)  # idempotent
+        assert torch.equal(model(ids).logits, before)
+        assert sum(p.numel() for p in model.parameters()) == params
+        attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+        weight, bias, sizes = attn.kvbench_qkv
+        assert sizes == [32, 16, 16] and attn.v_proj.weight.data_ptr() == weight[48:].data_ptr()
+        x = torch.randn(3, 32)
+        got = torch.nn.functional.linear(x, weight, bias).split(sizes, -1)
+        for y, lin in zip(got, (attn.q_proj, attn.k_proj, attn.v_proj)):
+            torch.testing.assert_close(y, lin(x), rtol=1e-6, atol=1e-6)
+        weight, bias, sizes = mlp.kvbench_gate_up
+        gate, up = torch.nn.functional.linear(x, weight, bias).split(sizes, -1)
+        torch.testing.assert_close(gate, mlp.gate_proj(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(up, mlp.up_proj(x), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "name,params",
     [

@@ -111,13 +111,16 @@ def fuse_projections(model) -> None:
     read them more slowly than one of 96 MB. The Linear modules keep their weights as views into the
     fused ones (no second copy); the fused path runs only where `session.fused_glue` is on (the
     speed runs, every method alike). Idempotent."""
+    stacked = False
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if not hasattr(attn, "kvbench_qkv"):
             attn.kvbench_qkv = _concat_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+            stacked = True
         if not hasattr(mlp, "kvbench_gate_up") and hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj"):
             mlp.kvbench_gate_up = _concat_linears(mlp.gate_proj, mlp.up_proj)
-    if torch.cuda.is_available():
+            stacked = True
+    if stacked and torch.cuda.is_available():
         torch.cuda.empty_cache()  # the replaced weights' blocks, so reserved memory stays what is used
 
 

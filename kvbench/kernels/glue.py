@@ -124,8 +124,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as [rows, n] without a copy where its rows are evenly spaced with unit element stride (the
     halves of a fused gate-up output are), else a contiguous copy."""
-    n = x.shape[-1]
-    flat = x.reshape(-1, n) if x.dim() != 2 else x
+    flat = x.reshape(-1, x.shape[-1])
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 

@@ -11,7 +11,7 @@ first variant's, bit for bit, at full and at ragged lengths.
 `--baseline` names a copy of an older module (`git show REV:kvbench/kernels/rotatekv_scores_cuda.py`,
 `.../values_cuda.py` or `.../kivi_scores_cuda.py`), timed first. `--variants` are launch settings of
 the shipped module: for `rotatekv_scores`, `min_blocks,splits_per_sm` (programs an SM its registers
-are held to, splits an SM; default 2,2); for `values`, split counts or `auto` (the launcher's plan;
+are held to, splits an SM; default 2,2; `--post`: the post-RoPE build, fed H_128 q); for `values`, split counts or `auto` (the launcher's plan;
 the default), timed on the three value layouts the decode reads use (RotateKV's groups of 128,
 quarot's of 64 rotated back, KIVI's of 32 with float zeros) and compared after merging the splits;
 for `kivi_scores`, `splits[,min_blocks]` (splits a row, each timed for the baseline too; its
@@ -76,8 +76,12 @@ def rotatekv_scores(args):
     sm = 128**-0.5 * 1.4426950408889634 / math.sqrt(512)  # the butterfly is unnormalized
     scr = torch.empty(B, HEADS, CAP, device=dev)
 
+    post = dict(post_rope=True) if args.post else {}
+    if args.post:  # what decode_rotatekv_mha feeds the post-RoPE build: H_128 q
+        q = (q.float() @ checks.rotatekv_query_rotation(dev)).half()
+
     def launcher(mod, min_blocks, per_sm):
-        kernel = nvrtc.compile_source(mod.source(32, min_blocks), "rotatekv_scores", dev)
+        kernel = nvrtc.compile_source(mod.source(32, min_blocks, **post), "rotatekv_scores", dev)
         ns, nit = split_plan(CAP, 32, B * HEADS // 4, "cuda", per_sm=per_sm)
 
         def run(lengths):
@@ -85,7 +89,8 @@ def rotatekv_scores(args):
             mod._kernel = lambda *a, **k: kernel
             try:
                 return mod.rotatekv_scores(q, kc, ks, kz, gid, lengths, pos, cos, sin, sm, scr, split_len=nit * 32,
-                                           num_splits=ns, min_blocks=min_blocks)
+                                           num_splits=ns, min_blocks=min_blocks,
+                                           **({"pre_rope": False} if args.post else {}))
             finally:
                 mod._kernel = saved
         return run
@@ -222,6 +227,7 @@ def main():
     ap.add_argument("--baseline", default=None)
     ap.add_argument("--variants", nargs="+", default=None)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--post", action="store_true", help="rotatekv_scores: the post-RoPE build (keys rotated after RoPE)")
     ap.add_argument("--baseline-splits", type=int, default=2, help="kivi_scores: the baseline's splits a row")
     args = ap.parse_args()
     rows = {"rotatekv_scores": rotatekv_scores, "values": values, "kivi_scores": kivi_scores,

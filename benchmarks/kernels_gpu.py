@@ -278,9 +278,10 @@ def methods(b, h, d, L, device, smoke):
             # session are in results/gpu/nvidia-h100-80gb-hbm3/session6/ (kernels-*.json): kept
             # out of here so that scripts/gpu_suite.sh c fits its time.
             rcfgs = []
-            if pre:  # the hand-laid CUDA scores pass (rotatekv_scores_cuda), the launcher's default where it applies
-                rcfgs += [dict(kernel="cc", scores_impl="cuda", splits_per_sm=sp) for sp in (2, 4)]
-                rcfgs += [dict(kernel="cc", scores_impl="cuda", values_impl="triton", splits_per_sm=2)]
+            # the hand-laid CUDA scores pass (rotatekv_scores_cuda: its pre- or post-RoPE build), the
+            # launcher's default where it applies
+            rcfgs += [dict(kernel="cc", scores_impl="cuda", splits_per_sm=sp) for sp in ((2, 4) if pre else (4, 8))]
+            rcfgs += [dict(kernel="cc", scores_impl="cuda", values_impl="triton", splits_per_sm=2 if pre else 4)]
             rcfgs += [dict(kernel="cc", block_n=bn, num_warps=4, splits_per_sm=sp, scores_impl="triton")
                       for bn, sp in ((16, 4), (16, 8), (32, 2))]
             # fused: one online softmax, the values in the same loop (the fifth session's kernel)

@@ -19,13 +19,15 @@ DEFAULTS = [
     ("values G32 float zeros (KIVI)", values_cuda.source(4, integer_zero=False), 128),
     ("kivi_scores", kivi_scores_cuda.source(), 168),  # 3 programs an SM
     ("rotatekv_scores NQ32", rotatekv_scores_cuda.source(32), 255),  # 2 programs an SM
+    ("rotatekv_scores NQ32 post-RoPE", rotatekv_scores_cuda.source(32, post_rope=True),
+     65536 // (128 * rotatekv_scores_cuda.MIN_BLOCKS_POST)),
 ]
 
 # the other choices each launcher can make: every group size and zero kind, tile counts, rotation
 VARIANTS = ([token_scores_cuda.source(ng, tiles, rot) for ng in (1, 2, 4) for tiles, rot in ((1, True), (4, False))]
             + [values_cuda.source(ng, tiles, iz, rot) for ng in (1, 2, 4) for iz in (True, False)
                for tiles, rot in ((1, True), (8, False))]
-            + [rotatekv_scores_cuda.source(nq) for nq in (8, 64)] + [kivi_scores_cuda.source(m) for m in (1, 4)])
+            + [rotatekv_scores_cuda.source(nq, post_rope=p) for nq in (8, 64) for p in (False, True)] + [kivi_scores_cuda.source(m) for m in (1, 4)])
 
 
 @pytest.mark.parametrize("name,source,max_registers", DEFAULTS, ids=[d[0] for d in DEFAULTS])

@@ -38,6 +38,26 @@ def test_emulated_kernel_matches_float64_reference(permuted, b, hkv, cap, lens, 
     assert err <= checks.REL_BOUND * want[valid.expand_as(want)].abs().max()
 
 
+@pytest.mark.parametrize("permuted", [True, False])
+@pytest.mark.parametrize("b,hkv,cap,lens,outliers", [(2, 8, 37, [37, 20], False), (3, 32, 19, [19, 1, 8], True)])
+def test_emulated_post_rope_kernel_matches_float64_reference(permuted, b, hkv, cap, lens, outliers):
+    """The POST build: fed H_128 q (as `decode_rotatekv_mha` feeds it), H_4's signs and the fp16
+    keys in one accumulating product, against q . H_512 k in float64 with no RoPE; and it must
+    differ from the pre-RoPE scores (the keys' positions are not applied)."""
+    q, kc, ks, kz, gid, pos, cos, sin = _inputs(9, b, hkv, cap, outliers)
+    g = gid if permuted else None
+    lengths = torch.tensor(lens)
+    qh = (q.float() @ checks.rotatekv_query_rotation("cpu")).half()
+    got = rc.emulate_scores(qh, kc, ks, kz, g, lengths, pos, cos, sin, SM, pre_rope=False)
+    want = checks.reference_rotatekv_scores(q, kc, ks, kz, g, pos, cos, sin, SM, pre_rope=False)
+    valid = (torch.arange(cap)[None, None, :] < lengths[:, None, None]).expand_as(got)
+    assert torch.isneginf(got[~valid]).all()
+    err = (got.double() - want)[valid].abs().max()
+    assert err <= checks.REL_BOUND * want[valid].abs().max()
+    rope = checks.reference_rotatekv_scores(q, kc, ks, kz, g, pos, cos, sin, SM)
+    assert (rope - want)[valid].abs().max() > 100 * err
+
+
 def test_exact_arithmetic_leaves_only_operand_rounding():
     """Without the fp16 rounding of keys the emulation differs from float64 only by the fp16 query
     operands (a much tighter bound): the index maps themselves are exact."""
@@ -101,6 +121,9 @@ def test_group_offsets_refuse_more_than_64_groups():
 def test_source_is_specialized_and_checked():
     src = rc.source(32, min_blocks=2)
     assert "#define NQ 32" in src and "__launch_bounds__(128, 2)" in src and "__NQ__" not in src
+    assert "#define POST 0" in src
+    post = rc.source(32, post_rope=True)
+    assert "#define POST 1" in post and f"__launch_bounds__(128, {rc.MIN_BLOCKS_POST})" in post
     with pytest.raises(ValueError, match="multiple of 8"):
         rc.source(12)
 

@@ -286,7 +286,8 @@ def check_rotatekv_mha(device, small=True, results=None):
             (4, True, 2, d, True, True, True), (1, True, 8, d, True, False, True),
             (4, True, 2, d, True, False, "f16"), (4, True, 2, d, False, False, "f16"), (2, True, 4, d, True, False, "f16"),
             # the hand-laid CUDA scores pass (head_dim 128 only: the GPU shapes)
-            *(((4, True, 2, d, True, False, "cuda"), (4, True, 2, d, False, False, "cuda"))
+            *(((4, True, 2, d, True, False, "cuda"), (4, True, 2, d, False, False, "cuda"),
+               (4, False, 2, d, True, False, "cuda"), (4, False, 2, d, False, False, "cuda"))
               if str(device).startswith("cuda") and d == 128 else ())):
         args = rotatekv_inputs(gen, b, hkv, 1, d, cap, bits, group, head_group, device)
         kc, ks, kz, gid, vc, vs, vz, pos, cos, sin = args
@@ -309,10 +310,18 @@ def check_rotatekv_mha(device, small=True, results=None):
     return results
 
 
-def reference_rotatekv_scores(q, kc, ks, kz, gid, pos, cos, sin, sm_scale):
+def rotatekv_query_rotation(device) -> torch.Tensor:
+    """The +-1 H_128 (float32) that `decode_rotatekv_mha` applies to post-RoPE queries."""
+    from kvbench.kernels.decode_attention import _sign_matrix_on
+
+    return _sign_matrix_on(128, torch.float32, device)
+
+
+def reference_rotatekv_scores(q, kc, ks, kz, gid, pos, cos, sin, sm_scale, pre_rope=True):
     """float64 scores [B, H, cap] of pre-RoPE RotateKV keys with 4-head groups of 128 at 2 bits:
     dequantize (gid: each channel's scale column, None for one a head), the unnormalized H_512,
-    RoPE at each key's position, dot with q, times sm_scale."""
+    RoPE at each key's position (`pre_rope=False`: none, the keys were rotated after RoPE), dot
+    with q, times sm_scale."""
     from kvbench.hadamard import hadamard_matrix
     from kvbench.rope import apply_rope
 
@@ -325,38 +334,44 @@ def reference_rotatekv_scores(q, kc, ks, kz, gid, pos, cos, sin, sm_scale):
     z_full = torch.gather(kz[:, 0].double()[:, None].expand(b, ngrp, cap, kz.shape[-1]), 3, idx)
     k = ((codes - z_full) * s_full) @ (hadamard_matrix(512, torch.float64, dev) * 512**0.5)
     k = k.reshape(b, ngrp, cap, 4, 128).transpose(2, 3).reshape(b, hkv, cap, 128)
-    k = apply_rope(k, cos[pos.long()].double(), sin[pos.long()].double())
+    if pre_rope:
+        k = apply_rope(k, cos[pos.long()].double(), sin[pos.long()].double())
     return torch.einsum("bhd,bhcd->bhc", q.double(), k) * sm_scale
 
 
 def check_rotatekv_scores_cuda(device, results=None):
     """The hand-laid CUDA scores pass against its torch emulation (same operands, fp16 rounding
     points) and against the float reference's scores, at GPU shapes: permuted and per-head groups,
-    lengths that are not multiples of the 8-token tile, batch > 1, Llama-2's 32 heads."""
+    lengths that are not multiples of the 8-token tile, batch > 1, Llama-2's 32 heads; pre-RoPE keys
+    and the post-RoPE build (fed H_128 q, as `decode_rotatekv_mha` feeds it)."""
     from kvbench.kernels import rotatekv_scores_cuda as rc
     from kvbench.kernels.decode_attention import split_plan
 
     results = [] if results is None else results
     gen = torch.Generator().manual_seed(5)
+    h128 = rotatekv_query_rotation(device)
     # 8, 16 and 32 key groups a token: each width of the kernel's scale-row loads (4, 8, 16 bytes a lane)
     for b, hkv, cap, lens in ((4, 8, 700, [700, 699, 311, 2]), (3, 16, 129, [129, 64, 1]), (2, 32, 333, [333, 17])):
-        for perm in (True, False):
+        for perm, pre in ((True, True), (False, True), (True, False), (False, False)):
             kc, ks, kz, gid, *_, pos, cos, sin = rotatekv_inputs(gen, b, hkv, 1, 128, cap, 2, 128, 4, device)
             g = gid if perm else None
             q = _query(gen, b, hkv, 128, device).half()
+            qk = q if pre else (q.float() @ h128).half()
             lengths = torch.tensor(lens, device=device)
             sm = 128**-0.5 * 1.4426950408889634 / 512**0.5
             ngrp = hkv // 4
             scr = torch.full((b, hkv, cap), float("nan"), device=device)
             ns, nit = split_plan(cap, 32, b * ngrp, device, per_sm=2)
-            rc.rotatekv_scores(q, kc, ks, kz, g, lengths, pos, cos, sin, sm, scr, split_len=nit * 32, num_splits=ns)
-            emu = rc.emulate_scores(q, kc, ks, kz, g, lengths, pos, cos, sin, sm)
-            want = reference_rotatekv_scores(q, kc, ks, kz, g, pos, cos, sin, sm)
+            rc.rotatekv_scores(qk, kc, ks, kz, g, lengths, pos, cos, sin, sm, scr, split_len=nit * 32, num_splits=ns,
+                               pre_rope=pre)
+            emu = rc.emulate_scores(qk, kc, ks, kz, g, lengths, pos, cos, sin, sm, pre_rope=pre)
+            want = reference_rotatekv_scores(q, kc, ks, kz, g, pos, cos, sin, sm, pre_rope=pre)
             valid = torch.isfinite(emu)
             err_emu = float((scr - emu)[valid].abs().max())
             err_ref = float((scr.double() - want)[valid].abs().max())
             scale = float(want[valid].abs().max())
-            results.append({"kernel": f"rotatekv_scores_cuda b={b} hkv={hkv} cap={cap} permuted={perm}",
+            results.append({"kernel": f"rotatekv_scores_cuda b={b} hkv={hkv} cap={cap} permuted={perm}"
+                                      + ("" if pre else " post-RoPE"),
                             "max_abs_err": err_ref, "bound": REL_BOUND * scale, "err_vs_emulation": err_emu,
                             "ok": bool(err_ref <= REL_BOUND * scale and not scr[valid].isnan().any())})
     return results

@@ -531,8 +531,8 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
     0.53: the gathered fp16 scales cost byte moves). `maxnreg` (two passes): a register cap for
     the scores kernel (more programs an SM, some spills; not faster for the default).
     `scores_impl` (two passes): "triton" (`_rotatekv_scores_kernel`) or "cuda" (the hand-laid
-    `rotatekv_scores_cuda` kernel: pre-RoPE keys, 4-head groups of 128 at 2 bits, compiled by NVRTC
-    at first use); None takes "cuda" where it applies and compiles, else "triton". `values_impl`
+    `rotatekv_scores_cuda` kernel: 4-head groups of 128 at 2 bits, pre- or post-RoPE keys, compiled
+    by NVRTC at first use); None takes "cuda" where it applies and compiles, else "triton". `values_impl`
     (two passes): "cuda" (`values_cuda`, tensor cores; 2-bit values of 128 channels in groups of
     32, 64 or 128) or "triton" (`decode_mha.values_from_scores`); None takes "cuda" where it applies
     and compiles. `rotate_out`: partials in the model's value space (the per-head Hadamard undone,
@@ -561,12 +561,12 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
         raise ValueError(f"decode_rotatekv_mha: scores_impl must be 'triton', 'cuda' or None, not {scores_impl!r}")
     cuda_fits = (two_pass and not f16_dequant and not stack_heads and not maxnreg
                  and rotatekv_scores_cuda.supports(hq // hkv, d, bits, hg, nq, pre_rope)
-                 and cos.dtype == torch.float16 and k_scale.dtype == torch.float16 and q.is_cuda
-                 and not interpreting())
+                 and (cos.dtype == torch.float16 or not pre_rope) and k_scale.dtype == torch.float16
+                 and q.is_cuda and not interpreting())
     if scores_impl == "cuda" and not cuda_fits:
-        raise ValueError("decode_rotatekv_mha: the CUDA scores kernel needs two passes, pre-RoPE keys, 4-head "
-                         "groups of 128 at 2 bits, key groups a multiple of 8 (at most 64), fp16 scales and "
-                         "cos/sin, a CUDA device, and none of f16_dequant / stack_heads / maxnreg")
+        raise ValueError("decode_rotatekv_mha: the CUDA scores kernel needs two passes, 4-head groups of 128 "
+                         "at 2 bits, key groups a multiple of 8 (at most 64), fp16 scales (and fp16 cos/sin "
+                         "for pre-RoPE keys), a CUDA device, and none of f16_dequant / stack_heads / maxnreg")
     use_cuda_scores = cuda_fits and scores_impl != "triton" and (scores_impl == "cuda"
                                                                  or rotatekv_scores_cuda.available())
     if f16_dequant is None:  # (the Triton scores pass's choice; the CUDA pass has its own fp16 path)
@@ -589,7 +589,8 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
         # the CUDA kernel's programs take whole splits of 32-token steps (4 warps x 8 tokens)
         ns_c, nit_c = split_plan(max_len, 32, b * ngrp, q.device, per_sm=splits_per_sm, num_splits=num_splits)
         rotatekv_scores_cuda.rotatekv_scores(q.contiguous(), k_codes, k_scale, k_zero, gid, lengths, positions, cos,
-                                             sin, sm_scale, scores, split_len=nit_c * 32, num_splits=ns_c)
+                                             sin, sm_scale, scores, split_len=nit_c * 32, num_splits=ns_c,
+                                             pre_rope=pre_rope)
         return _values_pass(scores, v_codes, v_scale, v_zero, lengths, bits, group_size, max_len, num_splits,
                             value_launch, values_impl, rotate_out)
     if two_pass:

@@ -54,8 +54,10 @@ TILE = 8  # tokens a warp tile (the product's N)
 WARPS = 4
 
 
-def supports(gq: int, head_dim: int, bits: int, head_group: int, nq: int, pre_rope: bool) -> bool:
-    return gq == 1 and head_dim == D and bits == 2 and head_group == HG and pre_rope and 0 < nq <= 64 and nq % 8 == 0
+def supports(gq: int, head_dim: int, bits: int, head_group: int, nq: int, pre_rope: bool = True) -> bool:
+    """Both key kinds: pre-RoPE (the default method) and post-RoPE (`pre_rope=False`, the kernel's
+    POST build)."""
+    return gq == 1 and head_dim == D and bits == 2 and head_group == HG and 0 < nq <= 64 and nq % 8 == 0
 
 
 def _sylvester(n: int) -> torch.Tensor:
@@ -145,19 +147,16 @@ def _h32(y: torch.Tensor) -> torch.Tensor:
     return torch.einsum("gh,ab,...hbx->...gax", h4, h8, y)
 
 
-def emulate_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, sin, sm_scale, *, fp16=True):
+def emulate_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, sin, sm_scale, *, fp16=True,
+                   pre_rope=True):
     """The kernel's dataflow in torch (same operands and index maps; the dequantized keys rounded to
     fp16 as the kernel does, the butterfly's per-stage fp16 rounding approximated by one rounding of
     its result): scores
     [B, H, cap] fp32 in the log2 domain, -inf past each row's length (the kernel leaves them
-    unwritten)."""
+    unwritten). `pre_rope=False`: the POST build's, q being H_128 q (fp16): the fp16 dequantized keys
+    times H_4 signs times q, summed in fp32; positions, cos and sin are not read."""
     b, ngrp, cap, _ = k_codes.shape
     dev = k_codes.device
-    afr = query_operands(q.to(torch.float16)).view(torch.float16).reshape(b, ngrp, HG, 8, 32, 8).float()
-    # A [B, NGRP, h, a', 16, 16] back from the fragments
-    a_mat = torch.zeros(b, ngrp, HG, 8, 256, device=dev)
-    a_mat[..., _frag_index().reshape(-1).to(dev)] = afr.reshape(b, ngrp, HG, 8, 256)
-    a_mat = a_mat.reshape(b, ngrp, HG, 8, 16, 16)
     if gid is None:  # one group a head
         gid = torch.arange(ngrp * HG * D, dtype=torch.int32) // D
     offs = group_offsets(gid.cpu(), ngrp).view(torch.uint8).reshape(ngrp, 4, 128).long().to(dev)
@@ -179,6 +178,19 @@ def emulate_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, si
     y = (codes.float() - z_el) * s_el
     if fp16:
         y = y.half().float()
+    valid = torch.arange(cap, device=dev)[None, :] < lengths.to(dev)[:, None]
+    if not pre_rope:  # element (t, h', a, k3, k0) is channel 32 t + 16 k3 + 8 k0 + a of head slot h'
+        keys = y.reshape(b, ngrp, cap, 4, HG, 8, 2, 2).permute(0, 1, 2, 4, 3, 6, 7, 5).reshape(b, ngrp, cap, HG, D)
+        h4 = _sylvester(HG).float().to(dev)  # [r, h']
+        qh = q.to(torch.float16).float().reshape(b, ngrp, HG, D)
+        s = torch.einsum("rh,bgrd,bgchd->bgrc", h4, qh, keys)
+        s = (s * sm_scale).reshape(b, ngrp * HG, cap)
+        return torch.where(valid[:, None], s, torch.full_like(s, float("-inf")))
+    afr = query_operands(q.to(torch.float16)).view(torch.float16).reshape(b, ngrp, HG, 8, 32, 8).float()
+    # A [B, NGRP, h, a', 16, 16] back from the fragments
+    a_mat = torch.zeros(b, ngrp, HG, 8, 256, device=dev)
+    a_mat[..., _frag_index().reshape(-1).to(dev)] = afr.reshape(b, ngrp, HG, 8, 256)
+    a_mat = a_mat.reshape(b, ngrp, HG, 8, 16, 16)
     y = y.reshape(b, ngrp, cap, 4, HG, 8, 2, 2)  # t, h', a, k3, k0
     w = _h32(y.movedim(3, -1).reshape(b, ngrp, cap, HG, 8, 16))  # x = (k3, k0, t)
     if fp16:  # the butterfly rounds each stage to fp16; emulated by rounding the result
@@ -193,7 +205,6 @@ def emulate_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, si
     sn = sin.float()[p][..., f]
     s = (uv[..., :8] * cs[:, None, None] + uv[..., 8:] * sn[:, None, None]).sum((-1, -2))  # [B, NGRP, h, cap]
     s = (s * sm_scale).reshape(b, ngrp * HG, cap)
-    valid = torch.arange(cap, device=dev)[None, :] < lengths.to(dev)[:, None]
     return torch.where(valid[:, None], s, torch.full_like(s, float("-inf")))
 
 
@@ -202,6 +213,7 @@ def emulate_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, si
 _SOURCE = r"""
 #define NQ __NQ__
 #define QPL (NQ / 4)
+#define POST __POST__
 
 struct alignas(16) U4 { unsigned x, y, z, w; };
 
@@ -246,6 +258,13 @@ __device__ __forceinline__ void mma16816(float* d, U4 a, unsigned b0, unsigned b
                  : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1), "f"(0.f), "f"(0.f), "f"(0.f), "f"(0.f));
 }
 
+__device__ __forceinline__ void mma16816_acc(float* d, U4 a, unsigned b0, unsigned b1) {  // D += A . B
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ unsigned ldg1(const void* p) {
     unsigned v; asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(p)); return v;
 }
@@ -256,7 +275,9 @@ __device__ __forceinline__ uint2 ldg2(const void* p) {
 struct Tile {          // one warp tile's global loads, issued a tile ahead
     U4 k0, k1;         // this lane's 32 key bytes of token g (B role)
     unsigned s[QPL / 2 > 0 ? QPL / 2 : 1], z[QPL / 2 > 0 ? QPL / 2 : 1];  // its share of token g's scale row
+#if !POST
     U4 c0, s0, c1, s1; // cos / sin of frequencies fbase .. fbase + 7 at tokens 2t, 2t + 1 (D role)
+#endif
 };
 
 // Every load is volatile asm, so the loads of the next tile issue in program order at the top of an
@@ -298,12 +319,14 @@ __device__ __forceinline__ Tile load_tile(const unsigned char* kc_row, const uns
 #pragma unroll
     for (int i = 0; i < QPL / 2; ++i) { r.s[i] = ldg1(sp + 2 * i); r.z[i] = ldg1(zp + 2 * i); }
 #endif
+#if !POST
     p0 = max(p0, 0);
     p1 = max(p1, 0);
     r.c0 = ldg4(cosb + (long long)p0 * 128 + fbase);
     r.s0 = ldg4(sinb + (long long)p0 * 128 + fbase);
     r.c1 = ldg4(cosb + (long long)p1 * 128 + fbase);
     r.s1 = ldg4(sinb + (long long)p1 * 128 + fbase);
+#endif
     return r;
 }
 
@@ -313,6 +336,19 @@ __device__ __forceinline__ unsigned word_of(const Tile& r, int i) {
 }
 __device__ __forceinline__ unsigned u4_at(const U4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+// the bytes of channels (k0 = 0, 1) of j = 32 t + 16 k3 + 8 k0 + a in the two half-words (each byte
+// holds the 4 heads' 2-bit codes of one channel)
+__device__ __forceinline__ unsigned code_bytes(const Tile& r, int k3, int a) {
+    return prmt(word_of(r, 4 * k3 + (a >> 2)), word_of(r, 4 * k3 + 2 + (a >> 2)), (a & 3) | ((4 + (a & 3)) << 8));
+}
+// head slot h's two channels of code_bytes, dequantized: (1024 + c - (1024 + z)) * s in fp16x2, each
+// channel's (1024 + z, s) looked up in this lane's copy of its token's scale row (o: the packed rows)
+__device__ __forceinline__ unsigned deq_pair(unsigned sp, unsigned o, unsigned lbase, int k3, int hp) {
+    const unsigned x = lop_and_or(sp >> (2 * hp), 0x00030003u, 0x64006400u);  // 1024 + c
+    const unsigned l0 = lds(prmt(o, lbase, 0x7604 | ((2 * k3) << 4)));
+    const unsigned l1 = lds(prmt(o, lbase, 0x7604 | ((2 * k3 + 1) << 4)));
+    return hmul2(hsub2(x, prmt(l0, l1, 0x5410)), prmt(l0, l1, 0x7632));
 }
 
 extern "C" __global__ void __launch_bounds__(128, __MINB__)
@@ -340,6 +376,31 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
     // the lane's column signs (m01 for columns 2 t, 2 t + 1, m89 for those + 8) XORed in. Each lane's
     // fragments are staged whole: one 16-byte load an mma in the loop (building them there from two
     // values and 4 XORs an mma measured 5% slower: the pass is issue-bound).
+#if POST
+    // Post-RoPE keys: score_r = sum over the group's 512 channels (h', c') of H4[r][h'] (H128 q_r)[c']
+    // times the dequantized key, qh holding H128 q (H_512 = H_4 x H_128). The 32 k-steps (h', a) of
+    // one accumulating product give the 4 heads' scores in rows 0..3 (rows 4..15 of A are zero):
+    // lane (r, t) < 16 holds (H128 q_r) at the channels of its B columns, 32 t + a + (0, 8) in word x
+    // and + (16, 24) in word z, the sign of H4[r][h'] XORed in (exact); words y and w (rows 8..15)
+    // are zero. Staged whole, so one 16-byte load fills an mma's A registers (with 8-byte fragments
+    // the compiler moved them into place and set the zeros again: four moves an mma).
+    __shared__ U4 s_fragp[4 * 8][32];  // [h' * 8 + a][lane]: 16 KB
+    {
+        const unsigned short* qb = qh + (long long)(b * ngrp + grp) * 4 * 128;
+        for (int i = threadIdx.x; i < 32 * 32; i += 128) {
+            const int L = i & 31, r = L >> 2, tt = L & 3, a = (i >> 5) & 7, hp = i >> 8;
+            U4 v = U4{0u, 0u, 0u, 0u};
+            if (r < 4) {
+                const unsigned sg = (__popc(hp & r) & 1) ? 0x80008000u : 0u;
+                const unsigned short* qr = qb + r * 128 + 32 * tt + a;
+                v.x = ((unsigned)qr[0] | ((unsigned)qr[8] << 16)) ^ sg;
+                v.z = ((unsigned)qr[16] | ((unsigned)qr[24] << 16)) ^ sg;
+            }
+            s_fragp[i >> 5][L] = v;
+        }
+        __syncthreads();
+    }
+#else
     __shared__ U4 s_frag[4 * 8][32];  // [head h * 8 + a'][lane]: 16 KB
     {
         float* s_q = (float*)&s_sc[0][0][0];  // the staging area, free until the loop (>= 4 KB)
@@ -362,6 +423,7 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
         }
         __syncthreads();
     }
+#endif
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -392,18 +454,26 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
     const unsigned char* kc_row = kc + (long long)(b * ngrp + grp) * cap * 128;
     const unsigned short* ks_b = ks + (long long)b * cap * NQ;
     const unsigned short* kz_b = kz + (long long)b * cap * NQ;
+#if !POST
     const int* pos_b = pos + (long long)b * cap;
+#endif
     float* scr_b = scr + ((long long)b * H + grp * 4) * cap;
 
     int tk0 = start + warp * 8;
-    int p0, p1;
+    int p0 = 0, p1 = 0;
+#if !POST
     load_pos(pos_b, tk0, end, t, p0, p1);
+#endif
     Tile cur = load_tile(kc_row, ks_b, kz_b, p0, p1, cosb, sinb, tk0, end, g, t, fbase);
+#if !POST
     load_pos(pos_b, tk0 + 32, end, t, p0, p1);
+#endif
     for (; tk0 < end; tk0 += 32) {
         // the next tile's loads first, then the positions of the one after it (see load_pos)
         Tile nxt = load_tile(kc_row, ks_b, kz_b, p0, p1, cosb, sinb, tk0 + 32, end, g, t, fbase);
+#if !POST
         load_pos(pos_b, tk0 + 64, end, t, p0, p1);
+#endif
         // stage token g's scale row share: (1024 + z, s) per group, z + 1024 exact in fp16
         __syncwarp();
 #pragma unroll
@@ -418,22 +488,34 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
         }
         __syncwarp();
 
+#if POST
+        // dequantize a (h', a) pair of B halves and take the product at once: 32 accumulating k-steps
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int a = 0; a < 8; ++a) {
+            const unsigned sp0 = code_bytes(cur, 0, a), sp1 = code_bytes(cur, 1, a);
+#pragma unroll
+            for (int hp = 0; hp < 4; ++hp) {
+                const unsigned o = off[hp * 8 + a];
+                mma16816_acc(acc, s_fragp[hp * 8 + a][lane], deq_pair(sp0, o, lbase, 0, hp),
+                             deq_pair(sp1, o, lbase, 1, hp));
+            }
+        }
+        if (g < 4) {  // row g = head g of the group, columns 2 t, 2 t + 1 = tokens
+            const int tok = tk0 + 2 * t;
+            if (tok < end) scr_b[(long long)g * cap + tok] = acc[0] * sm_scale;
+            if (tok + 1 < end) scr_b[(long long)g * cap + tok + 1] = acc[1] * sm_scale;
+        }
+#else
         // dequantize: y[k3][h'][a] = (c - z) * s for channels (k0 = 0, 1) of j = 32 t + 16 k3 + 8 k0 + a
         unsigned y[2][4][8];
 #pragma unroll
         for (int k3 = 0; k3 < 2; ++k3) {
 #pragma unroll
             for (int a = 0; a < 8; ++a) {
-                unsigned sp = prmt(word_of(cur, 4 * k3 + (a >> 2)), word_of(cur, 4 * k3 + 2 + (a >> 2)),
-                                   (a & 3) | ((4 + (a & 3)) << 8));
+                const unsigned sp = code_bytes(cur, k3, a);
 #pragma unroll
-                for (int hp = 0; hp < 4; ++hp) {
-                    unsigned x = lop_and_or(sp >> (2 * hp), 0x00030003u, 0x64006400u);  // 1024 + c
-                    unsigned o = off[hp * 8 + a];
-                    unsigned l0 = lds(prmt(o, lbase, 0x7604 | ((2 * k3) << 4)));
-                    unsigned l1 = lds(prmt(o, lbase, 0x7604 | ((2 * k3 + 1) << 4)));
-                    y[k3][hp][a] = hmul2(hsub2(x, prmt(l0, l1, 0x5410)), prmt(l0, l1, 0x7632));
-                }
+                for (int hp = 0; hp < 4; ++hp) y[k3][hp][a] = deq_pair(sp, off[hp * 8 + a], lbase, k3, hp);
             }
         }
         // H_4 (heads) x H_8 (a), unnormalized, in fp16x2
@@ -502,6 +584,7 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
             const int tok = tk0 + 2 * t + b2;
             if (tok < end) scr_b[(long long)(2 * b0 + b1) * cap + tok] = v * sm_scale;
         }
+#endif
         cur = nxt;
     }
 }
@@ -509,21 +592,27 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
 
 
 MIN_BLOCKS = 2  # programs an SM the register allocation is held to (2: 184 registers, no spills)
+MIN_BLOCKS_POST = 3  # the post-RoPE build (no butterfly, no RoPE: fewer registers)
 
 
-def source(nq: int, min_blocks: int = MIN_BLOCKS) -> str:
+def source(nq: int, min_blocks: int | None = None, post_rope: bool = False) -> str:
+    """The kernel for NQ key groups a token; `post_rope`: keys rotated after RoPE (no butterfly, no
+    RoPE: the group's H_4 x H_128 folded into the product's A operand, see `_SOURCE`)."""
     if nq % 8:
         raise ValueError(f"rotatekv_scores_cuda: key groups a token must be a multiple of 8 (got {nq})")
-    return _SOURCE.replace("__NQ__", str(nq)).replace("__MINB__", str(min_blocks))
+    if min_blocks is None:
+        min_blocks = MIN_BLOCKS_POST if post_rope else MIN_BLOCKS
+    return (_SOURCE.replace("__NQ__", str(nq)).replace("__MINB__", str(min_blocks))
+            .replace("__POST__", str(int(post_rope))))
 
 
 _KERNELS: dict = {}
 
 
-def _kernel(nq: int, device, min_blocks: int = MIN_BLOCKS):
-    key = (nq, str(device), min_blocks)  # (not the source: every decode read asks)
+def _kernel(nq: int, device, min_blocks: int | None = None, post_rope: bool = False):
+    key = (nq, str(device), min_blocks, post_rope)  # (not the source: every decode read asks)
     if key not in _KERNELS:
-        _KERNELS[key] = nvrtc.compile_source(source(nq, min_blocks), "rotatekv_scores", device)
+        _KERNELS[key] = nvrtc.compile_source(source(nq, min_blocks, post_rope), "rotatekv_scores", device)
     return _KERNELS[key]
 
 
@@ -559,13 +648,18 @@ def _offsets_on(gid: torch.Tensor | None, ngrp: int, device) -> torch.Tensor:
 
 
 def rotatekv_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, sin, sm_scale, scores, *,
-                    split_len: int, num_splits: int, min_blocks: int = MIN_BLOCKS) -> torch.Tensor:
+                    split_len: int, num_splits: int, min_blocks: int | None = None,
+                    pre_rope: bool = True) -> torch.Tensor:
     """Fill scores [B, H, cap] fp32 (log2 domain, below each row's length) for splits of `split_len`
     tokens: grid (B * NGRP, num_splits), 4 warps a program, 8-token warp tiles. gid: each key
-    channel's group column in the scale rows, or None for one group a head."""
+    channel's group column in the scale rows, or None for one group a head. `pre_rope=False`: the
+    keys were rotated after RoPE and q is H_128 q (unnormalized, fp16); positions, cos and sin are
+    not read."""
     b, ngrp, cap, row = k_codes.shape
     nq = k_scale.shape[-1]
-    if (row != 128 or cos.shape[-1] != D or cos.dtype != torch.float16 or k_scale.dtype != torch.float16
+    if pre_rope and (cos.shape[-1] != D or cos.dtype != torch.float16):
+        raise ValueError("rotatekv_scores_cuda: pre-RoPE keys need fp16 cos/sin tables [P, 128]")
+    if (row != 128 or k_scale.dtype != torch.float16
             or q.dtype != torch.float16 or q.shape != (b, ngrp * HG, D)):
         raise ValueError("rotatekv_scores_cuda: needs 128-byte key rows (4 heads of 128 at 2 bits), fp16 "
                          "queries [B, H, 128], fp16 scales and fp16 cos/sin tables [P, 128]")
@@ -577,7 +671,7 @@ def rotatekv_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, s
                          "positions contiguous int32")
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
     offs = _offsets_on(gid, ngrp, q.device)
-    _kernel(nq, q.device, min_blocks)(
+    _kernel(nq, q.device, min_blocks, not pre_rope)(
         grid=(b * ngrp, num_splits, 1), block=(32 * WARPS, 1, 1),
         args=[q, offs, k_codes, k_scale, k_zero, positions, cos, sin, lengths, scores, float(sm_scale), int(cap),
               int(ngrp), int(split_len)])

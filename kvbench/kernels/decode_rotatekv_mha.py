@@ -26,8 +26,9 @@ Two ways to run it. **Two passes** (the default): a scores pass writes the score
 (4 bytes a token, L2-resident), then a values pass reads the values per head with the exact
 maximum: `values_cuda` (hand-laid CUDA on the tensor cores, 0.048 ms at B8 x 8192, ninth session)
 where it applies, else `decode_mha.values_from_scores` (Triton, 0.08 ms). The scores pass is
-`rotatekv_scores_cuda` (hand-laid CUDA, compiled by NVRTC) where it applies (pre-RoPE, 4-head
-groups of 128 at 2 bits: 0.197 ms against 0.43 at B8 x 8192, eighth session), else
+`rotatekv_scores_cuda` (hand-laid CUDA, compiled by NVRTC) where it applies (4-head groups of 128
+at 2 bits: pre-RoPE 0.197 ms against 0.43 at B8 x 8192, eighth session; post-RoPE since the
+fifteenth), else
 `_rotatekv_scores_kernel` (Triton). **Fused** (`two_pass=False`, the fifth session's kernel): one
 online softmax per head with its state per row slot and lazy rescaling, the values read in the same
 loop. The fused kernel holds four heads' value accumulators and softmax state beside the key tile

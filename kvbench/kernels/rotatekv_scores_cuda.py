@@ -1,4 +1,5 @@
-"""RotateKV's key pass (pre-RoPE, 4-head Hadamard, 2 bits, head_dim 128) as a hand-laid CUDA kernel.
+"""RotateKV's key pass (4-head Hadamard, 2 bits, head_dim 128) as a hand-laid CUDA kernel: pre-RoPE keys
+(the method's default) and, in a second build, post-RoPE keys.
 
 The Triton scores pass (`decode_rotatekv_mha._rotatekv_scores_kernel`) spends most of its time
 moving data between layouts Triton picks (docs/kernel-notes.md, seventh session). Here every
@@ -29,6 +30,14 @@ its B operand (8 tokens a warp tile, one token a thread, 32 channels of each of 
 * **the loop**: a warp's next tile's global loads (and the positions of the one after it) issue
   first in each iteration, before its shared-memory traffic; the 8 lanes' partial scores of a token
   are summed by a 7-shuffle reduce-scatter.
+
+**Post-RoPE keys** (`post_rope=True`, the POST build; `pre_rope: false` in the method): no RoPE sits
+between the Hadamard and the query, so the group's H_512 = H_4 x H_128 moves to the query side. The
+caller passes H_128 q; the prologue builds, per k-step (h', a), an A operand whose rows 0..3 are the
+group's 4 heads' H_4[r][h'] (H_128 q_r) at the lane's channels (rows 4..15 zero), held in registers;
+the dequantized keys are the same B operands as above, and 32 accumulating products (in 4 chains)
+give each head's scores in rows 0..3. No butterfly, no RoPE, no cross-lane sum: ~860 instructions a
+warp tile against ~1385. The dequantization and its lookups are the pre-RoPE build's.
 
 Contract: `rotatekv_scores(...)` writes the same scratch scores [B, H, cap] (fp32, log2 domain,
 valid below each row's length) as `_rotatekv_scores_kernel`, so `decode_mha.values_from_scores`
@@ -214,6 +223,7 @@ _SOURCE = r"""
 #define NQ __NQ__
 #define QPL (NQ / 4)
 #define POST __POST__
+#define NACC 4  // the post-RoPE build's accumulator chains
 
 struct alignas(16) U4 { unsigned x, y, z, w; };
 
@@ -382,8 +392,7 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
     // one accumulating product give the 4 heads' scores in rows 0..3 (rows 4..15 of A are zero):
     // lane (r, t) < 16 holds (H128 q_r) at the channels of its B columns, 32 t + a + (0, 8) in word x
     // and + (16, 24) in word z, the sign of H4[r][h'] XORed in (exact); words y and w (rows 8..15)
-    // are zero. Staged whole, so one 16-byte load fills an mma's A registers (with 8-byte fragments
-    // the compiler moved them into place and set the zeros again: four moves an mma).
+    // are zero. Staged here, then held in registers.
     __shared__ U4 s_fragp[4 * 8][32];  // [h' * 8 + a][lane]: 16 KB
     {
         const unsigned short* qb = qh + (long long)(b * ngrp + grp) * 4 * 128;
@@ -459,6 +468,14 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
 #endif
     float* scr_b = scr + ((long long)b * H + grp * 4) * cap;
 
+#if POST
+    // the A fragments' two nonzero words, in registers for the whole loop: 5% faster than one
+    // 16-byte shared load an mma, and two 4-byte loads an mma were 30% slower
+    // (`session15/ab-scores-post-frag*.json`)
+    unsigned fx[32], fz[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) { fx[i] = s_fragp[i][lane].x; fz[i] = s_fragp[i][lane].z; }
+#endif
     int tk0 = start + warp * 8;
     int p0 = 0, p1 = 0;
 #if !POST
@@ -490,21 +507,26 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
 
 #if POST
         // dequantize a (h', a) pair of B halves and take the product at once: 32 accumulating k-steps
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        // into NACC chains, summed at the end (3.5% faster than one chain)
+        float acc[NACC][4];
+#pragma unroll
+        for (int c = 0; c < NACC; ++c) { acc[c][0] = 0.f; acc[c][1] = 0.f; acc[c][2] = 0.f; acc[c][3] = 0.f; }
 #pragma unroll
         for (int a = 0; a < 8; ++a) {
             const unsigned sp0 = code_bytes(cur, 0, a), sp1 = code_bytes(cur, 1, a);
 #pragma unroll
             for (int hp = 0; hp < 4; ++hp) {
                 const unsigned o = off[hp * 8 + a];
-                mma16816_acc(acc, s_fragp[hp * 8 + a][lane], deq_pair(sp0, o, lbase, 0, hp),
-                             deq_pair(sp1, o, lbase, 1, hp));
+                mma16816_acc(acc[(hp * 8 + a) % NACC], U4{fx[hp * 8 + a], 0u, fz[hp * 8 + a], 0u},
+                             deq_pair(sp0, o, lbase, 0, hp), deq_pair(sp1, o, lbase, 1, hp));
             }
         }
+#pragma unroll
+        for (int c = 1; c < NACC; ++c) { acc[0][0] += acc[c][0]; acc[0][1] += acc[c][1]; }
         if (g < 4) {  // row g = head g of the group, columns 2 t, 2 t + 1 = tokens
             const int tok = tk0 + 2 * t;
-            if (tok < end) scr_b[(long long)g * cap + tok] = acc[0] * sm_scale;
-            if (tok + 1 < end) scr_b[(long long)g * cap + tok + 1] = acc[1] * sm_scale;
+            if (tok < end) scr_b[(long long)g * cap + tok] = acc[0][0] * sm_scale;
+            if (tok + 1 < end) scr_b[(long long)g * cap + tok + 1] = acc[0][1] * sm_scale;
         }
 #else
         // dequantize: y[k3][h'][a] = (c - z) * s for channels (k0 = 0, 1) of j = 32 t + 16 k3 + 8 k0 + a
@@ -592,7 +614,7 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
 
 
 MIN_BLOCKS = 2  # programs an SM the register allocation is held to (2: 184 registers, no spills)
-MIN_BLOCKS_POST = 3  # the post-RoPE build (no butterfly, no RoPE: fewer registers)
+MIN_BLOCKS_POST = 2  # the post-RoPE build: 3 or 4 measured the same (`session15/ab-scores-post-occupancy.json`)
 
 
 def source(nq: int, min_blocks: int | None = None, post_rope: bool = False) -> str:

@@ -48,7 +48,8 @@ and `checks` compares kernel, emulation and reference on the GPU.
   byte holds one channel of every head of the group (4 heads at 2 bits): one byte load a tile,
   the head mix in-thread, scales gathered by warp shuffle; pre-RoPE keys through one H_{D/2}
   tensor-core product a channel half and head. By default in two passes: the scores to a scratch
-  row (`rotatekv_scores_cuda`, hand-laid CUDA, where it applies; else Triton), then the values
+  row (`rotatekv_scores_cuda`, hand-laid CUDA, where it applies: pre-RoPE keys, or post-RoPE keys
+  with the group's Hadamard folded into the query operand; else Triton), then the values
   with the exact maximum (`values_cuda`, else `decode_mha.values_from_scores`); `two_pass=False`
   is the fused Triton kernel with an online softmax (`stack_heads`: the group's heads as the rows
   of one product). `packed_decode` uses it for those shapes.

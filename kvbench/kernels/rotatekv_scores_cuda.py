@@ -376,16 +376,6 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
     const int start = blockIdx.y * split_len;
     const int end = min(start + split_len, (int)len[b]);
     if (start >= end) return;
-    // The 4 heads' A fragments, from two values a row. Row n < 8 of (head h, a') is
-    // U_f = H16[bu] q_f + H16[bp] q_(f+64) and row n + 8 is V_f = H16[bu] q_(f+64) - H16[bp] q_f
-    // (f = freq_of(a', n), bu = 8 k3 + 2 t0 + k0 of row n, bp = bu | 4, so H16[bp][k] =
-    // H16[bu][k] (-1)^(bit 2 of k)). Column k's bit 2 is bit 1 of the lane's t for all four of its
-    // columns, so lane (g, t) holds sign(H16[bu][k]) times u = (t1 ? q_f - q_(f+64) : q_f + q_(f+64))
-    // in row g and v = (t1 ? q_f + q_(f+64) : q_(f+64) - q_f) in row g + 8: each summed in fp32 and
-    // rounded once (what `query_operands`' fp32 product and fp16 cast give, the sign being exact),
-    // the lane's column signs (m01 for columns 2 t, 2 t + 1, m89 for those + 8) XORed in. Each lane's
-    // fragments are staged whole: one 16-byte load an mma in the loop (building them there from two
-    // values and 4 XORs an mma measured 5% slower: the pass is issue-bound).
 #if POST
     // Post-RoPE keys: score_r = sum over the group's 512 channels (h', c') of H4[r][h'] (H128 q_r)[c']
     // times the dequantized key, qh holding H128 q (H_512 = H_4 x H_128). The 32 k-steps (h', a) of
@@ -410,6 +400,16 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
         __syncthreads();
     }
 #else
+    // The 4 heads' A fragments, from two values a row. Row n < 8 of (head h, a') is
+    // U_f = H16[bu] q_f + H16[bp] q_(f+64) and row n + 8 is V_f = H16[bu] q_(f+64) - H16[bp] q_f
+    // (f = freq_of(a', n), bu = 8 k3 + 2 t0 + k0 of row n, bp = bu | 4, so H16[bp][k] =
+    // H16[bu][k] (-1)^(bit 2 of k)). Column k's bit 2 is bit 1 of the lane's t for all four of its
+    // columns, so lane (g, t) holds sign(H16[bu][k]) times u = (t1 ? q_f - q_(f+64) : q_f + q_(f+64))
+    // in row g and v = (t1 ? q_f + q_(f+64) : q_(f+64) - q_f) in row g + 8: each summed in fp32 and
+    // rounded once (what `query_operands`' fp32 product and fp16 cast give, the sign being exact),
+    // the lane's column signs (m01 for columns 2 t, 2 t + 1, m89 for those + 8) XORed in. Each lane's
+    // fragments are staged whole: one 16-byte load an mma in the loop (building them there from two
+    // values and 4 XORs an mma measured 5% slower: the pass is issue-bound).
     __shared__ U4 s_frag[4 * 8][32];  // [head h * 8 + a'][lane]: 16 KB
     {
         float* s_q = (float*)&s_sc[0][0][0];  // the staging area, free until the loop (>= 4 KB)
@@ -507,7 +507,8 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
 
 #if POST
         // dequantize a (h', a) pair of B halves and take the product at once: 32 accumulating k-steps
-        // into NACC chains, summed at the end (3.5% faster than one chain)
+        // into NACC chains (by a), summed at the end: 3.5% faster than one chain; chains by h' instead
+        // measured the same (`session15/ab-scores-post-chains-621b655.json`)
         float acc[NACC][4];
 #pragma unroll
         for (int c = 0; c < NACC; ++c) { acc[c][0] = 0.f; acc[c][1] = 0.f; acc[c][2] = 0.f; acc[c][3] = 0.f; }
@@ -613,7 +614,7 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
 """
 
 
-MIN_BLOCKS = 2  # programs an SM the register allocation is held to (2: 184 registers, no spills)
+MIN_BLOCKS = 2  # programs an SM the register allocation is held to (2: at most 255 registers, no spills)
 MIN_BLOCKS_POST = 2  # the post-RoPE build: 3 or 4 measured the same (`session15/ab-scores-post-occupancy.json`)
 
 
@@ -684,7 +685,7 @@ def rotatekv_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, s
     if (row != 128 or k_scale.dtype != torch.float16
             or q.dtype != torch.float16 or q.shape != (b, ngrp * HG, D)):
         raise ValueError("rotatekv_scores_cuda: needs 128-byte key rows (4 heads of 128 at 2 bits), fp16 "
-                         "queries [B, H, 128], fp16 scales and fp16 cos/sin tables [P, 128]")
+                         "queries [B, H, 128] and fp16 scales")
     # the kernel indexes these as dense rows (the Triton pass's layout contract) and reads lengths
     # as int64 and positions as int32
     dense = (q, k_codes, k_scale, k_zero, cos, sin, positions)

@@ -128,7 +128,8 @@ def test_source_is_specialized_and_checked():
         rc.source(12)
 
 
-def test_cuda_scores_refused_cleanly_off_gpu():
+@pytest.mark.parametrize("pre_rope", [True, False])
+def test_cuda_scores_refused_cleanly_off_gpu(pre_rope):
     from kvbench.kernels.decode_rotatekv_mha import decode_rotatekv_mha
 
     gen = torch.Generator().manual_seed(1)
@@ -136,7 +137,14 @@ def test_cuda_scores_refused_cleanly_off_gpu():
     q = torch.randn(1, 4, 128).half()
     with pytest.raises(ValueError, match="CUDA scores kernel needs"):
         decode_rotatekv_mha(q, kc, ks, kz, gid, vc, vs, vz, torch.tensor([8]), pos, cos, sin, 0.1, bits=2,
-                            group_size=128, head_group=4, scores_impl="cuda")
+                            group_size=128, head_group=4, scores_impl="cuda", pre_rope=pre_rope)
+
+
+def test_both_key_kinds_are_supported_and_other_shapes_are_not():
+    assert rc.supports(1, 128, 2, 4, 32, pre_rope=True) and rc.supports(1, 128, 2, 4, 32, pre_rope=False)
+    assert not rc.supports(4, 128, 2, 4, 32) and not rc.supports(1, 64, 2, 4, 32)
+    assert not rc.supports(1, 128, 4, 4, 32) and not rc.supports(1, 128, 2, 2, 32)
+    assert not rc.supports(1, 128, 2, 4, 12) and not rc.supports(1, 128, 2, 4, 128)
 
 
 @pytest.mark.parametrize("group,split_len,integer_zero", [(128, 64, True), (64, 192, True), (64, 128, False)])

@@ -24,6 +24,7 @@ import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = {"rotatekv": "rotatekv-2 (pre-RoPE, 4-head Hadamard, permuted channels, default)",
+           "rotatekv-post": "rotatekv-2 (post-RoPE, 4-head Hadamard, permuted channels)",
            "kivi": "kivi-2 (G32, R128)", "quarot": "quarot-2 (G64)"}
 
 
@@ -61,6 +62,10 @@ def summarize(paths: list[str]) -> dict:
                 "issue_active_pct": round(num(m["smsp__issue_active.avg.pct_of_peak_sustained_active"]), 1),
                 "dram_read_MB": num(m["dram__bytes_read.sum"]), "instructions": num(m["smsp__inst_executed.sum"]),
                 "stall_share_pct": {k: round(v / total * 100, 1) for k, v in stalls.items()},
+                # how busy each execution pipe was (which one binds an issue-limited kernel)
+                "pipe_pct": {k.split("__")[1].split(".")[0]: round(num(v), 1) for k, v in m.items()
+                             if k.startswith("sm__inst_executed_pipe_") and k.endswith("pct_of_peak_sustained_active")
+                             and v.strip() and num(v) >= 5.0},
             })
     return out
 

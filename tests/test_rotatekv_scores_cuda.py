@@ -41,14 +41,13 @@ def test_emulated_kernel_matches_float64_reference(permuted, b, hkv, cap, lens, 
 @pytest.mark.parametrize("permuted", [True, False])
 @pytest.mark.parametrize("b,hkv,cap,lens,outliers", [(2, 8, 37, [37, 20], False), (3, 32, 19, [19, 1, 8], True)])
 def test_emulated_post_rope_kernel_matches_float64_reference(permuted, b, hkv, cap, lens, outliers):
-    """The POST build: fed H_128 q (as `decode_rotatekv_mha` feeds it), H_4's signs and the fp16
-    keys in one accumulating product, against q . H_512 k in float64 with no RoPE; and it must
-    differ from the pre-RoPE scores (the keys' positions are not applied)."""
+    """The POST build: H_128 q (rounded once to fp16), H_4's signs and the fp16 keys in one
+    accumulating product, against q . H_512 k in float64 with no RoPE; and it must differ from the
+    pre-RoPE scores (the keys' positions are not applied)."""
     q, kc, ks, kz, gid, pos, cos, sin = _inputs(9, b, hkv, cap, outliers)
     g = gid if permuted else None
     lengths = torch.tensor(lens)
-    qh = (q.float() @ checks.rotatekv_query_rotation("cpu")).half()
-    got = rc.emulate_scores(qh, kc, ks, kz, g, lengths, pos, cos, sin, SM, pre_rope=False)
+    got = rc.emulate_scores(q, kc, ks, kz, g, lengths, pos, cos, sin, SM, pre_rope=False)
     want = checks.reference_rotatekv_scores(q, kc, ks, kz, g, pos, cos, sin, SM, pre_rope=False)
     valid = (torch.arange(cap)[None, None, :] < lengths[:, None, None]).expand_as(got)
     assert torch.isneginf(got[~valid]).all()

@@ -310,13 +310,6 @@ def check_rotatekv_mha(device, small=True, results=None):
     return results
 
 
-def rotatekv_query_rotation(device) -> torch.Tensor:
-    """The +-1 H_128 (float32) that `decode_rotatekv_mha` applies to post-RoPE queries."""
-    from kvbench.kernels.decode_attention import _sign_matrix_on
-
-    return _sign_matrix_on(128, torch.float32, device)
-
-
 def reference_rotatekv_scores(q, kc, ks, kz, gid, pos, cos, sin, sm_scale, pre_rope=True):
     """float64 scores [B, H, cap] of pre-RoPE RotateKV keys with 4-head groups of 128 at 2 bits:
     dequantize (gid: each channel's scale column, None for one a head), the unnormalized H_512,
@@ -343,28 +336,26 @@ def check_rotatekv_scores_cuda(device, results=None):
     """The hand-laid CUDA scores pass against its torch emulation (same operands, fp16 rounding
     points) and against the float reference's scores, at GPU shapes: permuted and per-head groups,
     lengths that are not multiples of the 8-token tile, batch > 1, Llama-2's 32 heads; pre-RoPE keys
-    and the post-RoPE build (fed H_128 q, as `decode_rotatekv_mha` feeds it)."""
+    and the post-RoPE build."""
     from kvbench.kernels import rotatekv_scores_cuda as rc
     from kvbench.kernels.decode_attention import split_plan
 
     results = [] if results is None else results
     gen = torch.Generator().manual_seed(5)
-    h128 = rotatekv_query_rotation(device)
     # 8, 16 and 32 key groups a token: each width of the kernel's scale-row loads (4, 8, 16 bytes a lane)
     for b, hkv, cap, lens in ((4, 8, 700, [700, 699, 311, 2]), (3, 16, 129, [129, 64, 1]), (2, 32, 333, [333, 17])):
         for perm, pre in ((True, True), (False, True), (True, False), (False, False)):
             kc, ks, kz, gid, *_, pos, cos, sin = rotatekv_inputs(gen, b, hkv, 1, 128, cap, 2, 128, 4, device)
             g = gid if perm else None
             q = _query(gen, b, hkv, 128, device).half()
-            qk = q if pre else (q.float() @ h128).half()
             lengths = torch.tensor(lens, device=device)
             sm = 128**-0.5 * 1.4426950408889634 / 512**0.5
             ngrp = hkv // 4
             scr = torch.full((b, hkv, cap), float("nan"), device=device)
             ns, nit = split_plan(cap, 32, b * ngrp, device, per_sm=2)
-            rc.rotatekv_scores(qk, kc, ks, kz, g, lengths, pos, cos, sin, sm, scr, split_len=nit * 32, num_splits=ns,
+            rc.rotatekv_scores(q, kc, ks, kz, g, lengths, pos, cos, sin, sm, scr, split_len=nit * 32, num_splits=ns,
                                pre_rope=pre)
-            emu = rc.emulate_scores(qk, kc, ks, kz, g, lengths, pos, cos, sin, sm, pre_rope=pre)
+            emu = rc.emulate_scores(q, kc, ks, kz, g, lengths, pos, cos, sin, sm, pre_rope=pre)
             want = reference_rotatekv_scores(q, kc, ks, kz, g, pos, cos, sin, sm, pre_rope=pre)
             valid = torch.isfinite(emu)
             err_emu = float((scr - emu)[valid].abs().max())

@@ -583,7 +583,8 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
         hsign = _sign_matrix_on(d // 2, torch.float16, q.device)
     else:  # H_D q for each head (H_D symmetric): the key path is then dequantize + dot
         hsign = _sign_matrix_on(d, torch.float32, q.device)
-        q = q.float() @ hsign
+        if not use_cuda_scores:  # (the CUDA key pass rotates the queries in its prologue)
+            q = q.float() @ hsign
     q = q.to(torch.float16)
     if use_cuda_scores:
         scores = torch.empty(b, hkv, cap, dtype=torch.float32, device=q.device)

@@ -33,8 +33,9 @@ its B operand (8 tokens a warp tile, one token a thread, 32 channels of each of 
 
 **Post-RoPE keys** (`post_rope=True`, the POST build; `pre_rope: false` in the method): no RoPE sits
 between the Hadamard and the query, so the group's H_512 = H_4 x H_128 moves to the query side. The
-caller passes H_128 q; the prologue builds, per k-step (h', a), an A operand whose rows 0..3 are the
-group's 4 heads' H_4[r][h'] (H_128 q_r) at the lane's channels (rows 4..15 zero), held in registers;
+prologue takes H_128 q of the group's 4 queries (fp32 butterfly in shared memory, one fp16 rounding)
+and builds, per k-step (h', a), an A operand whose rows 0..3 are the heads' H_4[r][h'] (H_128 q_r) at
+the lane's channels (rows 4..15 zero), held in registers;
 the dequantized keys are the same B operands as above, and 32 accumulating products (in 4 chains)
 give each head's scores in rows 0..3. No butterfly, no RoPE, no cross-lane sum: ~860 instructions a
 warp tile against ~1385. The dequantization and its lookups are the pre-RoPE build's.
@@ -162,8 +163,9 @@ def emulate_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, si
     fp16 as the kernel does, the butterfly's per-stage fp16 rounding approximated by one rounding of
     its result): scores
     [B, H, cap] fp32 in the log2 domain, -inf past each row's length (the kernel leaves them
-    unwritten). `pre_rope=False`: the POST build's, q being H_128 q (fp16): the fp16 dequantized keys
-    times H_4 signs times q, summed in fp32; positions, cos and sin are not read."""
+    unwritten). `pre_rope=False`: the POST build's: H_128 q (fp32 from the fp16 queries, rounded once
+    to fp16) times H_4 signs times the fp16 dequantized keys, summed in fp32; positions, cos and sin
+    are not read."""
     b, ngrp, cap, _ = k_codes.shape
     dev = k_codes.device
     if gid is None:  # one group a head
@@ -191,7 +193,7 @@ def emulate_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, si
     if not pre_rope:  # element (t, h', a, k3, k0) is channel 32 t + 16 k3 + 8 k0 + a of head slot h'
         keys = y.reshape(b, ngrp, cap, 4, HG, 8, 2, 2).permute(0, 1, 2, 4, 3, 6, 7, 5).reshape(b, ngrp, cap, HG, D)
         h4 = _sylvester(HG).float().to(dev)  # [r, h']
-        qh = q.to(torch.float16).float().reshape(b, ngrp, HG, D)
+        qh = (q.to(torch.float16).float() @ _sylvester(D).float().to(dev)).half().float().reshape(b, ngrp, HG, D)
         s = torch.einsum("rh,bgrd,bgchd->bgrc", h4, qh, keys)
         s = (s * sm_scale).reshape(b, ngrp * HG, cap)
         return torch.where(valid[:, None], s, torch.full_like(s, float("-inf")))
@@ -378,22 +380,42 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
     if (start >= end) return;
 #if POST
     // Post-RoPE keys: score_r = sum over the group's 512 channels (h', c') of H4[r][h'] (H128 q_r)[c']
-    // times the dequantized key, qh holding H128 q (H_512 = H_4 x H_128). The 32 k-steps (h', a) of
-    // one accumulating product give the 4 heads' scores in rows 0..3 (rows 4..15 of A are zero):
-    // lane (r, t) < 16 holds (H128 q_r) at the channels of its B columns, 32 t + a + (0, 8) in word x
-    // and + (16, 24) in word z, the sign of H4[r][h'] XORed in (exact); words y and w (rows 8..15)
-    // are zero. Staged here, then held in registers.
+    // times the dequantized key (H_512 = H_4 x H_128). The prologue takes H128 q (unnormalized, in
+    // fp32 in shared memory: 7 butterfly stages, 2 pairs a thread a stage), each value rounded once to
+    // fp16. The 32 k-steps (h', a) of one accumulating product give the 4 heads' scores in rows
+    // 0..3 (rows 4..15 of A are zero): lane (r, t) < 16 holds (H128 q_r) at the channels of its B
+    // columns, 32 t + a + (0, 8) in word x and + (16, 24) in word z, the sign of H4[r][h'] XORed in
+    // (exact); words y and w (rows 8..15) are zero. Staged here, then held in registers.
     __shared__ U4 s_fragp[4 * 8][32];  // [h' * 8 + a][lane]: 16 KB
     {
+        float* s_q = (float*)&s_sc[0][0][0];  // the staging area, free until the loop (>= 4 KB)
         const unsigned short* qb = qh + (long long)(b * ngrp + grp) * 4 * 128;
+        for (int i = threadIdx.x; i < 4 * 128; i += 128) s_q[i] = lo_f(qb[i]);
+        __syncthreads();
+#pragma unroll
+        for (int s = 1; s < 128; s <<= 1) {
+#pragma unroll
+            for (int p = threadIdx.x; p < 4 * 64; p += 128) {  // (head, pair): index with bit s clear
+                const int i = (p >> 6) * 128 + ((p & 63) / s) * 2 * s + (p & (s - 1));
+                const float u = s_q[i], v = s_q[i + s];
+                s_q[i] = u + v;
+                s_q[i + s] = u - v;
+            }
+            __syncthreads();
+        }
         for (int i = threadIdx.x; i < 32 * 32; i += 128) {
             const int L = i & 31, r = L >> 2, tt = L & 3, a = (i >> 5) & 7, hp = i >> 8;
             U4 v = U4{0u, 0u, 0u, 0u};
             if (r < 4) {
                 const unsigned sg = (__popc(hp & r) & 1) ? 0x80008000u : 0u;
-                const unsigned short* qr = qb + r * 128 + 32 * tt + a;
-                v.x = ((unsigned)qr[0] | ((unsigned)qr[8] << 16)) ^ sg;
-                v.z = ((unsigned)qr[16] | ((unsigned)qr[24] << 16)) ^ sg;
+                const float* qr = s_q + r * 128 + 32 * tt + a;
+                unsigned short h0, h8, h16, h24;
+                asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h0) : "f"(qr[0]));
+                asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h8) : "f"(qr[8]));
+                asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h16) : "f"(qr[16]));
+                asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h24) : "f"(qr[24]));
+                v.x = ((unsigned)h0 | ((unsigned)h8 << 16)) ^ sg;
+                v.z = ((unsigned)h16 | ((unsigned)h24 << 16)) ^ sg;
             }
             s_fragp[i >> 5][L] = v;
         }
@@ -676,7 +698,7 @@ def rotatekv_scores(q, k_codes, k_scale, k_zero, gid, lengths, positions, cos, s
     """Fill scores [B, H, cap] fp32 (log2 domain, below each row's length) for splits of `split_len`
     tokens: grid (B * NGRP, num_splits), 4 warps a program, 8-token warp tiles. gid: each key
     channel's group column in the scale rows, or None for one group a head. `pre_rope=False`: the
-    keys were rotated after RoPE and q is H_128 q (unnormalized, fp16); positions, cos and sin are
+    keys were rotated after RoPE (the kernel applies H_128 to q itself); positions, cos and sin are
     not read."""
     b, ngrp, cap, row = k_codes.shape
     nq = k_scale.shape[-1]

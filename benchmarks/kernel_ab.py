@@ -11,8 +11,8 @@ first variant's, bit for bit, at full and at ragged lengths.
 `--baseline` names a copy of an older module (`git show REV:kvbench/kernels/rotatekv_scores_cuda.py`,
 `.../values_cuda.py` or `.../kivi_scores_cuda.py`), timed first. `--variants` are launch settings of
 the shipped module: for `rotatekv_scores`, `min_blocks,splits_per_sm` (programs an SM its registers
-are held to, splits an SM; default 2,2; `--post`: the post-RoPE build); for `values`, split counts or `auto` (the launcher's plan;
-the default), timed on the three value layouts the decode reads use (RotateKV's groups of 128,
+are held to, splits an SM; default 2,2; `--post` times the post-RoPE build); for `values`, split
+counts or `auto` (the launcher's plan; the default), timed on the three value layouts the decode reads use (RotateKV's groups of 128,
 quarot's of 64 rotated back, KIVI's of 32 with float zeros) and compared after merging the splits;
 for `kivi_scores`, `splits[,min_blocks]` (splits a row, each timed for the baseline too; its
 scores and 16-token tile maxima are compared); for `fp_partial` (the full-precision tokens' Triton

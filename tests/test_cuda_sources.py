@@ -27,7 +27,8 @@ DEFAULTS = [
 VARIANTS = ([token_scores_cuda.source(ng, tiles, rot) for ng in (1, 2, 4) for tiles, rot in ((1, True), (4, False))]
             + [values_cuda.source(ng, tiles, iz, rot) for ng in (1, 2, 4) for iz in (True, False)
                for tiles, rot in ((1, True), (8, False))]
-            + [rotatekv_scores_cuda.source(nq, post_rope=p) for nq in (8, 64) for p in (False, True)] + [kivi_scores_cuda.source(m) for m in (1, 4)])
+            + [rotatekv_scores_cuda.source(nq, post_rope=p) for nq in (8, 64) for p in (False, True)]
+            + [kivi_scores_cuda.source(m) for m in (1, 4)])
 
 
 @pytest.mark.parametrize("name,source,max_registers", DEFAULTS, ids=[d[0] for d in DEFAULTS])

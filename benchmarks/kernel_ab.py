@@ -12,8 +12,9 @@ first variant's, bit for bit, at full and at ragged lengths.
 `.../values_cuda.py` or `.../kivi_scores_cuda.py`), timed first. `--variants` are launch settings of
 the shipped module: for `rotatekv_scores`, `min_blocks,splits_per_sm` (programs an SM its registers
 are held to, splits an SM; default 2,2; `--post` times the post-RoPE build); for `values`, split
-counts or `auto` (the launcher's plan; the default), timed on the three value layouts the decode reads use (RotateKV's groups of 128,
-quarot's of 64 rotated back, KIVI's of 32 with float zeros) and compared after merging the splits;
+counts or `auto` (the launcher's plan; the default), timed on the three value layouts the decode
+reads use (RotateKV's groups of 128, quarot's of 64 rotated back, KIVI's of 32 with float zeros)
+and compared after merging the splits;
 for `kivi_scores`, `splits[,min_blocks]` (splits a row, each timed for the baseline too; its
 scores and 16-token tile maxima are compared); for `fp_partial` (the full-precision tokens' Triton
 kernel: KIVI's window, RotateKV's sinks), PROGRAMS_PER_SM values or `auto`.

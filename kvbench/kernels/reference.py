@@ -21,7 +21,7 @@ from kvbench.quant import QuantSpec, Quantized, dequantize
 def fp_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scaling: float):
     """Partial attention of q [B, Hq, D] over full-precision k, v [B, Hkv, S, D] where valid [B, S]."""
     b, hq, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     qg = q.float().reshape(b, hkv, hq // hkv, d)
     scores = torch.einsum("bhgd,bhsd->bhgs", qg, k.float()) * scaling
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))

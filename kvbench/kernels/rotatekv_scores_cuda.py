@@ -34,11 +34,11 @@ its B operand (8 tokens a warp tile, one token a thread, 32 channels of each of 
 **Post-RoPE keys** (`post_rope=True`, the POST build; `pre_rope: false` in the method): no RoPE sits
 between the Hadamard and the query, so the group's H_512 = H_4 x H_128 moves to the query side. The
 prologue takes H_128 q of the group's 4 queries (fp32 butterfly in shared memory, one fp16 rounding)
-and builds, per k-step (h', a), an A operand whose rows 0..3 are the heads' H_4[r][h'] (H_128 q_r) at
-the lane's channels (rows 4..15 zero), held in registers;
-the dequantized keys are the same B operands as above, and 32 accumulating products (in 4 chains)
-give each head's scores in rows 0..3. No butterfly, no RoPE, no cross-lane sum: ~860 instructions a
-warp tile against ~1385. The dequantization and its lookups are the pre-RoPE build's.
+and builds, for each a, an A operand whose rows 0..3 are the heads' H_128 q_r at the lane's channels
+(rows 4..15 zero), held in registers. The dequantized keys are the same B operands as above; 32
+accumulating products, one accumulator a head slot h', combined by H_4's signs at the end, give each
+head's scores in rows 0..3. No butterfly, no RoPE, no cross-lane sum: ~860 instructions a warp tile
+against ~1385. The dequantization and its lookups are the pre-RoPE build's.
 
 Contract: `rotatekv_scores(...)` writes the same scratch scores [B, H, cap] (fp32, log2 domain,
 valid below each row's length) as `_rotatekv_scores_kernel`, so `decode_mha.values_from_scores`
@@ -225,7 +225,6 @@ _SOURCE = r"""
 #define NQ __NQ__
 #define QPL (NQ / 4)
 #define POST __POST__
-#define NACC 4  // the post-RoPE build's accumulator chains
 
 struct alignas(16) U4 { unsigned x, y, z, w; };
 
@@ -382,11 +381,12 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
     // Post-RoPE keys: score_r = sum over the group's 512 channels (h', c') of H4[r][h'] (H128 q_r)[c']
     // times the dequantized key (H_512 = H_4 x H_128). The prologue takes H128 q (unnormalized, in
     // fp32 in shared memory: 7 butterfly stages, 2 pairs a thread a stage), each value rounded once to
-    // fp16. The 32 k-steps (h', a) of one accumulating product give the 4 heads' scores in rows
-    // 0..3 (rows 4..15 of A are zero): lane (r, t) < 16 holds (H128 q_r) at the channels of its B
-    // columns, 32 t + a + (0, 8) in word x and + (16, 24) in word z, the sign of H4[r][h'] XORed in
-    // (exact); words y and w (rows 8..15) are zero. Staged here, then held in registers.
-    __shared__ U4 s_fragp[4 * 8][32];  // [h' * 8 + a][lane]: 16 KB
+    // fp16. The 32 k-steps (h', a) of accumulating products give the 4 heads' scores in rows 0..3
+    // (rows 4..15 of A are zero): lane (r, t) < 16 holds (H128 q_r) at the channels of its B
+    // columns, 32 t + a + (0, 8) in word x and + (16, 24) in word z; words y and w (rows 8..15) are
+    // zero. The A operand of k-step (h', a) is H4[r][h'] times that of (0, a), so only a's 8 are
+    // staged, and the loop applies H4's signs to its accumulators (one a head slot h').
+    __shared__ U4 s_fragp[8][32];  // [a][lane]: 4 KB
     {
         float* s_q = (float*)&s_sc[0][0][0];  // the staging area, free until the loop (>= 4 KB)
         const unsigned short* qb = qh + (long long)(b * ngrp + grp) * 4 * 128;
@@ -403,19 +403,18 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
             }
             __syncthreads();
         }
-        for (int i = threadIdx.x; i < 32 * 32; i += 128) {
-            const int L = i & 31, r = L >> 2, tt = L & 3, a = (i >> 5) & 7, hp = i >> 8;
+        for (int i = threadIdx.x; i < 8 * 32; i += 128) {
+            const int L = i & 31, r = L >> 2, tt = L & 3, a = i >> 5;
             U4 v = U4{0u, 0u, 0u, 0u};
             if (r < 4) {
-                const unsigned sg = (__popc(hp & r) & 1) ? 0x80008000u : 0u;
                 const float* qr = s_q + r * 128 + 32 * tt + a;
                 unsigned short h0, h8, h16, h24;
                 asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h0) : "f"(qr[0]));
                 asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h8) : "f"(qr[8]));
                 asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h16) : "f"(qr[16]));
                 asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h24) : "f"(qr[24]));
-                v.x = ((unsigned)h0 | ((unsigned)h8 << 16)) ^ sg;
-                v.z = ((unsigned)h16 | ((unsigned)h24 << 16)) ^ sg;
+                v.x = (unsigned)h0 | ((unsigned)h8 << 16);
+                v.z = (unsigned)h16 | ((unsigned)h24 << 16);
             }
             s_fragp[i >> 5][L] = v;
         }
@@ -491,12 +490,14 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
     float* scr_b = scr + ((long long)b * H + grp * 4) * cap;
 
 #if POST
-    // the A fragments' two nonzero words, in registers for the whole loop: 5% faster than one
-    // 16-byte shared load an mma, and two 4-byte loads an mma were 30% slower
-    // (`session15/ab-scores-post-frag*.json`)
-    unsigned fx[32], fz[32];
+    // the A fragments' two nonzero words, in registers for the whole loop (5% faster than one 16-byte
+    // shared load an mma, and two 4-byte loads an mma were 30% slower: `session15/ab-scores-post-frag*`);
+    // with H4's signs on the accumulators instead of in 32 fragments: 165 registers, not 250, in the
+    // same time (`session15/ab-scores-post-h4acc-5f2890d.json`)
+    unsigned fx[8], fz[8];
 #pragma unroll
-    for (int i = 0; i < 32; ++i) { fx[i] = s_fragp[i][lane].x; fz[i] = s_fragp[i][lane].z; }
+    for (int i = 0; i < 8; ++i) { fx[i] = s_fragp[i][lane].x; fz[i] = s_fragp[i][lane].z; }
+    const float sg1 = (g & 1) ? -1.f : 1.f, sg2 = (g & 2) ? -1.f : 1.f, sg3 = sg1 * sg2;  // H4[g][h'], h' = 1..3
 #endif
     int tk0 = start + warp * 8;
     int p0 = 0, p1 = 0;
@@ -529,23 +530,23 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
 
 #if POST
         // dequantize a (h', a) pair of B halves and take the product at once: 32 accumulating k-steps
-        // into NACC chains (by a), summed at the end: 3.5% faster than one chain; chains by h' instead
-        // measured the same (`session15/ab-scores-post-chains-621b655.json`)
-        float acc[NACC][4];
+        // into one accumulator a head slot h' (four chains: 3.5% faster than one,
+        // `session15/ab-scores-post-frag-acc-a1a9d3c.json`), combined by H4's signs at the end
+        float acc[4][4];
 #pragma unroll
-        for (int c = 0; c < NACC; ++c) { acc[c][0] = 0.f; acc[c][1] = 0.f; acc[c][2] = 0.f; acc[c][3] = 0.f; }
+        for (int c = 0; c < 4; ++c) { acc[c][0] = 0.f; acc[c][1] = 0.f; acc[c][2] = 0.f; acc[c][3] = 0.f; }
 #pragma unroll
         for (int a = 0; a < 8; ++a) {
             const unsigned sp0 = code_bytes(cur, 0, a), sp1 = code_bytes(cur, 1, a);
 #pragma unroll
             for (int hp = 0; hp < 4; ++hp) {
                 const unsigned o = off[hp * 8 + a];
-                mma16816_acc(acc[(hp * 8 + a) % NACC], U4{fx[hp * 8 + a], 0u, fz[hp * 8 + a], 0u},
+                mma16816_acc(acc[hp], U4{fx[a], 0u, fz[a], 0u},
                              deq_pair(sp0, o, lbase, 0, hp), deq_pair(sp1, o, lbase, 1, hp));
             }
         }
-#pragma unroll
-        for (int c = 1; c < NACC; ++c) { acc[0][0] += acc[c][0]; acc[0][1] += acc[c][1]; }
+        acc[0][0] += sg1 * acc[1][0] + sg2 * acc[2][0] + sg3 * acc[3][0];
+        acc[0][1] += sg1 * acc[1][1] + sg2 * acc[2][1] + sg3 * acc[3][1];
         if (g < 4) {  // row g = head g of the group, columns 2 t, 2 t + 1 = tokens
             const int tok = tk0 + 2 * t;
             if (tok < end) scr_b[(long long)g * cap + tok] = acc[0][0] * sm_scale;
@@ -637,7 +638,7 @@ rotatekv_scores(const unsigned short* __restrict__ qh, const unsigned* __restric
 
 
 MIN_BLOCKS = 2  # programs an SM the register allocation is held to (2: at most 255 registers, no spills)
-MIN_BLOCKS_POST = 2  # the post-RoPE build: 3 or 4 measured the same (`session15/ab-scores-post-occupancy.json`)
+MIN_BLOCKS_POST = 2  # the post-RoPE build (165 registers: three fit anyway); 3 or 4 were no faster (`session15/`)
 
 
 def source(nq: int, min_blocks: int | None = None, post_rope: bool = False) -> str:

@@ -1,7 +1,5 @@
 """Bad configs and bad usage: one line naming the place and what is allowed, exit 2, no traceback."""
 
-import textwrap
-
 import pytest
 
 from kvbench.cli import main

@@ -85,7 +85,6 @@ def run_kvbench(t: DecodeLatency, ctx: TaskContext) -> TaskResult:
     from kvbench.decode import DecodeEngine, free_cuda
 
     lm, notes = ctx.lm, []
-    g = lm.geometry
     copy_bw = gt.copy_bandwidth()
     engine = DecodeEngine(lm, ctx.method, t.batch, t.context + 16, seed=ctx.seed)
     try:

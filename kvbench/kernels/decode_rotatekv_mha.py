@@ -581,10 +581,11 @@ def decode_rotatekv_mha(q, k_codes, k_scale, k_zero, gid, v_codes, v_scale, v_ze
     sm_scale = scaling * LOG2E / math.sqrt(hg * d)
     if pre_rope:  # the kernel's H_{D/2}, +-1 in fp16
         hsign = _sign_matrix_on(d // 2, torch.float16, q.device)
+    elif use_cuda_scores:  # post-RoPE keys: the CUDA key pass applies H_D to the queries itself
+        hsign = None
     else:  # H_D q for each head (H_D symmetric): the key path is then dequantize + dot
         hsign = _sign_matrix_on(d, torch.float32, q.device)
-        if not use_cuda_scores:  # (the CUDA key pass rotates the queries in its prologue)
-            q = q.float() @ hsign
+        q = q.float() @ hsign
     q = q.to(torch.float16)
     if use_cuda_scores:
         scores = torch.empty(b, hkv, cap, dtype=torch.float32, device=q.device)

@@ -37,7 +37,7 @@ prologue takes H_128 q of the group's 4 queries (fp32 butterfly in shared memory
 and builds, for each a, an A operand whose rows 0..3 are the heads' H_128 q_r at the lane's channels
 (rows 4..15 zero), held in registers. The dequantized keys are the same B operands as above; 32
 accumulating products, one accumulator a head slot h', combined by H_4's signs at the end, give each
-head's scores in rows 0..3. No butterfly, no RoPE, no cross-lane sum: ~860 instructions a warp tile
+head's scores in rows 0..3. No butterfly, no RoPE, no cross-lane sum: ~880 instructions a warp tile
 against ~1385. The dequantization and its lookups are the pre-RoPE build's.
 
 Contract: `rotatekv_scores(...)` writes the same scratch scores [B, H, cap] (fp32, log2 domain,
@@ -65,8 +65,8 @@ WARPS = 4
 
 
 def supports(gq: int, head_dim: int, bits: int, head_group: int, nq: int, pre_rope: bool = True) -> bool:
-    """Both key kinds: pre-RoPE (the default method) and post-RoPE (`pre_rope=False`, the kernel's
-    POST build)."""
+    """Shapes this kernel takes. Both key kinds do: pre-RoPE (the default method) and post-RoPE
+    (`pre_rope=False`, the POST build of `source`); the argument names the kind at the call sites."""
     return gq == 1 and head_dim == D and bits == 2 and head_group == HG and 0 < nq <= 64 and nq % 8 == 0
 
 

@@ -69,7 +69,9 @@ def compare(variants, outputs, rounds):
     return rows
 
 
-def rotatekv_scores(args):
+def rotatekv_scores_bench(post: bool):
+    """(launcher, outputs) for the key pass at this file's shape: `launcher(mod, min_blocks, per_sm)`
+    runs module `mod`'s build (a copy of `rotatekv_scores_cuda`); `outputs` gives its scores."""
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
     kc, ks, kz, gid, *_, pos, cos, sin = checks.rotatekv_inputs(gen, B, HEADS, 1, 128, CAP, 2, 128, 4, "cuda")
@@ -77,10 +79,10 @@ def rotatekv_scores(args):
     sm = 128**-0.5 * 1.4426950408889634 / math.sqrt(512)  # the butterfly is unnormalized
     scr = torch.empty(B, HEADS, CAP, device=dev)
 
-    post = dict(post_rope=True) if args.post else {}
+    kind = dict(post_rope=True) if post else {}  # (modules from before the post-RoPE build take no such argument)
 
     def launcher(mod, min_blocks, per_sm):
-        kernel = nvrtc.compile_source(mod.source(32, min_blocks, **post), "rotatekv_scores", dev)
+        kernel = nvrtc.compile_source(mod.source(32, min_blocks, **kind), "rotatekv_scores", dev)
         ns, nit = split_plan(CAP, 32, B * HEADS // 4, "cuda", per_sm=per_sm)
 
         def run(lengths):
@@ -89,7 +91,7 @@ def rotatekv_scores(args):
             try:
                 return mod.rotatekv_scores(q, kc, ks, kz, gid, lengths, pos, cos, sin, sm, scr, split_len=nit * 32,
                                            num_splits=ns, min_blocks=min_blocks,
-                                           **({"pre_rope": False} if args.post else {}))
+                                           **({"pre_rope": False} if post else {}))
             finally:
                 mod._kernel = saved
         return run
@@ -99,7 +101,11 @@ def rotatekv_scores(args):
         run(lengths)
         valid = torch.arange(CAP, device=dev)[None, None] < lengths[:, None, None]
         return [torch.where(valid, scr, torch.zeros_like(scr))]
+    return launcher, outputs
 
+
+def rotatekv_scores(args):
+    launcher, outputs = rotatekv_scores_bench(args.post)
     variants = []
     if args.baseline:
         variants.append(("baseline", launcher(_module(args.baseline, "baseline"), 2, 2)))

@@ -6,10 +6,11 @@ candidate kernels. Llama-2-7B shape, B8 x 8192, alternating on one machine (`ker
 
 Variants (each a text substitution in `rotatekv_scores_cuda._SOURCE`, so they track the shipped
 source and fail loudly when it changes):
-- **no lookups**: every element dequantized with one (zero, scale) pair a lane instead of its
-  quantization group's (what a group map uniform over a lane's elements would cost: the
-  calibrated permutation's per-element lookups, 2 PRMT + 1 LDS an element, and the pairing PRMTs
-  gone);
+- **no lookups**: every element dequantized with two registers the lane already holds standing in
+  for its group's (zero, scale): the calibrated permutation's per-element lookups (2 PRMT + 1 LDS
+  an element) and the pairing PRMTs gone, as a group map uniform over a lane's elements would
+  allow. The scale rows' staging (volatile stores, ~4% of the loop) stays, so this bound is a
+  little above what such a design would take;
 - **pair lookups**: one 8-byte lookup a pair of channels instead of two 4-byte ones and no pairing
   PRMTs (what a permutation that keeps both channels of a pair in one group would cost);
 - **no butterfly** (pre-RoPE build only): the in-thread H_4 x H_8 stages skipped;

@@ -62,3 +62,20 @@ def test_programmatic_launch_structs_match_cuda_h():
     assert config.hStream.offset == 32 and config.attrs.offset == 40 and config.numAttrs.offset == 48
     assert ctypes.sizeof(config) == 56
     assert nvrtc._CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION == 6
+
+
+def test_kernel_bounds_variants_still_match_and_compile(tmp_path):
+    # benchmarks/kernel_bounds.py cuts parts out of the key pass's source by text substitution: an
+    # edit to the kernel must not leave the committed bounds tool silently timing the shipped build
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "kernel_bounds.py"
+    spec = importlib.util.spec_from_file_location("kernel_bounds", path)
+    bounds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bounds)
+    for name, subs in bounds.VARIANTS.items():
+        mod = bounds.edited_module(name, subs, tmp_path)
+        assert mod.source(32) != rotatekv_scores_cuda.source(32), name
+        build = nvrtc.compile_offline(mod.source(32))
+        assert build.ok and build.spill_bytes == 0, (name, build.log)

@@ -9,7 +9,7 @@ source and fail loudly when it changes):
 - **no lookups**: every element dequantized with two registers the lane already holds standing in
   for its group's (zero, scale): the calibrated permutation's per-element lookups (2 PRMT + 1 LDS
   an element) and the pairing PRMTs gone, as a group map uniform over a lane's elements would
-  allow. The scale rows' staging (volatile stores, ~4% of the loop) stays, so this bound is a
+  allow. The scale rows' staging (volatile stores, ~3% of the loop) stays, so this bound is a
   little above what such a design would take;
 - **pair lookups**: one 8-byte lookup a pair of channels instead of two 4-byte ones and no pairing
   PRMTs (what a permutation that keeps both channels of a pair in one group would cost);

@@ -17,8 +17,9 @@ torch.cuda.empty_cache before the next try). One try at batch B:
 
 Then throughput at the found batch: a CUDA-graph decode step at the middle of the decode
 (prompt_len + decode_steps / 2 tokens), tokens/s = B / median step time (a step's cost is linear
-in the context, so this is the average over the whole decode). If capture does not fit at the
-found batch, the batch is lowered until it does and that is reported.
+in the context, so this is the average over the whole decode). If the step or its capture does not
+fit at the found batch, the batch is lowered until both do, and that batch is reported: a step
+timed uncaptured (`throughput_graph` 0) only where capture failed for a reason other than memory.
 """
 
 from __future__ import annotations
@@ -67,6 +68,22 @@ def search_max(fits: Callable[[int], bool], start: int = 1, limit: int = 4096) -
         else:
             hi = mid
     return lo, trials
+
+
+def lower_until_fits(best: int, attempt: Callable[[int], object]) -> tuple[int, object] | None:
+    """(b, attempt(b)) for the largest b <= best whose attempt raises no out-of-memory error,
+    lowering b by 2% a try; None when not even b = 1 fits. Other errors propagate."""
+    from kvbench.decode import is_oom
+
+    b = best
+    while b >= 1:
+        try:
+            return b, attempt(b)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            b -= max(1, b // 50)
+    return None
 
 
 class _NoStoreCache(LayerCache):
@@ -177,33 +194,36 @@ class MaxBatch(Task):
 
     def _throughput(self, ctx: TaskContext, best: int, notes: list[str]) -> dict:
         from kvbench import gpu_timing as gt
-        from kvbench.decode import DecodeEngine, free_cuda, is_oom
+        from kvbench.decode import DecodeEngine, free_cuda
 
         total = self.prompt_len + self.decode_steps
         mid = self.prompt_len + self.decode_steps // 2
-        b = best
-        while b >= 1:
+
+        def attempt(b: int):
             engine = None
             try:
                 engine = DecodeEngine(ctx.lm, ctx.method, b, total + 16, seed=ctx.seed)
                 engine.fill(mid, "random")
                 engine.fix_length(mid + 1)
-                captured = engine.capture(advance=False)
-                if not captured:
-                    notes.append(f"throughput step not captured: {engine.graph_error}")
-                stats = gt.time_each(lambda: engine.step(advance=False), self.reps, 3)
-                if b != best:
-                    notes.append(f"throughput measured at batch {b}: capture at {best} ran out of memory")
-                return {"throughput_batch": float(b), "throughput_step_ms_p50": stats.median_ms,
-                        "throughput_step_ms_p90": stats.p90_ms, "throughput_tok_s": b * 1e3 / stats.median_ms,
-                        "throughput_graph": float(captured)}
-            except Exception as e:
-                if not is_oom(e):
-                    raise
-                b = b - max(1, b // 50)
+                if not engine.capture(advance=False) and "out of memory" in engine.graph_error.lower():
+                    # A graph that does not fit is an out-of-memory like any other: timing this batch
+                    # eager instead would compare launch-bound steps with fp16's captured ones.
+                    raise torch.OutOfMemoryError(engine.graph_error)
+                return gt.time_each(lambda: engine.step(advance=False), self.reps, 3), engine.graph_error
             finally:
                 if engine is not None:
                     engine.close()
-                del engine
+                engine = None  # drop the caches before the allocator is emptied
                 free_cuda()
-        return {}
+
+        found = lower_until_fits(best, attempt)
+        if found is None:
+            return {}
+        b, (stats, graph_error) = found
+        if graph_error:  # a capture that failed for another reason: timed eager, and said so
+            notes.append(f"throughput step not captured: {graph_error}")
+        if b != best:
+            notes.append(f"throughput measured at batch {b}: the step or its capture at {best} ran out of memory")
+        return {"throughput_batch": float(b), "throughput_step_ms_p50": stats.median_ms,
+                "throughput_step_ms_p90": stats.p90_ms, "throughput_tok_s": b * 1e3 / stats.median_ms,
+                "throughput_graph": float(graph_error is None)}

@@ -121,6 +121,82 @@ def test_search_max_stops_at_limit():
     assert best == 100 and trials[-1] == (100, True)
 
 
+def test_lower_until_fits_steps_down_past_out_of_memory_only():
+    from kvbench.tasks.max_batch import lower_until_fits
+
+    def attempt(b):
+        if b > 150:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return f"ran at {b}"
+
+    b, result = lower_until_fits(206, attempt)
+    assert 146 <= b <= 150 and result == f"ran at {b}"  # 2% steps: the first batch at or below 150
+    assert lower_until_fits(5, lambda b: (_ for _ in ()).throw(RuntimeError("CUDA error: out of memory"))) is None
+    with pytest.raises(ValueError):
+        lower_until_fits(206, lambda b: (_ for _ in ()).throw(ValueError("not a memory error")))
+
+
+class _FakeEngine:
+    """DecodeEngine's surface for the throughput step: capture fails above `capture_max` rows with
+    the given error (the error text the GPU gave in the fifteenth session's runs)."""
+
+    capture_max, error = 0, ""
+    built: list[int] = []
+
+    def __init__(self, lm, method, batch, capacity, seed=0):
+        self.batch, self.graph_error = batch, None
+        _FakeEngine.built.append(batch)
+
+    def fill(self, n, how):
+        pass
+
+    def fix_length(self, n):
+        pass
+
+    def capture(self, advance):
+        if self.batch > self.capture_max:
+            self.graph_error = self.error
+            return False
+        return True
+
+    def step(self, advance=True):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("error,captured", [
+    ("capture failed: AcceleratorError: CUDA error: out of memory", True),
+    ("capture failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 110.00 MiB.", True),
+    ("caches are not marked graph_safe: decode steps run uncaptured", False),
+])
+def test_throughput_is_captured_at_the_largest_batch_whose_graph_fits(error, captured, monkeypatch):
+    # A capture that runs out of memory lowers the batch like any other out-of-memory error: timing
+    # that batch uncaptured would set launch-bound steps against fp16's captured ones. Only a capture
+    # that fails for another reason is timed uncaptured, flagged and noted.
+    import types
+
+    import kvbench.decode as decode
+    import kvbench.gpu_timing as gt
+    from kvbench.registry import tasks
+
+    _FakeEngine.capture_max, _FakeEngine.error, _FakeEngine.built = 200, error, []
+    monkeypatch.setattr(decode, "DecodeEngine", _FakeEngine)
+    monkeypatch.setattr(decode, "free_cuda", lambda: None)
+    monkeypatch.setattr(gt, "time_each", lambda fn, reps, warmup: gt.summarize([50.0] * reps))
+    task = tasks.get("max_batch")(prompt_len=64, decode_steps=8)
+    notes: list[str] = []
+    m = task._throughput(types.SimpleNamespace(lm=None, method=None, seed=0), 206, notes)
+    if captured:
+        assert m["throughput_graph"] == 1.0 and 196 <= m["throughput_batch"] <= 200
+        assert _FakeEngine.built[0] == 206 and any("at 206 ran out of memory" in n for n in notes)
+    else:
+        assert m["throughput_graph"] == 0.0 and m["throughput_batch"] == 206
+        assert any("not captured" in n for n in notes)
+    assert m["throughput_tok_s"] == pytest.approx(m["throughput_batch"] * 1e3 / 50.0)
+
+
 # -- timing statistics -------------------------------------------------------------------------
 
 

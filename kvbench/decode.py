@@ -520,3 +520,15 @@ def free_cuda() -> None:
 
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def capture_step(engine: DecodeEngine, advance: bool = False) -> bool:
+    """Capture `engine`'s decode step; False (with `engine.graph_error`) where capture is not possible
+    for a reason other than memory. A capture that runs out of memory raises torch.OutOfMemoryError:
+    a step timed uncaptured instead would set launch-bound timings against captured ones, so the
+    tasks treat it as the out-of-memory it is (a failed cell, or a lower batch)."""
+    if engine.capture(advance=advance):
+        return True
+    if engine.graph_error and "out of memory" in engine.graph_error.lower():
+        raise torch.OutOfMemoryError(engine.graph_error)
+    return False

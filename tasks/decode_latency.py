@@ -8,7 +8,9 @@ decode step (the model's whole forward for one token per row: projections, MLPs,
 attention, LM head) is captured into a CUDA graph (`graphs: true`) and replayed `reps` times
 after `warmup` replays, each between CUDA events; every replay writes the token at position
 `context` and attends over context + 1 tokens (the caches' device lengths are put back inside
-the graph). Reported: median and p90, tokens/s = batch / median. Then the attention of layer 0
+the graph). A capture that runs out of memory fails the cell as out of memory; one that fails for
+another reason (a cache not marked graph-safe) is timed uncaptured, with `graph` 0 and a note.
+Reported: median and p90, tokens/s = batch / median. Then the attention of layer 0
 alone (`attend` of a decode query over the filled cache, captured too), with the bytes that
 layer's cache holds over its median time as achieved bandwidth, that as a fraction of the
 device-to-device copy bandwidth measured in the same process, and fp16 SDPA at the same shape.
@@ -82,7 +84,7 @@ def _stats_metrics(prefix: str, stats, batch: int) -> dict[str, float]:
 
 def run_kvbench(t: DecodeLatency, ctx: TaskContext) -> TaskResult:
     from kvbench import gpu_timing as gt
-    from kvbench.decode import DecodeEngine, free_cuda
+    from kvbench.decode import DecodeEngine, capture_step, free_cuda
 
     lm, notes = ctx.lm, []
     copy_bw = gt.copy_bandwidth()
@@ -92,7 +94,7 @@ def run_kvbench(t: DecodeLatency, ctx: TaskContext) -> TaskResult:
         engine.fix_length(t.context + 1)
         notes.append(f"fill: {engine.fill_how}")
         notes.append(f"glue: {engine.glue}")
-        captured = t.graphs and engine.capture(advance=False)
+        captured = t.graphs and capture_step(engine)  # out of memory: the cell fails, never an eager timing
         if t.graphs and not captured:
             notes.append(f"not captured: {engine.graph_error}")
         stats = gt.time_each(lambda: engine.step(advance=False), t.reps, t.warmup)
@@ -106,7 +108,7 @@ def run_kvbench(t: DecodeLatency, ctx: TaskContext) -> TaskResult:
         return TaskResult(metrics=m, notes=notes)
     finally:
         engine.close()
-        del engine
+        engine = None  # the caches go before the allocator is emptied
         free_cuda()
 
 
@@ -138,7 +140,7 @@ def _attention_alone(t: DecodeLatency, ctx: TaskContext, engine, copy_bw: float,
     out["sdpa_fp16_ms_p50"] = ref.median_ms
     out["sdpa_fp16_tb_s"] = 2 * k.numel() * 2 / (ref.median_ms / 1e3) / 1e12
     out["attn_speedup_vs_sdpa"] = ref.median_ms / stats.median_ms
-    del k, v
+    k = v = None  # free the fp16 reference cache
     # The unfused peer: dequantize everything stored, then SDPA (packed methods only).
     if ctx.method.name != "fp16":
         unfused = _unfused_fn(cache, q, qpos, scale)
@@ -266,5 +268,5 @@ def run_peer(t: DecodeLatency, ctx: TaskContext) -> TaskResult:
             notes.append(_quant_settings(cache))
         return TaskResult(metrics=m, notes=notes)
     finally:
-        del cache
+        cache = None
         free_cuda()

@@ -166,6 +166,20 @@ class _FakeEngine:
         pass
 
 
+def test_capture_step_raises_out_of_memory_and_reports_other_failures():
+    from kvbench.decode import capture_step
+
+    engine = _FakeEngine(None, None, batch=10, capacity=0)
+    _FakeEngine.capture_max = 5
+    _FakeEngine.error = "capture failed: AcceleratorError: CUDA error: out of memory"
+    with pytest.raises(torch.OutOfMemoryError):
+        capture_step(engine)
+    _FakeEngine.error = "caches are not marked graph_safe: decode steps run uncaptured"
+    assert capture_step(engine) is False and "graph_safe" in engine.graph_error
+    _FakeEngine.capture_max = 10
+    assert capture_step(engine) is True
+
+
 @pytest.mark.parametrize("error,captured", [
     ("capture failed: AcceleratorError: CUDA error: out of memory", True),
     ("capture failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 110.00 MiB.", True),

@@ -578,28 +578,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# A program's fixed cost (prologue, partial write), in tiles, for `multiwave_splits`' model.
-PROGRAM_COST_TILES = 2
-
-
-def wave_splits_enabled() -> bool:
-    """`KVBENCH_WAVE_SPLITS=0` turns `multiwave_splits` off (one split a row past one wave), for A/B runs."""
-    import os
-
-    return os.environ.get("KVBENCH_WAVE_SPLITS", "1") != "0"
-
-
-def multiwave_splits(programs: int, tiles: int, slots: int, max_splits: int = 8) -> int:
-    """Splits a row for a grid of more than one wave (`programs` > `slots` resident programs, as at
-    large batches): the count with the least predicted time, waves x (tiles a split + a program's
-    fixed cost). One split a row leaves the last wave part-empty: 1616 programs on 264 slots run as 7
-    waves for 6.1 waves of work; three splits run 19 waves of a third the length (18.4 of work)."""
-    def cost(ns: int) -> int:
-        return -(-programs * ns // slots) * (-(-tiles // ns) + PROGRAM_COST_TILES)
-
-    return min(range(1, min(tiles, max_splits) + 1), key=lambda ns: (cost(ns), ns))
-
-
 def split_plan(max_len: int, block: int, programs: int, device=None, per_sm: int = 2,
                num_splits: int | None = None) -> tuple[int, int]:
     """(splits, tiles per split) for `max_len` units (tokens, or KIVI groups) in tiles of `block`,
@@ -615,10 +593,8 @@ def split_plan(max_len: int, block: int, programs: int, device=None, per_sm: int
     what the time follows (5 x 103 tiles ran 45% slower than 4 x 128 for RotateKV's kernel)."""
     tiles = -(-max(max_len, 1) // block)
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        slots = per_sm * _sm_count(str(device) if device is not None else "cuda")
-        ns = num_splits or max(1, min(slots // max(programs, 1), tiles, 64))
-        if num_splits is None and programs > slots and wave_splits_enabled():
-            ns = multiwave_splits(programs, tiles, slots)
+        sms = _sm_count(str(device) if device is not None else "cuda")
+        ns = num_splits or max(1, min(per_sm * sms // max(programs, 1), tiles, 64))
         per = -(-tiles // ns)
     else:
         ns = num_splits or default_splits(programs, max_len, block, device, per_sm)

@@ -215,6 +215,7 @@ class MaxBatch(Task):
 
         found = lower_until_fits(best, attempt)
         if found is None:
+            notes.append("throughput not measured: no batch fit its decode step and the step's capture")
             return {}
         b, (stats, graph_error) = found
         if graph_error:  # a capture that failed for another reason: timed eager, and said so

@@ -434,7 +434,11 @@ class DecodeEngine:
         self.positions.add_(1)
 
     def capture(self, advance: bool) -> bool:
-        """Capture one decode step (and, with `advance`, the in-place position increment)."""
+        """Capture one decode step (and, with `advance`, the in-place position increment). False, with
+        `graph_error`, where the step cannot be captured: the caller may time it uncaptured and say so.
+        A capture that runs out of memory raises instead: an uncaptured timing would set launch-bound
+        steps against captured ones, so the tasks treat it as the out-of-memory it is (a failed cell,
+        or a lower batch)."""
         self.graph, self.graph_error = None, None
         if not self.graph_safe:
             self.graph_error = "caches are not marked graph_safe: decode steps run uncaptured"
@@ -455,12 +459,16 @@ class DecodeEngine:
 
             self.graph = capture(fn, warmup=1)
         except Exception as e:
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if is_oom(e):
+                raise
             self.graph_error = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        self.positions.copy_(saved)  # warm-up and capture must not move the timed steps
-        if not advance:
-            for c, u in used:
-                c.used = u
+        finally:
+            self.positions.copy_(saved)  # warm-up and capture must not move the timed steps
+            if not advance:
+                for c, u in used:
+                    c.used = u
         return self.graph is not None
 
     def step(self, advance: bool = True) -> None:
@@ -521,14 +529,3 @@ def free_cuda() -> None:
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
-
-def capture_step(engine: DecodeEngine, advance: bool = False) -> bool:
-    """Capture `engine`'s decode step; False (with `engine.graph_error`) where capture is not possible
-    for a reason other than memory. A capture that runs out of memory raises torch.OutOfMemoryError:
-    a step timed uncaptured instead would set launch-bound timings against captured ones, so the
-    tasks treat it as the out-of-memory it is (a failed cell, or a lower batch)."""
-    if engine.capture(advance=advance):
-        return True
-    if engine.graph_error and "out of memory" in engine.graph_error.lower():
-        raise torch.OutOfMemoryError(engine.graph_error)
-    return False

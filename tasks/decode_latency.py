@@ -84,7 +84,7 @@ def _stats_metrics(prefix: str, stats, batch: int) -> dict[str, float]:
 
 def run_kvbench(t: DecodeLatency, ctx: TaskContext) -> TaskResult:
     from kvbench import gpu_timing as gt
-    from kvbench.decode import DecodeEngine, capture_step, free_cuda
+    from kvbench.decode import DecodeEngine, free_cuda
 
     lm, notes = ctx.lm, []
     copy_bw = gt.copy_bandwidth()
@@ -94,7 +94,7 @@ def run_kvbench(t: DecodeLatency, ctx: TaskContext) -> TaskResult:
         engine.fix_length(t.context + 1)
         notes.append(f"fill: {engine.fill_how}")
         notes.append(f"glue: {engine.glue}")
-        captured = t.graphs and capture_step(engine)  # out of memory: the cell fails, never an eager timing
+        captured = t.graphs and engine.capture(advance=False)  # out of memory raises: the cell fails
         if t.graphs and not captured:
             notes.append(f"not captured: {engine.graph_error}")
         stats = gt.time_each(lambda: engine.step(advance=False), t.reps, t.warmup)

@@ -194,7 +194,7 @@ class MaxBatch(Task):
 
     def _throughput(self, ctx: TaskContext, best: int, notes: list[str]) -> dict:
         from kvbench import gpu_timing as gt
-        from kvbench.decode import DecodeEngine, capture_step, free_cuda
+        from kvbench.decode import DecodeEngine, free_cuda
 
         total = self.prompt_len + self.decode_steps
         mid = self.prompt_len + self.decode_steps // 2
@@ -205,7 +205,7 @@ class MaxBatch(Task):
                 engine = DecodeEngine(ctx.lm, ctx.method, b, total + 16, seed=ctx.seed)
                 engine.fill(mid, "random")
                 engine.fix_length(mid + 1)
-                capture_step(engine)  # a graph that does not fit lowers the batch like any other OOM
+                engine.capture(advance=False)  # out of memory raises: the batch is lowered
                 return gt.time_each(lambda: engine.step(advance=False), self.reps, 3), engine.graph_error
             finally:
                 if engine is not None:

@@ -153,8 +153,10 @@ class _FakeEngine:
     def fix_length(self, n):
         pass
 
-    def capture(self, advance):
+    def capture(self, advance):  # DecodeEngine.capture's contract: out of memory raises
         if self.batch > self.capture_max:
+            if "out of memory" in self.error.lower():
+                raise torch.OutOfMemoryError(self.error)
             self.graph_error = self.error
             return False
         return True
@@ -164,20 +166,6 @@ class _FakeEngine:
 
     def close(self):
         pass
-
-
-def test_capture_step_raises_out_of_memory_and_reports_other_failures():
-    from kvbench.decode import capture_step
-
-    engine = _FakeEngine(None, None, batch=10, capacity=0)
-    _FakeEngine.capture_max = 5
-    _FakeEngine.error = "capture failed: AcceleratorError: CUDA error: out of memory"
-    with pytest.raises(torch.OutOfMemoryError):
-        capture_step(engine)
-    _FakeEngine.error = "caches are not marked graph_safe: decode steps run uncaptured"
-    assert capture_step(engine) is False and "graph_safe" in engine.graph_error
-    _FakeEngine.capture_max = 10
-    assert capture_step(engine) is True
 
 
 @pytest.mark.parametrize("error,captured", [
@@ -312,6 +300,33 @@ def test_engine_fills_and_steps(tiny, name, params):
     e.fix_length(101)
     e.step(advance=False)  # fixed-length timing step: lengths are put back
     assert e.length == 104
+
+
+@pytest.mark.parametrize("error,raises", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"), True),
+    (RuntimeError("CUDA error: out of memory"), True),  # the AcceleratorError text the H100 gave
+    (RuntimeError("operation not permitted when stream is capturing"), False),
+])
+def test_engine_capture_raises_out_of_memory_and_reports_other_failures(tiny, error, raises, monkeypatch):
+    import kvbench.gpu_timing as gt
+    from kvbench.decode import DecodeEngine
+    from kvbench.registry import methods
+
+    e = DecodeEngine(tiny, methods.get("fp16")(mode="packed"), batch=2, capacity=40)
+    e.fill(30, "random")
+    before = e.positions.clone()
+
+    def failing_capture(fn, warmup=1):
+        fn()  # the warm-up step moves the positions; capture must put them back either way
+        raise error
+
+    monkeypatch.setattr(gt, "capture", failing_capture)
+    if raises:
+        with pytest.raises(type(error)):
+            e.capture(advance=True)
+    else:
+        assert e.capture(advance=True) is False and "not permitted" in e.graph_error
+    assert e.graph is None and torch.equal(e.positions, before)
 
 
 @pytest.mark.parametrize("present", [("optimum.quanto",), ("hqq",), ()])

@@ -7,7 +7,6 @@ first variant's, bit for bit, at full and at ragged lengths.
     python benchmarks/kernel_ab.py values --out ab.json --baseline old_values_cuda.py
     python benchmarks/kernel_ab.py kivi_scores --out ab.json --baseline old_kivi_scores_cuda.py
     python benchmarks/kernel_ab.py fp_partial --out ab.json --baseline old_fp_partial.py
-    python benchmarks/kernel_ab.py prefetch --out ab.json [--variants 0 1 2]
 
 `--baseline` names a copy of an older module (`git show REV:kvbench/kernels/rotatekv_scores_cuda.py`,
 `.../values_cuda.py` or `.../kivi_scores_cuda.py`), timed first. `--variants` are launch settings of
@@ -18,10 +17,7 @@ reads use (RotateKV's groups of 128, quarot's of 64 rotated back, KIVI's of 32 w
 and compared after merging the splits;
 for `kivi_scores`, `splits[,min_blocks]` (splits a row, each timed for the baseline too; its
 scores and 16-token tile maxima are compared); for `fp_partial` (the full-precision tokens' Triton
-kernel: KIVI's window, RotateKV's sinks), PROGRAMS_PER_SM values or `auto`; for `prefetch`, the L2
-prefetch distances (iterations ahead, 0 = none; default 0 1 2) of the shipped KIVI key pass,
-per-token key pass (quarot's layout) and values pass (the three layouts), each compared with
-distance 0's outputs.
+kernel: KIVI's window, RotateKV's sinks), PROGRAMS_PER_SM values or `auto`.
 """
 
 from __future__ import annotations
@@ -229,68 +225,9 @@ def fp_partial(args):
     return rows
 
 
-def _captured_splits(units, block, programs, per_sm):
-    """(splits, units a split) as `split_plan` sizes a captured grid on this GPU."""
-    tiles = -(-units // block)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    ns = max(1, min(per_sm * sms // programs, tiles, 64))
-    per = -(-tiles // ns)
-    return -(-tiles // per), per * block
-
-
-def prefetch(args):
-    """Each pass at each L2 prefetch distance (`prefetch=` of its launcher), outputs against the first's."""
-    from kvbench.kernels import token_scores_cuda
-
-    dev = torch.device("cuda")
-    gen = torch.Generator().manual_seed(0)
-    dists = [int(v) for v in (args.variants or ["0", "1", "2"])]
-    sm = 128**-0.5 * 1.4426950408889634
-    q = torch.randn(B, HEADS, 128, generator=gen).half().to(dev)
-    scr = torch.empty(B, HEADS, CAP, device=dev)
-    tmax = torch.empty(B, HEADS, CAP // 16, device=dev)
-
-    def scores_out(run, lengths):
-        scr.fill_(float("nan"))
-        tmax.fill_(float("nan"))
-        run(lengths)
-        return [torch.nan_to_num(scr.clone(), nan=0.0), torch.nan_to_num(tmax.clone(), nan=0.0)]
-
-    rows = {}
-    capg = CAP // 32
-    kc, ks, kz, _ = checks._kivi_store(gen, B, HEADS, capg, 128, 2, 32, dev)
-    ns, per = _captured_splits(capg, kivi_scores_cuda.WARPS * kivi_scores_cuda.GROUPS_PER_WARP, B * HEADS,
-                               kivi_scores_cuda.SPLITS_PER_SM)
-    print("kivi key pass", flush=True)
-    rows["kivi key pass"] = compare(
-        [(f"prefetch={d}", lambda lengths, d=d: kivi_scores_cuda.kivi_scores(
-            q, kc, ks, kz, lengths // 32 * 32, sm, scr, tmax, split_groups=per, num_splits=ns, prefetch=d))
-         for d in dists], scores_out, args.rounds)
-    kc, ks, kz = checks._store(gen, B, HEADS, CAP, 128, 2, 64, dev)
-    ns, split_len = _captured_splits(CAP, token_scores_cuda.STEP, B * HEADS, token_scores_cuda.SPLITS_PER_SM)
-    print("per-token key pass (G64, query rotated: quarot)", flush=True)
-    rows["per-token key pass (G64, quarot)"] = compare(
-        [(f"prefetch={d}", lambda lengths, d=d: token_scores_cuda.token_scores(
-            q, kc, ks, kz, lengths, sm, scr, group_size=64, split_len=split_len, num_splits=ns, tile_max=tmax,
-            rotate_q=True, prefetch=d)) for d in dists], scores_out, args.rounds)
-    scores = (torch.randn(B, HEADS, CAP, generator=gen) * 2).to(dev)
-    for layout, group, integer_zero, rotate_out in (("G128 (rotatekv)", 128, True, False),
-                                                    ("G64 rotated (quarot)", 64, True, True),
-                                                    ("G32 float zeros (kivi)", 32, False, False)):
-        vc, vs, vz = checks._store(gen, B, HEADS, CAP, 128, 2, group, dev, float_zero=not integer_zero)
-        ns, _ = _captured_splits(CAP, values_cuda.STEP, B * HEADS, values_cuda.SPLITS_PER_SM)
-        print("values", layout, flush=True)
-        rows[f"values {layout}"] = compare(
-            [(f"prefetch={d}", lambda lengths, d=d, vc=vc, vs=vs, vz=vz, group=group, iz=integer_zero, ro=rotate_out:
-              values_cuda.values_from_scores(scores, vc, vs, vz, lengths, group_size=group, integer_zero=iz,
-                                             rotate_out=ro, num_splits=ns, prefetch=d)) for d in dists],
-            _merged, args.rounds)
-    return rows
-
-
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("kernel", choices=["rotatekv_scores", "values", "kivi_scores", "fp_partial", "prefetch"])
+    ap.add_argument("kernel", choices=["rotatekv_scores", "values", "kivi_scores", "fp_partial"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--baseline", default=None)
     ap.add_argument("--variants", nargs="+", default=None)
@@ -299,7 +236,7 @@ def main():
     ap.add_argument("--baseline-splits", type=int, default=2, help="kivi_scores: the baseline's splits a row")
     args = ap.parse_args()
     rows = {"rotatekv_scores": rotatekv_scores, "values": values, "kivi_scores": kivi_scores,
-            "fp_partial": fp_partial, "prefetch": prefetch}[args.kernel](args)
+            "fp_partial": fp_partial}[args.kernel](args)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "kernel": args.kernel, "variants": rows}, f, indent=1)
 

@@ -7,18 +7,6 @@ PRELUDE = r"""
 // issuing the loads that do not depend on them. Without the launch attribute both are no-ops.
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-// A hint (sm_90): fetch [p, p + bytes) from memory into L2 now, without registers or shared memory,
-// so that the loads a warp issues for a later iteration find it there. The passes below load an
-// iteration's bytes all at once and then compute: without a prefetch the memory idles while they
-// compute. The range is rounded inward to 16-byte bounds (the instruction's alignment), so nothing
-// outside it is touched.
-__device__ __forceinline__ void prefetch_l2(const void* p, long long bytes) {
-    unsigned long long a, e;
-    asm("cvta.to.global.u64 %0, %1;" : "=l"(a) : "l"(p));
-    e = (a + (unsigned long long)bytes) & ~15ull;
-    a = (a + 15ull) & ~15ull;
-    if (bytes > 0 && e > a) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(a), "r"((unsigned)(e - a)) : "memory");
-}
 __device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
     unsigned d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel)); return d;
 }

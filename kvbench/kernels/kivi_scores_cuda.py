@@ -48,19 +48,6 @@ def supports(gq: int, head_dim: int, bits: int, group_size: int) -> bool:
 
 _SOURCE = r"""
 #define MINB __MINB__  // programs an SM the registers are held to
-#define PF __PF__  // iterations ahead a warp prefetches its groups into L2 (0: none)
-
-// a warp's 8 groups from gn on (clamped to gend) into L2: codes 1 KB, scales and zeros 256 B a
-// group, each contiguous; one lane an array
-__device__ __forceinline__ void prefetch_groups(const uint4* kc, const unsigned* ks, const unsigned* kz,
-                                                long long row_g, int gn, int gend, int lane) {
-    const int n = min(8, gend - gn);
-    if (lane < 3 && n > 0) {
-        const long long gi = row_g + gn;
-        if (lane == 0) prefetch_l2(kc + gi * 64, n * 1024LL);
-        else prefetch_l2((lane == 1 ? ks : kz) + gi * 64, n * 256LL);
-    }
-}
 extern "C" __global__ void __launch_bounds__(128, MINB)
 kivi_scores(const uint4* __restrict__ kc, const unsigned* __restrict__ ks, const unsigned* __restrict__ kz,
             const unsigned* __restrict__ q, const long long* __restrict__ nq, float* __restrict__ scr,
@@ -78,13 +65,7 @@ kivi_scores(const uint4* __restrict__ kc, const unsigned* __restrict__ ks, const
     const unsigned* qr = q + (long long)row * 64;
     float* sr = scr + (long long)row * cap;
     float* mr = tmax + (long long)row * ((cap + 15) / 16);
-#pragma unroll
-    for (int d = 1; d < PF; ++d) prefetch_groups(kc, ks, kz, (long long)row * capg, gstart + 8 * warp + 32 * d, gend, lane);
     for (int g0 = gstart + 8 * warp; g0 < gend; g0 += 8 * 4) {
-        // the memory works on a later iteration's groups while this one waits for its loads and
-        // computes (its loads all go out at once, then 256 products: without this the memory idles
-        // through the products)
-        if (PF) prefetch_groups(kc, ks, kz, (long long)row * capg, g0 + 32 * PF, gend, lane);
         const int grp = min(g0 + g, gend - 1);  // (a clamped group's scores are not stored)
         const long long gi = (long long)row * capg + grp;
         const uint4* kg = kc + gi * 64;           // 128 channels x 8 bytes = 64 16-byte channel pairs
@@ -145,15 +126,14 @@ _KERNELS: dict = {}
 
 
 MIN_BLOCKS = 3  # 160 registers without spills (4 spills 56 bytes)
-PREFETCH = 1  # iterations ahead (`PF`)
 
 
-def source(min_blocks: int = MIN_BLOCKS, prefetch: int = PREFETCH) -> str:
-    return PRELUDE + _SOURCE.replace("__MINB__", str(min_blocks)).replace("__PF__", str(int(prefetch)))
+def source(min_blocks: int = MIN_BLOCKS) -> str:
+    return PRELUDE + _SOURCE.replace("__MINB__", str(min_blocks))
 
 
 def kivi_scores(q, k_codes, k_scale, k_zero, nq, sm_scale, scores, tile_max, *, split_groups, num_splits,
-                min_blocks=MIN_BLOCKS, prefetch=PREFETCH):
+                min_blocks=MIN_BLOCKS):
     """Write KIVI's scores [B, H, cap] fp32 (log2 domain) for tokens below nq[b] and each 16-token
     tile's maximum into `tile_max` [B, H, ceil(cap / 16)], for q [B, H, 128] over k_codes
     [B, H, capg, 128, 8] (2 bits, groups of 32) with fp16 k_scale/k_zero [B, H, capg, 128]."""
@@ -164,9 +144,9 @@ def kivi_scores(q, k_codes, k_scale, k_zero, nq, sm_scale, scores, tile_max, *, 
     k_codes, k_scale, k_zero = k_codes.contiguous(), k_scale.contiguous(), k_zero.contiguous()
     q = q.half().contiguous()
     nq = nq if nq.dtype == torch.int64 else nq.long()
-    key = (min_blocks, prefetch, str(q.device))
+    key = (min_blocks, str(q.device))
     if key not in _KERNELS:
-        _KERNELS[key] = nvrtc.compile_source(source(min_blocks, prefetch), "kivi_scores", q.device)
+        _KERNELS[key] = nvrtc.compile_source(source(min_blocks), "kivi_scores", q.device)
     _KERNELS[key](grid=(b * h, num_splits, 1), block=(32 * WARPS, 1, 1),
                   args=[k_codes, k_scale, k_zero, q, nq, scores, tile_max, float(sm_scale), int(capg), int(cap), int(h),
                         int(split_groups)])

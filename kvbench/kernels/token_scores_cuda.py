@@ -42,7 +42,6 @@ WARPS = 4
 TILE = 16  # tokens a product
 TILES = 2  # tiles a warp loads before computing (H100 sweep, ninth session: 2 at 8 programs an SM)
 SPLITS_PER_SM = 8
-PREFETCH = 1  # iterations ahead a warp prefetches into L2 (`PF`)
 STEP = TILE * WARPS  # splits are whole multiples of this (64 tokens)
 
 
@@ -93,19 +92,6 @@ _SOURCE = r"""
 #define NG __NG__  // key groups a row (128 / group size)
 #define U __U__    // 16-token tiles a warp loads before computing
 #define ROT __ROT__  // 1: rotate the query by the 128-point Hadamard first (quarot's stored keys are H k)
-#define PF __PF__  // iterations ahead a warp prefetches its tokens into L2 (0: none)
-
-// tokens k .. k + 16 U (clamped to end) into L2: their codes (32 bytes a token), and their scales and
-// zeros where a row's are contiguous (ks_t == NG); one lane an array
-__device__ __forceinline__ void prefetch_tokens(const uint2* kw, const unsigned short* ks, const unsigned short* kz,
-                                                long long row_tok, long long s_row, int ks_t, int k, int end,
-                                                int lane) {
-    const int n = min(16 * U, end - k);
-    if (lane < 3 && n > 0) {
-        if (lane == 0) prefetch_l2(kw + (row_tok + k) * 4, n * 32LL);
-        else if (ks_t == NG) prefetch_l2((lane == 1 ? ks : kz) + s_row + (long long)k * NG, n * 2LL * NG);
-    }
-}
 
 // the loads of U tiles: every load unconditional (token indices clamped to the last valid one:
 // what a clamped row yields is never stored) and kept raw (converting a loaded value right away
@@ -193,14 +179,8 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
     float* sr = scr + (long long)row * cap;
     // U tiles' loads first (kept raw), then their arithmetic
     KTile cur;
-    const long long s_row = (long long)b * ks_b + (long long)h * ks_h;
-#pragma unroll
-    for (int d = 1; d < PF; ++d)
-        prefetch_tokens(kw, ks, kz, (long long)row * cap, s_row, ks_t, start + 16 * U * (warp + 4 * d), end, lane);
     for (int k0 = start + 16 * U * warp; k0 < end; k0 += 16 * U * 4) {
         load_tiles(cur, k0, end, g, ks_t, kr, ksb, kzb);
-        // a later iteration's tokens into L2 while this one waits for its loads and computes
-        if (PF) prefetch_tokens(kw, ks, kz, (long long)row * cap, s_row, ks_t, k0 + 64 * U * PF, end, lane);
         const uint2* wa = cur.wa;
         const uint2* wb = cur.wb;
         const unsigned* sa = cur.sa;
@@ -248,11 +228,11 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
 _KERNELS: dict = {}
 
 
-def source(num_groups: int, tiles: int = TILES, rotate_q: bool = False, prefetch: int = PREFETCH) -> str:
+def source(num_groups: int, tiles: int = TILES, rotate_q: bool = False) -> str:
     if num_groups not in (1, 2, 4) or tiles not in (1, 2, 4, 8):
         raise ValueError("token_scores_cuda.source: groups a row must be 1, 2 or 4 and tiles 1, 2, 4 or 8")
     return PRELUDE + (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
-            .replace("__ROT__", str(int(rotate_q))).replace("__PF__", str(int(prefetch))))
+            .replace("__ROT__", str(int(rotate_q))))
 
 
 def _pairs_aligned(k_scale, k_zero, ng):
@@ -264,7 +244,7 @@ def _pairs_aligned(k_scale, k_zero, ng):
 
 
 def token_scores(q, k_codes, k_scale, k_zero, lengths, sm_scale, scores, *, group_size, split_len, num_splits,
-                 tile_max=None, tiles=TILES, rotate_q=False, prefetch=PREFETCH):
+                 tile_max=None, tiles=TILES, rotate_q=False):
     """Write scores [B, H, cap] fp32 (log2 domain: `sm_scale` includes log2 e) of q [B, H, 128] over
     per-token packed 2-bit keys with integer zero points, in splits of `split_len` tokens (a multiple
     of `STEP`), and each 16-token tile's maximum into `tile_max` [B, H, ceil(cap / 16)] fp32 (for
@@ -283,9 +263,9 @@ def token_scores(q, k_codes, k_scale, k_zero, lengths, sm_scale, scores, *, grou
     elif tile_max.shape != (b, h, -(-cap // 16)) or not tile_max.is_contiguous():
         raise ValueError("token_scores_cuda: tile_max must be a contiguous [B, H, ceil(cap / 16)] tensor")
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
-    key = (ng, tiles, bool(rotate_q), prefetch, str(q.device))
+    key = (ng, tiles, bool(rotate_q), str(q.device))
     if key not in _KERNELS:
-        _KERNELS[key] = nvrtc.compile_source(source(ng, tiles, rotate_q, prefetch), "token_scores", q.device)
+        _KERNELS[key] = nvrtc.compile_source(source(ng, tiles, rotate_q), "token_scores", q.device)
     _KERNELS[key](grid=(b * h, num_splits, 1), block=(32 * WARPS, 1, 1),
                   args=[k_codes, k_scale, k_zero, q, lengths, scores, tile_max, float(sm_scale), int(cap), int(h),
                         int(split_len), int(k_scale.stride(0)), int(k_scale.stride(1)), int(k_scale.stride(2))])

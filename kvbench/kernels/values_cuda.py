@@ -54,19 +54,6 @@ _SOURCE = r"""
 #define U __U__  // 16-token tiles a warp loads before it computes any of them
 #define ROT __ROT__  // 1: rotate the output by the 128-point Hadamard (values stored as H v)
 #define INTZ __INTZ__  // 1: integer zero points, (c - z) s; 0: the group minimum, c s + z
-#define PF __PF__  // iterations ahead each warp prefetches a quarter of its program's tokens into L2 (0: none)
-
-// tokens k .. k + 16 U (clamped to end) into L2: their codes (32 bytes a token), and their scales and
-// zeros where a row's are contiguous (vs_t == NG); one lane an array
-__device__ __forceinline__ void prefetch_tokens(const unsigned* vw, const unsigned short* vsb,
-                                                const unsigned short* vzb, long long row_tok, int vs_t, int k,
-                                                int end, int lane) {
-    const int n = min(16 * U, end - k);
-    if (lane < 3 && n > 0) {
-        if (lane == 0) prefetch_l2(vw + (row_tok + k) * 8, n * 32LL);
-        else if (vs_t == NG) prefetch_l2((lane == 1 ? vsb : vzb) + (long long)k * NG, n * 2LL * NG);
-    }
-}
 
 // the loads of U tiles, kept raw (token indices clamped to the last valid one: a clamped token's
 // weight is zero; converting a loaded value right away would wait for it there)
@@ -124,11 +111,6 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
     // maximum's scan; then their scores
     VTile cur;
     load_tiles(cur, start + 16 * warp, end, lane, t, sr, vsb, vzb, vs_t, wl, false);
-    // a program's iteration covers 64 U tokens (warp w's tiles at w 16 + 64 u); warp w prefetches
-    // the w-th quarter of a later iteration's, so the four cover it
-#pragma unroll
-    for (int d = 1; d < PF; ++d)
-        prefetch_tokens(vw, vsb, vzb, (long long)row * cap, vs_t, start + 64 * U * d + 16 * U * warp, end, lane);
     pdl_wait();
     load_scores(cur, start + 16 * warp, end, lane, sr);
     // the split's exact maximum: nothing is rescaled afterwards. From the key pass's 16-token tile
@@ -166,10 +148,6 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
     // loads go out after this one's arithmetic (loading them before it, double-buffered in registers,
     // measured no faster: fewer programs an SM; ninth session).
     for (int k0 = start + 16 * warp; k0 < end; k0 += 64 * U) {
-        // a later iteration's tokens into L2 while this one computes (its loads went out at the end of
-        // the last one; without this the memory idles through the products)
-        if (PF) prefetch_tokens(vw, vsb, vzb, (long long)row * cap, vs_t, k0 - 16 * warp + 64 * U * PF + 16 * U * warp,
-                                end, lane);
         const float* sc = cur.sc;
         unsigned short (*sv)[NG] = cur.sv;
         unsigned short (*zv)[NG] = cur.zv;
@@ -256,22 +234,19 @@ _KERNELS: dict = {}
 # best of the ninth session's sweep (docs/kernel-notes.md, results/gpu/nvidia-h100-80gb-hbm3/session9/).
 TILES = 4
 SPLITS_PER_SM = 4
-PREFETCH = 1  # iterations ahead (`PF`)
 
 
-def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, rotate_out: bool = False,
-           prefetch: int = PREFETCH) -> str:
+def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, rotate_out: bool = False) -> str:
     """The kernel's source for these compile-time choices (128 registers: four programs an SM)."""
     if tiles not in (1, 2, 4, 8) or num_groups not in (1, 2, 4):
         raise ValueError("values_cuda.source: tiles must be 1, 2, 4 or 8 and groups a row 1, 2 or 4")
     return PRELUDE + (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
-                      .replace("__INTZ__", str(int(integer_zero))).replace("__ROT__", str(int(rotate_out)))
-                      .replace("__PF__", str(int(prefetch))))
+                      .replace("__INTZ__", str(int(integer_zero))).replace("__ROT__", str(int(rotate_out))))
 
 
 def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size, integer_zero=True, max_len=None,
                        num_splits=None, splits_per_sm=SPLITS_PER_SM, tiles=TILES, tile_max=None, rotate_out=False,
-                       programmatic=True, prefetch=PREFETCH):
+                       programmatic=True):
     """`decode_mha.values_from_scores`'s contract on the tensor cores (shapes `supports` takes).
     `integer_zero=False`: zeros are the group minimum (KIVI's values: c s + z). `tile_max`: the
     maxima of the scores' 16-token tiles [B, H, ceil(cap / 16)] (`token_scores_cuda` writes them),
@@ -295,9 +270,9 @@ def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size,
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
     if tile_max is not None and (tile_max.shape != (b, h, -(-cap // 16)) or not tile_max.is_contiguous()):
         raise ValueError("values_cuda: tile_max must be a contiguous [B, H, ceil(cap / 16)] tensor")
-    key = (D // group_size, tiles, bool(integer_zero), bool(rotate_out), prefetch, str(scores.device))
+    key = (D // group_size, tiles, bool(integer_zero), bool(rotate_out), str(scores.device))
     if key not in _KERNELS:  # (keyed by the choices, not the source: every decode read asks)
-        _KERNELS[key] = nvrtc.compile_source(source(D // group_size, tiles, integer_zero, rotate_out, prefetch),
+        _KERNELS[key] = nvrtc.compile_source(source(D // group_size, tiles, integer_zero, rotate_out),
                                              "values_from_scores", scores.device)
     # a programmatic launch: its first loads overlap the key pass's last blocks (it waits for them
     # before reading the scores)

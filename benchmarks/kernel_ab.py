@@ -6,6 +6,7 @@ first variant's, bit for bit, at full and at ragged lengths.
     python benchmarks/kernel_ab.py rotatekv_scores --out ab.json [--baseline old.py] [--variants 2,2 3,3]
     python benchmarks/kernel_ab.py values --out ab.json --baseline old_values_cuda.py
     python benchmarks/kernel_ab.py kivi_scores --out ab.json --baseline old_kivi_scores_cuda.py
+    python benchmarks/kernel_ab.py token_scores --out ab.json --baseline old_token_scores_cuda.py
     python benchmarks/kernel_ab.py fp_partial --out ab.json --baseline old_fp_partial.py
 
 `--baseline` names a copy of an older module (`git show REV:kvbench/kernels/rotatekv_scores_cuda.py`,
@@ -16,7 +17,8 @@ counts or `auto` (the launcher's plan; the default), timed on the three value la
 reads use (RotateKV's groups of 128, quarot's of 64 rotated back, KIVI's of 32 with float zeros)
 and compared after merging the splits;
 for `kivi_scores`, `splits[,min_blocks]` (splits a row, each timed for the baseline too; its
-scores and 16-token tile maxima are compared); for `fp_partial` (the full-precision tokens' Triton
+scores and 16-token tile maxima are compared); for `token_scores` (quarot's layout), none (the
+baseline, then the shipped module); for `fp_partial` (the full-precision tokens' Triton
 kernel: KIVI's window, RotateKV's sinks), PROGRAMS_PER_SM values or `auto`.
 """
 
@@ -188,6 +190,40 @@ def kivi_scores(args):
     return compare(variants, outputs, args.rounds)
 
 
+def token_scores(args):
+    """The per-token key pass (rtn, quarot) in quarot's layout (groups of 64, query rotated in the
+    kernel): the baseline module, then the shipped one, each at its captured split plan; scores and
+    16-token tile maxima compared."""
+    if not args.baseline:
+        raise SystemExit("kernel_ab.py token_scores: --baseline (an older token_scores_cuda.py) is required")
+    from kvbench.kernels import token_scores_cuda
+
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    kc, ks, kz = checks._store(gen, B, HEADS, CAP, 128, 2, 64, dev)
+    q = torch.randn(B, HEADS, 128, generator=gen).half().to(dev)
+    scr = torch.empty(B, HEADS, CAP, device=dev)
+    tmax = torch.empty(B, HEADS, CAP // 16, device=dev)
+
+    def run_of(mod):
+        tiles = -(-CAP // mod.STEP)
+        ns = max(1, min(mod.SPLITS_PER_SM * torch.cuda.get_device_properties(0).multi_processor_count // (B * HEADS),
+                        tiles, 64))  # as `split_plan` sizes a captured grid
+        per = -(-tiles // ns)
+        return lambda lengths: mod.token_scores(q, kc, ks, kz, lengths, 128**-0.5 * 1.4426950408889634, scr,
+                                                group_size=64, split_len=per * mod.STEP, num_splits=-(-tiles // per),
+                                                tile_max=tmax, rotate_q=True)
+
+    def outputs(run, lengths):
+        scr.fill_(float("nan"))
+        tmax.fill_(float("nan"))
+        run(lengths)
+        return [torch.nan_to_num(scr.clone(), nan=0.0), torch.nan_to_num(tmax.clone(), nan=0.0)]
+
+    return compare([("baseline", run_of(_module(args.baseline, "baseline"))), ("shipped", run_of(token_scores_cuda))],
+                   outputs, args.rounds)
+
+
 def fp_partial(args):
     """The full-precision tokens' partial (`fp_partial.fp_partial_fused`) of KIVI-2's 160-slot ring
     window and RotateKV-2's 20 sinks at B8 x 32 heads: the baseline module, then the shipped one at
@@ -227,7 +263,7 @@ def fp_partial(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("kernel", choices=["rotatekv_scores", "values", "kivi_scores", "fp_partial"])
+    ap.add_argument("kernel", choices=["rotatekv_scores", "values", "kivi_scores", "token_scores", "fp_partial"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--baseline", default=None)
     ap.add_argument("--variants", nargs="+", default=None)
@@ -236,7 +272,7 @@ def main():
     ap.add_argument("--baseline-splits", type=int, default=2, help="kivi_scores: the baseline's splits a row")
     args = ap.parse_args()
     rows = {"rotatekv_scores": rotatekv_scores, "values": values, "kivi_scores": kivi_scores,
-            "fp_partial": fp_partial}[args.kernel](args)
+            "token_scores": token_scores, "fp_partial": fp_partial}[args.kernel](args)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "kernel": args.kernel, "variants": rows}, f, indent=1)
 

@@ -97,19 +97,24 @@ kivi_scores(const uint4* __restrict__ kc, const unsigned* __restrict__ ks, const
 #pragma unroll 1
         for (int jl = 0; jl < 4; ++jl) {
             const int j = 4 * jh + jl;
-            unsigned x0[8], x1[8];  // byte j of channels (2t, 2t + 1) and (2t + 8, 2t + 9), per chunk
             const unsigned sel = jl | ((4 + jl) << 8);
+            // the four planes' products as four independent accumulator chains, interleaved: with the
+            // stores between the planes' chains, ptxas had laid one of the two jh bodies out as
+            // one serial chain of 32 products (each waiting for the last)
+            float acc[4][4];
+#pragma unroll
+            for (int p = 0; p < 4; ++p) acc[p][0] = acc[p][1] = acc[p][2] = acc[p][3] = 0.f;
 #pragma unroll
             for (int kc = 0; kc < 8; ++kc) {
-                x0[kc] = prmt(u4w(c0[kc], jh), u4w(c0[kc], 2 + jh), sel);
-                x1[kc] = prmt(u4w(c1[kc], jh), u4w(c1[kc], 2 + jh), sel);
+                // byte j of channels (2t, 2t + 1) and (2t + 8, 2t + 9) of chunk kc
+                const unsigned x0 = prmt(u4w(c0[kc], jh), u4w(c0[kc], 2 + jh), sel);
+                const unsigned x1 = prmt(u4w(c1[kc], jh), u4w(c1[kc], 2 + jh), sel);
+#pragma unroll
+                for (int p = 0; p < 4; ++p) mma_acc(acc[p], a0[kc], a2[kc], plane(x0, p), plane(x1, p));
             }
 #pragma unroll
             for (int p = 0; p < 4; ++p) {
-                float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-                for (int kc = 0; kc < 8; ++kc) mma_acc(acc, a0[kc], a2[kc], plane(x0[kc], p), plane(x1[kc], p));
-                const float v = ((g & 1) ? acc[1] : acc[0]) + bias;
+                const float v = ((g & 1) ? acc[p][1] : acc[p][0]) + bias;
                 const float sc = v * sm_scale;
                 if (owner) {
                     sr[(long long)grp * 32 + 8 * p + j] = sc;

@@ -187,30 +187,24 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
         const unsigned* za = cur.za;
         const unsigned* sb = cur.sb;
         const unsigned* zb = cur.zb;
-        // the U tiles' products as U independent accumulator chains, interleaved (one tile's 8 products
-        // after another's were laid out as one serial chain, each waiting for the last)
-        float acc[U][4];
 #pragma unroll
-        for (int u = 0; u < U; ++u) acc[u][0] = acc[u][1] = acc[u][2] = acc[u][3] = 0.f;
+        for (int u = 0; u < U; ++u) {
+            // A = keys: rows g (token g) and g + 8, k = this lane's channels of product m
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int jb = 0; jb < 4; ++jb)
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                // A = keys: rows g (token g) and g + 8, k = this lane's channels of product m
+            for (int jb = 0; jb < 4; ++jb) {
                 const unsigned xa = prmt(wa[u].x, wa[u].y, jb | ((4 + jb) << 8));  // byte jb of words 2t, 2t + 1
                 const unsigned xb = prmt(wb[u].x, wb[u].y, jb | ((4 + jb) << 8));
 #pragma unroll
                 for (int hp = 0; hp < 2; ++hp)  // product m = 2 jb + hp: planes 2 hp (k < 8) and 2 hp + 1
-                    mma4(acc[u], plane(xa, 2 * hp), plane(xb, 2 * hp), plane(xa, 2 * hp + 1), plane(xb, 2 * hp + 1),
+                    mma4(acc, plane(xa, 2 * hp), plane(xb, 2 * hp), plane(xa, 2 * hp + 1), plane(xb, 2 * hp + 1),
                             b0[2 * jb + hp], b1[2 * jb + hp]);
             }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            // acc[u]: (token g, groups 2t, 2t + 1), (token g + 8, same groups)
-            float ra = lo2f(sa[u]) * (acc[u][0] - lo2f(za[u]) * q0), rb = lo2f(sb[u]) * (acc[u][2] - lo2f(zb[u]) * q0);
+            // acc: (token g, groups 2t, 2t + 1), (token g + 8, same groups)
+            float ra = lo2f(sa[u]) * (acc[0] - lo2f(za[u]) * q0), rb = lo2f(sb[u]) * (acc[2] - lo2f(zb[u]) * q0);
             if (NG >= 2) {
-                ra += hi2f(sa[u]) * (acc[u][1] - hi2f(za[u]) * q1);
-                rb += hi2f(sb[u]) * (acc[u][3] - hi2f(zb[u]) * q1);
+                ra += hi2f(sa[u]) * (acc[1] - hi2f(za[u]) * q1);
+                rb += hi2f(sb[u]) * (acc[3] - hi2f(zb[u]) * q1);
             }
             if (NG == 4) { ra += __shfl_xor_sync(0xffffffffu, ra, 1); rb += __shfl_xor_sync(0xffffffffu, rb, 1); }
             const int ta = k0 + 16 * u + g;

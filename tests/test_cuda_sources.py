@@ -25,8 +25,8 @@ DEFAULTS = [
 
 # the other choices each launcher can make: every group size and zero kind, tile counts, rotation
 VARIANTS = ([token_scores_cuda.source(ng, tiles, rot) for ng in (1, 2, 4) for tiles, rot in ((1, True), (4, False))]
-            + [values_cuda.source(ng, tiles, iz, rot) for ng in (1, 2, 4) for iz in (True, False)
-               for tiles, rot in ((1, True), (8, False))]
+            + [values_cuda.source(ng, tiles, iz, rot, vec) for ng in (1, 2, 4) for iz in (True, False)
+               for tiles, rot, vec in ((1, True, False), (8, False, True))]
             + [rotatekv_scores_cuda.source(nq, post_rope=p) for nq in (8, 64) for p in (False, True)]
             + [kivi_scores_cuda.source(m) for m in (1, 4)])
 

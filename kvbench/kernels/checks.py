@@ -405,16 +405,20 @@ def check_kivi_scores_cuda(device, results=None):
 def check_values_cuda(device, results=None):
     """The tensor-core values pass (`values_cuda`) against the float reference: softmax(2**scores)
     @ dequantized values, groups of 32, 64 and 128, integer and float zeros, several splits, lengths
-    off the 64-token step."""
+    off the 64-token step, and scales in rows not aligned to their size (one load a scale)."""
     from kvbench.kernels import values_cuda as vc
 
     results = [] if results is None else results
     gen = torch.Generator().manual_seed(6)
     b, h, cap = 4, 8, 700
     lengths = torch.tensor([700, 699, 311, 2], device=device)
-    for group, splits, int_zero in ((128, None, True), (64, None, True), (64, 3, True), (32, None, False),
-                                    (32, 2, True)):
+    for group, splits, int_zero, aligned in ((128, None, True, True), (64, None, True, True), (64, 3, True, True),
+                                             (32, None, False, True), (32, 2, True, True), (32, None, False, False),
+                                             (64, None, True, False)):
         vcodes, vscale, vzero = _store(gen, b, h, cap, 128, 2, group, device, float_zero=not int_zero)
+        if not aligned:  # the same values in rows of 128 / group + 1 halves: views whose rows are unaligned
+            ng = 128 // group
+            vscale, vzero = (torch.cat([x, x[..., :1]], -1)[..., :ng] for x in (vscale, vzero))
         scores = (torch.randn(b, h, cap, generator=gen) * 3).to(device)
         o, lse = vc.values_from_scores(scores, vcodes, vscale, vzero, lengths, group_size=group, num_splits=splits,
                                        integer_zero=int_zero)
@@ -425,8 +429,8 @@ def check_values_cuda(device, results=None):
         w = torch.softmax(ln, -1)
         r_out = (w[..., None] * v).sum(2)[:, :, None].float()
         r_lse = torch.logsumexp(ln, -1)[:, :, None].float()
-        _compare(f"values_cuda G={group} int_zero={int_zero} splits={splits or 'auto'}", o, lse, r_out, r_lse,
-                 results)
+        _compare(f"values_cuda G={group} int_zero={int_zero} splits={splits or 'auto'}"
+                 + ("" if aligned else " unaligned scale rows"), o, lse, r_out, r_lse, results)
     return results
 
 

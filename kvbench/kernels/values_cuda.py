@@ -54,14 +54,26 @@ _SOURCE = r"""
 #define U __U__  // 16-token tiles a warp loads before it computes any of them
 #define ROT __ROT__  // 1: rotate the output by the 128-point Hadamard (values stored as H v)
 #define INTZ __INTZ__  // 1: integer zero points, (c - z) s; 0: the group minimum, c s + z
+#define VEC __VEC__  // 1: a token's NG scales (and zeros) in one load (aligned rows); 0: one load each
+#define NW ((NG + 1) / 2)  // 32-bit words of a token's scales (one fp16 in the low half with NG = 1)
 
 // the loads of U tiles, kept raw (token indices clamped to the last valid one: a clamped token's
 // weight is zero; converting a loaded value right away would wait for it there)
 struct VTile {
     float sc[U];
-    unsigned short sv[U][NG], zv[U][NG];
+    unsigned sv[U][NW], zv[U][NW];  // scales and zeros as loaded: group i in half i % 2 of word i / 2
     unsigned w[U][4];
 };
+__device__ __forceinline__ float half_at(const unsigned* w, int i) { return (i & 1) ? hi2f(w[i >> 1]) : lo2f(w[i >> 1]); }
+// a token's NG fp16 values at p (aligned to 2 NG bytes with VEC) as NW words
+__device__ __forceinline__ void load_halves(unsigned* w, const unsigned short* p) {
+    if (VEC && NG == 4) { const uint2 x = *reinterpret_cast<const uint2*>(p); w[0] = x.x; w[NW - 1] = x.y; }
+    else if (VEC && NG == 2) w[0] = *reinterpret_cast<const unsigned*>(p);
+    else {
+#pragma unroll
+        for (int i = 0; i < NW; ++i) w[i] = (unsigned)p[2 * i] | (2 * i + 1 < NG ? (unsigned)p[2 * i + 1] << 16 : 0u);
+    }
+}
 __device__ __forceinline__ void load_scores(VTile& v, int k0, int end, int lane, const float* sr) {
 #pragma unroll
     for (int u = 0; u < U; ++u) v.sc[u] = sr[min(k0 + 64 * u + (lane & 15), end - 1)];
@@ -73,8 +85,8 @@ __device__ __forceinline__ void load_tiles(VTile& v, int k0, int end, int lane, 
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         const int tl = min(k0 + 64 * u + (lane & 15), end - 1), so = tl * vs_t;
-#pragma unroll
-        for (int i = 0; i < NG; ++i) { v.sv[u][i] = vsb[so + i]; v.zv[u][i] = vzb[so + i]; }
+        load_halves(v.sv[u], vsb + so);  // (one 64-bit load for KIVI's four groups: 2-byte loads left
+        load_halves(v.zv[u], vzb + so);  // a third of the pass's L2 sectors excessive, seventeenth session)
         const int r0 = k0 + 64 * u + 2 * t;
         v.w[u][0] = wl[8 * min(r0, end - 1)];
         v.w[u][1] = wl[8 * min(r0 + 1, end - 1)];
@@ -149,8 +161,8 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
     // measured no faster: fewer programs an SM; ninth session).
     for (int k0 = start + 16 * warp; k0 < end; k0 += 64 * U) {
         const float* sc = cur.sc;
-        unsigned short (*sv)[NG] = cur.sv;
-        unsigned short (*zv)[NG] = cur.zv;
+        unsigned (*sv)[NW] = cur.sv;
+        unsigned (*zv)[NW] = cur.zv;
         unsigned (*w)[4] = cur.w;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -160,8 +172,8 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
                 l += pt;
 #pragma unroll
                 for (int i = 0; i < NG; ++i) {
-                    unsigned short ah = f2h(pt * h2f(sv[u][i]));
-                    saz[i] += INTZ ? h2f(ah) * h2f(zv[u][i]) : pt * h2f(zv[u][i]);
+                    unsigned short ah = f2h(pt * half_at(sv[u], i));
+                    saz[i] += INTZ ? h2f(ah) * half_at(zv[u], i) : pt * half_at(zv[u], i);
                     aw[i / 2] |= (unsigned)ah << (16 * (i % 2));
                 }
             }
@@ -236,12 +248,20 @@ TILES = 4
 SPLITS_PER_SM = 4
 
 
-def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, rotate_out: bool = False) -> str:
-    """The kernel's source for these compile-time choices (128 registers: four programs an SM)."""
+def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, rotate_out: bool = False,
+           vector_scales: bool = True) -> str:
+    """The kernel's source for these compile-time choices (128 registers: four programs an SM).
+    `vector_scales`: a token's scales (and zeros) read in one load, for rows aligned to their size."""
     if tiles not in (1, 2, 4, 8) or num_groups not in (1, 2, 4):
         raise ValueError("values_cuda.source: tiles must be 1, 2, 4 or 8 and groups a row 1, 2 or 4")
     return PRELUDE + (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
-                      .replace("__INTZ__", str(int(integer_zero))).replace("__ROT__", str(int(rotate_out))))
+                      .replace("__INTZ__", str(int(integer_zero))).replace("__ROT__", str(int(rotate_out)))
+                      .replace("__VEC__", str(int(vector_scales))))
+
+
+def _rows_aligned(v_scale, v_zero, ng) -> bool:
+    """Whether every token's `ng` scales (and zeros) start on a multiple of their size (2 ng bytes)."""
+    return all(t.data_ptr() % (2 * ng) == 0 and all(st % ng == 0 for st in t.stride()[:-1]) for t in (v_scale, v_zero))
 
 
 def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size, integer_zero=True, max_len=None,
@@ -270,9 +290,10 @@ def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size,
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
     if tile_max is not None and (tile_max.shape != (b, h, -(-cap // 16)) or not tile_max.is_contiguous()):
         raise ValueError("values_cuda: tile_max must be a contiguous [B, H, ceil(cap / 16)] tensor")
-    key = (D // group_size, tiles, bool(integer_zero), bool(rotate_out), str(scores.device))
+    vec = _rows_aligned(v_scale, v_zero, D // group_size)
+    key = (D // group_size, tiles, bool(integer_zero), bool(rotate_out), vec, str(scores.device))
     if key not in _KERNELS:  # (keyed by the choices, not the source: every decode read asks)
-        _KERNELS[key] = nvrtc.compile_source(source(D // group_size, tiles, integer_zero, rotate_out),
+        _KERNELS[key] = nvrtc.compile_source(source(D // group_size, tiles, integer_zero, rotate_out, vec),
                                              "values_from_scores", scores.device)
     # a programmatic launch: its first loads overlap the key pass's last blocks (it waits for them
     # before reading the scores)

@@ -682,7 +682,9 @@ def decode_kivi(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scali
                                                num_splits=num_splits, **KIVI_MHA_LAUNCH)
     g = group_size
     pt = g * bits // 8
-    gt = groups_per_tile or max(1, 64 // pt)
+    # a tile of at least 16 tokens: its value product is a tl.dot with K = gt * pt, which triton
+    # before 3.8 refuses below 16 (2-bit groups of 16 at 2 groups a tile failed to compile on 3.6)
+    gt = max(groups_per_tile or max(1, 64 // pt), -(-16 // pt))
     total_groups = -(-(capt if max_len is None else max_len) // g)
     ns, nit = split_plan(total_groups, gt, b * hkv, q.device, num_splits=num_splits)
     o, lse = _out(q, ns)

@@ -72,10 +72,47 @@ def check_per_token(device, small=True, results=None):
         q = _query(gen, b, hkv * gq, d, device)
         o, lse = da.decode_per_token(q, *k, *v, lengths, d**-0.5, bits=bits, group_size=group,
                                      integer_zero=int_zero, num_splits=3 if small else None,
-                                     block_n=16 if small else 64, fold_offset=fold)
+                                     block_n=16 if small else 64, fold_offset=fold, mha=False)  # the tensor-core kernel
         ro, rl = ref.ref_decode_per_token(q.float(), *k, *v, lengths, d**-0.5, bits=bits, group_size=group,
                                           integer_zero=int_zero)
         _compare(f"per_token bits={bits} G={group} int_zero={int_zero} fold={fold}", o, lse, ro, rl, results)
+    return results
+
+
+def check_gqa_cuda(device, results=None):
+    """Grouped queries (2 and 4 query heads a KV head) through the one-query-a-row CUDA passes, as
+    `decode_per_token` and `decode_kivi` route them on a GPU: 2-bit per-token K/V in groups of 32,
+    64 and 128 (quarot's rotated storage too) and KIVI's, ragged lengths, against the float references."""
+    from kvbench.kernels import decode_mha_cuda
+
+    results = [] if results is None else results
+    gen = torch.Generator().manual_seed(11)
+    b, hkv, d, cap = 3, 4, 128, 777
+    lengths = torch.tensor([777, 700, 65], device=device)
+    for gq, group, hadamard in ((4, 64, False), (2, 32, False), (4, 128, False), (4, 64, True)):
+        k = _store(gen, b, hkv, cap, d, 2, group, device)
+        v = _store(gen, b, hkv, cap, d, 2, group, device)
+        q = _query(gen, b, hkv * gq, d, device)
+        if not decode_mha_cuda.use_cuda(None, q, k[1], v[1], 2, group, True, "check_gqa_cuda"):
+            continue  # (no CUDA device with NVRTC: nothing here takes these passes)
+        o, lse = da.decode_per_token(q, *k, *v, lengths, d**-0.5, bits=2, group_size=group, hadamard=hadamard)
+        def reference(qr, k=k, v=v, group=group):
+            return ref.ref_decode_per_token(qr.float(), *k, *v, lengths, d**-0.5, bits=2, group_size=group,
+                                            integer_zero=True)
+        # (quarot's stored K and V are rotated: the reference reads them with H q and rotates its output back)
+        ro, rl = da.hadamard_read(q, reference) if hadamard else reference(q)
+        _compare(f"grouped queries gq={gq} per_token G={group}" + (" quarot" if hadamard else ""), o, lse, ro, rl,
+                 results)
+    capg = 24
+    for gq in (2, 4):
+        kc, ks, kz, v = _kivi_store(gen, b, hkv, capg, d, 2, 32, device)
+        q = _query(gen, b, hkv * gq, d, device)
+        nq = torch.tensor([capg * 32, 11 * 32, 0], device=device)
+        if not da._kivi_cuda_fits(q, ks, v[0], v[1], d, 2, 32):
+            continue
+        o, lse = da.decode_kivi(q, kc, ks, kz, *v, nq, d**-0.5, bits=2, group_size=32)
+        ro, rl = ref.ref_decode_kivi(q.float(), kc, ks, kz, *v, nq, d**-0.5, bits=2, group_size=32)
+        _compare(f"grouped queries gq={gq} kivi G=32", o, lse, ro, rl, results)
     return results
 
 
@@ -179,7 +216,8 @@ def check_kivi(device, small=True, results=None):
         q = _query(gen, b, hkv * gq, d, device)
         nq = torch.tensor([capg * group, 2 * group] + [group] * (b - 2)).to(device)
         o, lse = da.decode_kivi(q, kc, ks, kz, *v, nq, d**-0.5, bits=bits, group_size=group,
-                                num_splits=2 if small else None, groups_per_tile=2 if small else None)
+                                num_splits=2 if small else None, groups_per_tile=2 if small else None,
+                                mha=False)  # the tensor-core kernel
         ro, rl = ref.ref_decode_kivi(q.float(), kc, ks, kz, *v, nq, d**-0.5, bits=bits, group_size=group)
         _compare(f"kivi bits={bits} G={group}", o, lse, ro, rl, results)
     return results
@@ -520,6 +558,7 @@ def run_all(device, small=True):
         check_values_cuda(device, results)
         check_token_scores_cuda(device, results)
         check_kivi_scores_cuda(device, results)
+        check_gqa_cuda(device, results)
     check_packed_caches(device, results)
     check_fp_partial(device, results)
     check_merge(device, results)

@@ -614,7 +614,8 @@ def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
     """Partial attention (o [B, Hq, S, D] fp32, lse [B, Hq, S]) of q [B, Hq, D] over per-token
     packed K/V (`decode_per_token` layout in the module docstring); slots [0, lengths[b]).
     One query head per KV head goes to `decode_mha` (its CUDA passes or Triton kernel; `mha=False`
-    forces the tensor-core kernel here), which takes its own launch settings. `hadamard`: K and V
+    forces the tensor-core kernel here), which takes its own launch settings; grouped queries go to
+    the same CUDA passes where they fit (`decode_mha_cuda`), else to the tensor-core kernel here. `hadamard`: K and V
     were stored rotated by the head_dim-point Hadamard (quarot): q is rotated before the read and
     the partials after it (in `decode_mha`'s CUDA kernels where they run)."""
     _require_triton()
@@ -628,6 +629,16 @@ def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
                                                scaling, bits=bits, group_size=group_size, integer_zero=integer_zero,
                                                max_len=max_len, num_splits=num_splits, hadamard=hadamard,
                                                **MHA_LAUNCH)
+    from kvbench.kernels import decode_mha_cuda
+
+    if mha is None and gq > 1 and decode_mha_cuda.use_cuda(None, q, k_scale, v_scale, bits, group_size, integer_zero,
+                                                            "decode_per_token"):
+        # grouped queries through the one-query-a-row CUDA passes, each query head its own row over its
+        # KV head's bytes (read once from memory, again from L2): on a Llama-3-8B shape the tensor-core
+        # kernel below made quarot-2's decode step slower than fp16's (seventeenth session)
+        return decode_mha_cuda.decode_per_token_mha_cuda(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+                                                         lengths, scaling, group_size=group_size, max_len=max_len,
+                                                         num_splits=num_splits, hadamard=hadamard)
     if hadamard:
         return hadamard_read(q, lambda qr: decode_per_token(
             qr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, bits=bits, group_size=group_size,
@@ -664,6 +675,15 @@ ROTATEKV_MHA_LAUNCH = dict(block_n=16, num_warps=4, splits_per_sm=4)
 KIVI_MHA_LAUNCH = dict(block_n=64, num_warps=2, splits_per_sm=8)
 
 
+def _kivi_cuda_fits(q, k_scale, v_codes, v_scale, d, bits, group_size) -> bool:
+    """Whether KIVI's two CUDA passes (`kivi_scores_cuda`, `values_cuda`) take this read here."""
+    from kvbench.kernels import kivi_scores_cuda, nvrtc, values_cuda
+
+    return (kivi_scores_cuda.supports(1, d, bits, group_size) and values_cuda.supports(d, bits, group_size)
+            and q.is_cuda and not interpreting() and k_scale.dtype == torch.float16
+            and v_scale.dtype == torch.float16 and v_codes.is_contiguous() and nvrtc.available())
+
+
 def decode_kivi(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling, *, bits, group_size,
                 max_len=None, num_splits=None, groups_per_tile=None, num_warps=4, num_stages=2, mha=None):
     """Partial attention over KIVI's quantized tokens [0, nq[b]) (nq multiple of group_size).
@@ -680,6 +700,13 @@ def decode_kivi(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scali
         return decode_kivi_mha.decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling,
                                                bits=bits, group_size=group_size, max_len=max_len,
                                                num_splits=num_splits, **KIVI_MHA_LAUNCH)
+    if mha is None and gq > 1 and _kivi_cuda_fits(q, k_scale, v_codes, v_scale, d, bits, group_size):
+        # grouped queries through the CUDA passes, one row a query head over its KV head's bytes (the
+        # tensor-core kernel below made kivi-2's step on a Llama-3-8B shape slower than fp16's)
+        return decode_kivi_mha.decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling,
+                                               bits=bits, group_size=group_size, max_len=max_len,
+                                               num_splits=num_splits, scores_impl="cuda", values_impl="cuda",
+                                               **KIVI_MHA_LAUNCH)
     g = group_size
     pt = g * bits // 8
     # a tile of at least 16 tokens: its value product is a tl.dot with K = gt * pt, which triton

@@ -126,7 +126,7 @@ def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, s
                     max_len=None, num_splits=None, groups_per_tile=None, block_n=64, num_warps=4, splits_per_sm=4,
                     values_impl=None, scores_impl=None):
     """Partials over KIVI's quantized tokens [0, nq[b]) for q [B, H, D] (one query head per KV
-    head); the layouts of `decode_attention.decode_kivi`. `values_impl`: "cuda" (this kernel's key
+    head; grouped queries through the CUDA passes only); the layouts of `decode_attention.decode_kivi`. `values_impl`: "cuda" (this kernel's key
     pass, then `values_cuda` on the tensor cores: 2-bit values of 128 channels), "triton" (both
     passes in this kernel) or None: "cuda" where it fits and NVRTC works (H100, B8 x 8192: 0.143
     against 0.151 ms with the codes-as-A values pass; ninth session). `scores_impl`: "cuda" (the
@@ -140,7 +140,7 @@ def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, s
     hkv, capg = k_codes.shape[1], k_codes.shape[2]
     capt = v_codes.shape[2]
     g = group_size
-    if hq != hkv or not supports(1, d, bits, g):
+    if hq % hkv or not supports(1, d, bits, g):
         raise ValueError(f"decode_kivi_mha: unsupported shape (heads {hq}/{hkv}, D {d}, bits {bits}, group {g})")
     wk = g * bits // 32
     # one word position of a group per KEY_LANES threads: GT groups fill the program's threads
@@ -162,11 +162,15 @@ def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, s
     if scores_impl == "cuda" and not scores_fit:
         raise ValueError("decode_kivi_mha: the CUDA key pass needs 2-bit keys in groups of 32 tokens, 128 channels, "
                          "fp16 scales, the CUDA values pass and a CUDA device")
+    if hq != hkv and not (scores_fit and scores_impl != "triton"):
+        raise ValueError(f"decode_kivi_mha: grouped queries (heads {hq}/{hkv}) need the CUDA passes (2-bit keys in "
+                         "groups of 32 tokens, 128 channels, fp16 scales, a CUDA device with NVRTC)")
     if scores_fit and scores_impl != "triton":
-        scores = torch.empty(b, hkv, capt, dtype=torch.float32, device=q.device)
-        tile_max = torch.empty(b, hkv, -(-capt // 16), dtype=torch.float32, device=q.device)
+        # one row a query head (grouped queries: query head h reads KV head h // (hq / hkv))
+        scores = torch.empty(b, hq, capt, dtype=torch.float32, device=q.device)
+        tile_max = torch.empty(b, hq, -(-capt // 16), dtype=torch.float32, device=q.device)
         step = kivi_scores_cuda.WARPS * kivi_scores_cuda.GROUPS_PER_WARP  # groups a program takes an iteration
-        ns_k, nit_k = split_plan(total_groups, step, b * hkv, q.device, per_sm=kivi_scores_cuda.SPLITS_PER_SM,
+        ns_k, nit_k = split_plan(total_groups, step, b * hq, q.device, per_sm=kivi_scores_cuda.SPLITS_PER_SM,
                                  num_splits=num_splits)
         kivi_scores_cuda.kivi_scores(q, k_codes, k_scale, k_zero, nq, scaling * LOG2E, scores, tile_max,
                                      split_groups=nit_k * step, num_splits=ns_k)

@@ -61,10 +61,11 @@ _SOURCE = r"""
 extern "C" __global__ void __launch_bounds__(128, MINB)
 kivi_scores(const uint4* __restrict__ kc, const unsigned* __restrict__ ks, const unsigned* __restrict__ kz,
             const unsigned* __restrict__ q, const long long* __restrict__ nq, float* __restrict__ scr,
-            float* __restrict__ tmax, double sm_scale_d, int capg, int cap, int H, int split_groups) {
+            float* __restrict__ tmax, double sm_scale_d, int capg, int cap, int H, int gq, int split_groups) {
     pdl_launch_dependents();  // the values pass may launch now: it waits for this grid's scores
     const float sm_scale = (float)sm_scale_d;  // (the launcher passes Python floats as doubles)
-    const int row = blockIdx.x, b = row / H;
+    // row = query head b H + h; its keys are KV row row / gq (gq query heads a KV head)
+    const int row = blockIdx.x, b = row / H, krow = row / gq;
     const int ngroups = (int)(nq[b] / 32);
     const int gstart = blockIdx.y * split_groups;
     const int gend = min(gstart + split_groups, ngroups);
@@ -84,7 +85,7 @@ kivi_scores(const uint4* __restrict__ kc, const unsigned* __restrict__ ks, const
     float* wsc = s_sc[warp];
     for (int g0 = gstart + 8 * warp; g0 < gend; g0 += 8 * 4) {
         const int grp = min(g0 + g, gend - 1);  // (a clamped group's scores are not stored)
-        const long long gi = (long long)row * capg + grp;
+        const long long gi = (long long)krow * capg + grp;
         const uint4* kg = kc + gi * 64;           // 128 channels x 8 bytes = 64 16-byte channel pairs
         const unsigned* sg = ks + gi * 64;        // fp16 pairs
         const unsigned* zg = kz + gi * 64;
@@ -164,9 +165,12 @@ def kivi_scores(q, k_codes, k_scale, k_zero, nq, sm_scale, scores, tile_max, *, 
                 min_blocks=MIN_BLOCKS):
     """Write KIVI's scores [B, H, cap] fp32 (log2 domain) for tokens below nq[b] and each 16-token
     tile's maximum into `tile_max` [B, H, ceil(cap / 16)], for q [B, H, 128] over k_codes
-    [B, H, capg, 128, 8] (2 bits, groups of 32) with fp16 k_scale/k_zero [B, H, capg, 128]."""
+    [B, Hkv, capg, 128, 8] (2 bits, groups of 32) with fp16 k_scale/k_zero [B, Hkv, capg, 128]; query
+    head h reads KV head h // (H / Hkv)."""
     b, h, cap = scores.shape
-    capg = k_codes.shape[2]
+    hkv, capg = k_codes.shape[1], k_codes.shape[2]
+    if h % hkv:
+        raise ValueError("kivi_scores_cuda: query heads must be a multiple of the KV heads")
     if k_codes.shape[-2:] != (D, G * 2 // 8) or k_scale.dtype != torch.float16 or k_zero.dtype != torch.float16:
         raise ValueError("kivi_scores_cuda: needs 2-bit codes in groups of 32 tokens, 128 channels, fp16 scales")
     k_codes, k_scale, k_zero = k_codes.contiguous(), k_scale.contiguous(), k_zero.contiguous()
@@ -177,7 +181,7 @@ def kivi_scores(q, k_codes, k_scale, k_zero, nq, sm_scale, scores, tile_max, *, 
         _KERNELS[key] = nvrtc.compile_source(source(min_blocks), "kivi_scores", q.device)
     _KERNELS[key](grid=(b * h, num_splits, 1), block=(32 * WARPS, 1, 1),
                   args=[k_codes, k_scale, k_zero, q, nq, scores, tile_max, float(sm_scale), int(capg), int(cap), int(h),
-                        int(split_groups)])
+                        int(h // hkv), int(split_groups)])
     return scores
 
 

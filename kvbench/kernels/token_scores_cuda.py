@@ -122,11 +122,13 @@ extern "C" __global__ void __launch_bounds__(128)
 token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks,
              const unsigned short* __restrict__ kz, const unsigned short* __restrict__ q,
              const long long* __restrict__ len, float* __restrict__ scr, float* __restrict__ tmax,
-             double sm_scale_d, int cap, int H, int split_len, int ks_b, int ks_h, int ks_t) {
+             double sm_scale_d, int cap, int H, int gq, int split_len, int ks_b, int ks_h, int ks_t) {
     pdl_launch_dependents();  // the values pass may launch now: it waits for this grid's scores
     const int tiles_cap = (cap + 15) / 16;
     const float sm_scale = (float)sm_scale_d;  // (the launcher passes Python floats as doubles)
-    const int row = blockIdx.x, b = row / H, h = row % H;
+    // row = query head b H + h; with grouped queries (gq query heads a KV head) its keys are KV row
+    // row / gq: the gq programs of a KV head read the same bytes, the later ones mostly from L2
+    const int row = blockIdx.x, b = row / H, h = row % H, krow = row / gq;
     const int start = blockIdx.y * split_len;
     const int end = min(start + split_len, (int)len[b]);
     if (start >= end) return;  // (scores past a row's length are never read)
@@ -172,10 +174,10 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
     const int gp = NG >= 2 ? 2 * (t % (NG / 2)) : 0;
     const float q0 = __shfl_sync(0xffffffffu, qsl, gp * 32 / NG);
     const float q1 = NG >= 2 ? __shfl_sync(0xffffffffu, qsl, ((gp + 1) * 32 / NG) & 31) : 0.f;
-    const long long sbase = (long long)b * ks_b + (long long)h * ks_h + gp;
+    const long long sbase = (long long)b * ks_b + (long long)(h / gq) * ks_h + gp;
     const unsigned short* ksb = ks + sbase;
     const unsigned short* kzb = kz + sbase;
-    const uint2* kr = kw + (long long)row * cap * 4 + t;  // token n: kr[4 n] = its words 2t, 2t + 1
+    const uint2* kr = kw + (long long)krow * cap * 4 + t;  // token n: kr[4 n] = its words 2t, 2t + 1
     float* sr = scr + (long long)row * cap;
     // U tiles' loads first (kept raw), then their arithmetic
     KTile cur;
@@ -249,13 +251,16 @@ def token_scores(q, k_codes, k_scale, k_zero, lengths, sm_scale, scores, *, grou
     per-token packed 2-bit keys with integer zero points, in splits of `split_len` tokens (a multiple
     of `STEP`), and each 16-token tile's maximum into `tile_max` [B, H, ceil(cap / 16)] fp32 (for
     `values_cuda.values_from_scores`; a scratch tensor is used if None). `rotate_q`: q is unrotated
-    and the keys were stored Hadamard-rotated (quarot): the kernel applies H_128 / sqrt(128) to q."""
+    and the keys were stored Hadamard-rotated (quarot): the kernel applies H_128 / sqrt(128) to q.
+    Grouped queries: H query heads over k_codes' H / gq KV heads (query head h reads KV head h // gq)."""
     b, h, cap = scores.shape
+    hkv = k_codes.shape[1]
     if split_len % STEP or not k_codes.is_contiguous() or k_codes.shape[-1] != D // 4 \
             or k_scale.dtype != torch.float16 or k_zero.stride() != k_scale.stride() or not _pairs_aligned(
-                k_scale, k_zero, D // group_size):
+                k_scale, k_zero, D // group_size) or h % hkv or k_scale.shape[1] != hkv:
         raise ValueError("token_scores_cuda: needs contiguous 2-bit rows of 128 channels, fp16 scales and zeros "
-                         "laid out alike (a token's groups adjacent), splits a multiple of 64 tokens")
+                         "laid out alike (a token's groups adjacent), splits a multiple of 64 tokens, query heads "
+                         "a multiple of the KV heads")
     ng = D // group_size
     q = q.half().contiguous()  # (the kernel builds its operands from q: `query_operand`, `group_sums`)
     if tile_max is None:
@@ -268,7 +273,7 @@ def token_scores(q, k_codes, k_scale, k_zero, lengths, sm_scale, scores, *, grou
         _KERNELS[key] = nvrtc.compile_source(source(ng, tiles, rotate_q), "token_scores", q.device)
     _KERNELS[key](grid=(b * h, num_splits, 1), block=(32 * WARPS, 1, 1),
                   args=[k_codes, k_scale, k_zero, q, lengths, scores, tile_max, float(sm_scale), int(cap), int(h),
-                        int(split_len), int(k_scale.stride(0)), int(k_scale.stride(1)), int(k_scale.stride(2))])
+                        int(h // hkv), int(split_len), int(k_scale.stride(0)), int(k_scale.stride(1)), int(k_scale.stride(2))])
     return scores
 
 

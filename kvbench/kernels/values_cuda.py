@@ -104,10 +104,11 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
                    const unsigned short* __restrict__ vs, const unsigned short* __restrict__ vz,
                    const long long* __restrict__ len, const float* __restrict__ tmax, int has_tmax,
                    float* __restrict__ o, float* __restrict__ lse,
-                   int cap, int H, int split_len, int ns, int vs_b, int vs_h, int vs_t) {
+                   int cap, int H, int gq, int split_len, int ns, int vs_b, int vs_h, int vs_t) {
     __shared__ float s_part[4][128 + 4];
     __shared__ float s_max[4];
-    const int row = blockIdx.x, b = row / H, h = row % H, split = blockIdx.y;
+    // row = query head b H + h; its values are KV row row / gq (gq query heads a KV head)
+    const int row = blockIdx.x, b = row / H, h = row % H, split = blockIdx.y, krow = row / gq;
     const int start = split * split_len;
     const int end = min(start + split_len, (int)len[b]);
     float* orow = o + ((long long)row * ns + split) * 128;
@@ -118,10 +119,10 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const float* sr = scr + (long long)row * cap;
-    const unsigned short* vsb = vs + (long long)b * vs_b + (long long)h * vs_h;
-    const unsigned short* vzb = vz + (long long)b * vs_b + (long long)h * vs_h;
+    const unsigned short* vsb = vs + (long long)b * vs_b + (long long)(h / gq) * vs_h;
+    const unsigned short* vzb = vz + (long long)b * vs_b + (long long)(h / gq) * vs_h;
     // this lane's word g of tokens k0 + 2t (+1, +8, +9): a base pointer and constant offsets
-    const unsigned* wl = vw + (long long)row * cap * 8 + g;
+    const unsigned* wl = vw + (long long)krow * cap * 8 + g;
     // the first U tiles' codes and scales go out before the key pass's results are waited for
     // (programmatic launch: this grid may start while the key pass finishes) and before the
     // maximum's scan; then their scores
@@ -278,14 +279,16 @@ def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size,
     stored Hadamard-rotated (quarot): each partial output is rotated back (H_128 / sqrt(128)).
     `programmatic`: launched to overlap the end of the kernel before it on the stream (the key pass
     that wrote `scores`; `nvrtc.launch`), which is safe after any kernel: it waits for that kernel's
-    writes before reading the scores and maxima."""
+    writes before reading the scores and maxima. Grouped queries: scores of H query heads over
+    v_codes' H / gq KV heads (query head h reads KV head h // gq)."""
     from kvbench.kernels.decode_attention import split_plan
 
     b, h, cap = scores.shape
+    hkv = v_codes.shape[1]
     if v_codes.shape[-1] != D * 2 // 8 or not v_codes.is_contiguous() or v_scale.dtype != torch.float16 \
-            or v_zero.stride() != v_scale.stride() or v_scale.stride(-1) != 1:
+            or v_zero.stride() != v_scale.stride() or v_scale.stride(-1) != 1 or h % hkv or v_scale.shape[1] != hkv:
         raise ValueError("values_cuda: needs contiguous 2-bit rows of 128 channels, fp16 scales and zeros laid "
-                         "out alike")
+                         "out alike, query heads a multiple of the KV heads")
     max_len = cap if max_len is None else max_len
     # splits in whole 64-token steps (a program's four warps cover any such range in tiles of 16)
     ns, nit = split_plan(max_len, STEP, b * h, scores.device, per_sm=splits_per_sm, num_splits=num_splits)
@@ -303,7 +306,7 @@ def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size,
     # before reading the scores)
     nvrtc.launch(_KERNELS[key], (b * h, ns, 1), (32 * WARPS, 1, 1),
                  [scores.contiguous(), v_codes, v_scale, v_zero, lengths, scores if tile_max is None else tile_max,
-                  int(tile_max is not None), o, lse, int(cap), int(h), int(nit * STEP), int(ns),
+                  int(tile_max is not None), o, lse, int(cap), int(h), int(h // hkv), int(nit * STEP), int(ns),
                   int(v_scale.stride(0)), int(v_scale.stride(1)), int(v_scale.stride(2))], programmatic=programmatic)
     return o, lse
 

@@ -1,5 +1,5 @@
-"""Decode attention over per-token packed K/V (rtn, quarot) for one query head per KV head, in two
-hand-laid CUDA passes on the tensor cores: `token_scores_cuda` writes the scores (4 bytes a token,
+"""Decode attention over per-token packed K/V (rtn, quarot), one query head a row (with grouped
+queries each row reads its KV head's bytes), in two hand-laid CUDA passes on the tensor cores: `token_scores_cuda` writes the scores (4 bytes a token,
 L2-resident), `values_cuda` reads the values with each split's exact maximum.
 
 Same contract as `decode_mha.decode_per_token_mha` (partials o [B, H, S, D] fp32, lse [B, H, S]);
@@ -28,7 +28,8 @@ def fits(q, k_scale, v_scale, bits: int, group_size: int, integer_zero: bool) ->
 def decode_per_token_mha_cuda(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, scaling, *,
                               group_size, max_len=None, num_splits=None, splits_per_sm=None,
                               k_scale_heads_last=False, hadamard=False):
-    """Partials of q [B, H, 128] over per-token packed 2-bit K/V (the `decode_mha` layouts).
+    """Partials of q [B, H, 128] over per-token packed 2-bit K/V (the `decode_mha` layouts) of H / gq
+    KV heads (query head h reads KV head h // gq).
     `k_scale_heads_last`: key scales/zeros are [B, 1, cap, H] (one group a head). `splits_per_sm`:
     None takes each pass's own (measured) setting, else both passes take it. `hadamard`: K and V were
     stored rotated by the 128-point Hadamard (quarot): q is rotated in the key pass's prologue and

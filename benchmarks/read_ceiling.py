@@ -4,8 +4,8 @@ The kernel targets are stated against the device-to-device copy bandwidth (`gpu_
 2 GiB read plus written). A decode read of one layer moves 84-220 MB in 30-110 us, where a
 kernel's start and its last wave cost a larger share than in a 1.4 ms copy. This times the
 simplest kernel that reads N bytes (16-byte loads, several in flight a thread, XOR-reduced, nothing
-written) over a sweep of grids and with or without a 256-byte L2 fetch hint, at each size the suite's reads move, within a CUDA graph of 20
-calls like `kernels_gpu.py`. The best configuration at a size is the most any read of that many
+written) over a sweep of grids and with or without a 256-byte L2 fetch hint, at each size the
+suite's reads move, within a CUDA graph of 20 calls like `kernels_gpu.py`. The best configuration at a size is the most any read of that many
 bytes can be expected to reach here; each pass's figure can be set against it.
 
     python benchmarks/read_ceiling.py --out read_ceiling.json
@@ -30,7 +30,8 @@ _SOURCE = r"""
 #if __HINT__  // a 256-byte L2 fetch for each 16-byte load (ld.global.nc.L2::256B)
 __device__ __forceinline__ uint4 LOAD(const uint4* a) {
     uint4 v;
-    asm volatile("ld.global.nc.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(a));
+    asm volatile("ld.global.nc.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(a));
     return v;
 }
 #else

@@ -615,9 +615,9 @@ def decode_per_token(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, leng
     packed K/V (`decode_per_token` layout in the module docstring); slots [0, lengths[b]).
     One query head per KV head goes to `decode_mha` (its CUDA passes or Triton kernel; `mha=False`
     forces the tensor-core kernel here), which takes its own launch settings; grouped queries go to
-    the same CUDA passes where they fit (`decode_mha_cuda`), else to the tensor-core kernel here. `hadamard`: K and V
-    were stored rotated by the head_dim-point Hadamard (quarot): q is rotated before the read and
-    the partials after it (in `decode_mha`'s CUDA kernels where they run)."""
+    the same CUDA passes where they fit (`decode_mha_cuda`), else to the tensor-core kernel here.
+    `hadamard`: K and V were stored rotated by the head_dim-point Hadamard (quarot): q is rotated
+    before the read and the partials after it (in `decode_mha`'s CUDA kernels where they run)."""
     _require_triton()
     b, hq, d = q.shape
     hkv, cap = k_codes.shape[1], k_codes.shape[2]

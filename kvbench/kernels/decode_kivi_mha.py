@@ -126,8 +126,8 @@ def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, s
                     max_len=None, num_splits=None, groups_per_tile=None, block_n=64, num_warps=4, splits_per_sm=4,
                     values_impl=None, scores_impl=None):
     """Partials over KIVI's quantized tokens [0, nq[b]) for q [B, H, D] (one query head per KV
-    head; grouped queries through the CUDA passes only); the layouts of `decode_attention.decode_kivi`. `values_impl`: "cuda" (this kernel's key
-    pass, then `values_cuda` on the tensor cores: 2-bit values of 128 channels), "triton" (both
+    head; grouped queries through the CUDA passes only); the layouts of
+    `decode_attention.decode_kivi`. `values_impl`: "cuda" (this kernel's key pass, then `values_cuda` on the tensor cores: 2-bit values of 128 channels), "triton" (both
     passes in this kernel) or None: "cuda" where it fits and NVRTC works (H100, B8 x 8192: 0.143
     against 0.151 ms with the codes-as-A values pass; ninth session). `scores_impl`: "cuda" (the
     key pass on the tensor cores, `kivi_scores_cuda`: groups of 32 at 2 bits, with the CUDA values

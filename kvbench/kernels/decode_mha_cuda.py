@@ -1,6 +1,7 @@
 """Decode attention over per-token packed K/V (rtn, quarot), one query head a row (with grouped
-queries each row reads its KV head's bytes), in two hand-laid CUDA passes on the tensor cores: `token_scores_cuda` writes the scores (4 bytes a token,
-L2-resident), `values_cuda` reads the values with each split's exact maximum.
+queries each row reads its KV head's bytes), in two hand-laid CUDA passes on the tensor cores:
+`token_scores_cuda` writes the scores (4 bytes a token, L2-resident), `values_cuda` reads the
+values with each split's exact maximum.
 
 Same contract as `decode_mha.decode_per_token_mha` (partials o [B, H, S, D] fp32, lse [B, H, S]);
 `fits` says which calls it takes (2-bit codes of 128 channels, integer zero points, fp16 scales,

@@ -273,7 +273,8 @@ def token_scores(q, k_codes, k_scale, k_zero, lengths, sm_scale, scores, *, grou
         _KERNELS[key] = nvrtc.compile_source(source(ng, tiles, rotate_q), "token_scores", q.device)
     _KERNELS[key](grid=(b * h, num_splits, 1), block=(32 * WARPS, 1, 1),
                   args=[k_codes, k_scale, k_zero, q, lengths, scores, tile_max, float(sm_scale), int(cap), int(h),
-                        int(h // hkv), int(split_len), int(k_scale.stride(0)), int(k_scale.stride(1)), int(k_scale.stride(2))])
+                        int(h // hkv), int(split_len), int(k_scale.stride(0)), int(k_scale.stride(1)),
+                        int(k_scale.stride(2))])
     return scores
 
 

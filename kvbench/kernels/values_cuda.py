@@ -68,7 +68,9 @@ struct VTile {
     unsigned sv[U][NW], zv[U][NW];  // scales and zeros as loaded: group i in half i % 2 of word i / 2
     unsigned w[U][4];
 };
-__device__ __forceinline__ float half_at(const unsigned* w, int i) { return (i & 1) ? hi2f(w[i >> 1]) : lo2f(w[i >> 1]); }
+__device__ __forceinline__ float half_at(const unsigned* w, int i) {
+    return (i & 1) ? hi2f(w[i >> 1]) : lo2f(w[i >> 1]);
+}
 // a token's NG fp16 values at p (aligned to 2 NG bytes with VEC) as NW words
 __device__ __forceinline__ void load_halves(unsigned* w, const unsigned short* p) {
     if (VEC && NG == 4) { const uint2 x = *reinterpret_cast<const uint2*>(p); w[0] = x.x; w[NW - 1] = x.y; }

@@ -3,7 +3,7 @@
 #   scripts/gpu_suite.sh [all|a|b|c|d]   results and logs under $OUT (default /tmp/kvbench-gpu)
 # a: set-up, peak memory, decode latency, peer rows, max batch + throughput (fp16, rotatekv-2)
 # b: SmolLM2 packed-vs-simulated perplexity (needs the GGUF, see below), max batch + throughput
-#    (quarot-2, kivi-2)
+#    (quarot-2, kivi-2), peak memory and decode step on a grouped-query model (about 80 s)
 # c: kernel correctness checks and timings (benchmarks/kernels_gpu.py; the checks alone take
 #    about 280 s on an H100), then the CUDA passes' launch sweep (benchmarks/two_pass_cuda_sweep.py,
 #    about 90 s, when the part's time allows)
@@ -89,6 +89,9 @@ part_b() {
   step "max batch + throughput at max batch: quarot-2, kivi-2"
   timeout $(left 150) python3 -m kvbench.cli run benchmarks/gpu.yaml --output $RUN --only max-batch quarot-2 kivi-2
   cp $RUN/results.jsonl "$OUT/results_b.jsonl" 2>/dev/null
+  step "a grouped-query model: peak memory and decode step on a Llama-3-8B shape (benchmarks/gpu_llama3.yaml)"
+  timeout $(left 120) python3 -m kvbench.cli run benchmarks/gpu_llama3.yaml --output /tmp/kvrun-llama3
+  cp /tmp/kvrun-llama3/results.jsonl "$OUT/results_llama3.jsonl" 2>/dev/null
 }
 
 part_d() {

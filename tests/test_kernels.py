@@ -114,6 +114,38 @@ def test_decode_write_arguments_are_checked_before_any_launch():
         quantize_pack_grouped(rot, gid, **kw, slot_positions=torch.zeros(b, 8, dtype=torch.long))
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_grouped_queries_route_to_the_cuda_passes_where_they_fit(monkeypatch):
+    # On a GPU, grouped queries take the one-query-a-row CUDA passes (per-token and KIVI reads)
+    # instead of the tensor-core kernels, which were slower than fp16 on a Llama-3-8B shape. Here the
+    # "fits" answers are forced and the passes replaced by recorders: the routing alone, on CPU.
+    from kvbench.kernels import decode_attention as da
+    from kvbench.kernels import decode_kivi_mha, decode_mha_cuda
+
+    calls = []
+    monkeypatch.setattr(decode_mha_cuda, "use_cuda", lambda *a, **k: True)
+    monkeypatch.setattr(decode_mha_cuda, "decode_per_token_mha_cuda",
+                        lambda q, *a, **k: calls.append(("per_token", q.shape[1], k["hadamard"])) or "cuda")
+    monkeypatch.setattr(da, "_kivi_cuda_fits", lambda *a: True)
+    monkeypatch.setattr(decode_kivi_mha, "decode_kivi_mha",
+                        lambda q, *a, **k: calls.append(("kivi", q.shape[1], k["scores_impl"], k["values_impl"])) or "cuda")
+    b, hkv, gq, d, cap = 1, 2, 4, 128, 64
+    q = torch.zeros(b, hkv * gq, d, dtype=torch.float16)
+    k = (torch.zeros(b, hkv, cap, d // 4, dtype=torch.uint8), torch.ones(b, hkv, cap, 2, dtype=torch.float16),
+         torch.zeros(b, hkv, cap, 2, dtype=torch.float16))
+    n = torch.full((b,), cap)
+    assert da.decode_per_token(q, *k, *k, n, d**-0.5, bits=2, group_size=64, hadamard=True) == "cuda"
+    kc = torch.zeros(b, hkv, cap // 32, d, 8, dtype=torch.uint8)
+    ks = torch.ones(b, hkv, cap // 32, d, dtype=torch.float16)
+    assert da.decode_kivi(q, kc, ks, ks, *k, n, d**-0.5, bits=2, group_size=32) == "cuda"
+    assert calls == [("per_token", hkv * gq, True), ("kivi", hkv * gq, "cuda", "cuda")]
+    # mha=False still forces the tensor-core kernel (the GPU checks use it to keep that kernel covered)
+    monkeypatch.setattr(da, "_decode_per_token_fast_kernel", {(b * hkv, 1): lambda *a, **k: calls.append("tc")})
+    calls.clear()
+    da.decode_per_token(q, *k, *k, n, d**-0.5, bits=2, group_size=64, mha=False, num_splits=1)
+    assert calls == ["tc"]
+
+
 def test_side_stream_is_off_on_cpu():
     from kvbench.kernels import side_stream
 

@@ -45,7 +45,10 @@ def decode_per_token_mha_cuda(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
     scores = torch.empty(b, h, cap, dtype=torch.float32, device=q.device)
     tile_max = torch.empty(b, h, -(-cap // 16), dtype=torch.float32, device=q.device)  # the values pass's maxima
     step = token_scores_cuda.STEP
-    ns, nit = split_plan(max_len, step, b * h, q.device, per_sm=splits_per_sm or token_scores_cuda.SPLITS_PER_SM,
+    gq = h // k_codes.shape[1]
+    # the key pass's programs: one a query head, or one a KV head where its query heads share the codes
+    programs = b * h // (gq if token_scores_cuda.shares_kv_rows(gq, 128 // group_size) else 1)
+    ns, nit = split_plan(max_len, step, programs, q.device, per_sm=splits_per_sm or token_scores_cuda.SPLITS_PER_SM,
                          num_splits=num_splits)
     token_scores_cuda.token_scores(q, k_codes, k_scale, k_zero, lengths, scaling * LOG2E, scores,
                                    group_size=group_size, split_len=nit * step, num_splits=ns, tile_max=tile_max,

@@ -92,6 +92,7 @@ _SOURCE = r"""
 #define NG __NG__  // key groups a row (128 / group size)
 #define U __U__    // 16-token tiles a warp loads before computing
 #define ROT __ROT__  // 1: rotate the query by the 128-point Hadamard first (quarot's stored keys are H k)
+#define GQ __GQ__  // query heads a program takes over one KV row (1: one query head a program)
 
 // the loads of U tiles: every load unconditional (token indices clamped to the last valid one:
 // what a clamped row yields is never stored) and kept raw (converting a loaded value right away
@@ -126,9 +127,13 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
     pdl_launch_dependents();  // the values pass may launch now: it waits for this grid's scores
     const int tiles_cap = (cap + 15) / 16;
     const float sm_scale = (float)sm_scale_d;  // (the launcher passes Python floats as doubles)
-    // row = query head b H + h; with grouped queries (gq query heads a KV head) its keys are KV row
-    // row / gq: the gq programs of a KV head read the same bytes, the later ones mostly from L2
-    const int row = blockIdx.x, b = row / H, h = row % H, krow = row / gq;
+    // GQ == 1: row = query head b H + h, its keys KV row row / gq (grouped queries: the gq programs of
+    // a KV head read the same bytes, the later ones mostly from L2). GQ > 1: row = KV row, and its GQ
+    // query heads share every loaded code: the products' columns are (query head, key group) pairs.
+    const int row = blockIdx.x, hkv = H / gq;
+    const int b = GQ > 1 ? row / hkv : row / H;
+    const int kvh = GQ > 1 ? row % hkv : row % H / gq, krow = GQ > 1 ? row : row / gq;
+    const long long qrow0 = GQ > 1 ? (long long)b * H + (long long)kvh * GQ : row;  // the first query head's row
     const int start = blockIdx.y * split_len;
     const int end = min(start + split_len, (int)len[b]);
     if (start >= end) return;  // (scores past a row's length are never read)
@@ -138,19 +143,24 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
     // (i = 4 e + jb < 8) of each plane p: one 16-byte load a plane, zero where plane p is not in
     // group g (a plane's 32 channels lie in one group).
 #if ROT  // the caller's q is unrotated: H_128 q / sqrt(128) here, in fp32, rounded to fp16 as the host did
-    __shared__ __align__(16) unsigned short s_qh[128];
+    __shared__ __align__(16) unsigned short s_qh[GQ][128];
     __shared__ float s_w[128];
-    s_qh[threadIdx.x] = f2h(wht128(s_w, h2f(q[(long long)row * 128 + threadIdx.x])) * 0.08838834764831845f);
+#pragma unroll
+    for (int j = 0; j < GQ; ++j)
+        s_qh[j][threadIdx.x] = f2h(wht128(s_w, h2f(q[(qrow0 + j) * 128 + threadIdx.x])) * 0.08838834764831845f);
     __syncthreads();
-    const unsigned short* qrow = s_qh;
+#define QROW(j) (&s_qh[j][0])
 #else
-    const unsigned short* qrow = q + (long long)row * 128;
+#define QROW(j) (q + (qrow0 + (j)) * 128)
 #endif
+    // column g = (query head g / NG, group g % NG) for g < GQ NG (GQ = 1: column g = group g)
+    const unsigned short* qcol = QROW(min(g / NG, GQ - 1));
     uint4 qv[4];
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
         const int pg = p * NG / 4;  // the group of plane p
-        qv[p] = (g < NG && pg == g) ? *reinterpret_cast<const uint4*>(qrow + 32 * p + 8 * t) : make_uint4(0u, 0u, 0u, 0u);
+        qv[p] = (g < GQ * NG && pg == g % NG) ? *reinterpret_cast<const uint4*>(qcol + 32 * p + 8 * t)
+                                               : make_uint4(0u, 0u, 0u, 0u);
     }
     unsigned b0[8], b1[8];
 #pragma unroll
@@ -162,23 +172,28 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
     }
     // the groups' query sums (fp16 entries summed in fp32): lane L sums channels 4 L .. 4 L + 3
     // (group 4 L / G), the lanes of a group reduce, then each lane takes the two groups it finishes
-    float qsl;
-    {
-        const uint2 x = *reinterpret_cast<const uint2*>(qrow + 4 * lane);
-        qsl = (lo2f(x.x) + hi2f(x.x)) + (lo2f(x.y) + hi2f(x.y));
+    // D columns 2t, 2t + 1 are groups 2t, 2t + 1: lane t (< NG / 2, or 0) finishes them (GQ > 1: the
+    // columns of query head t with two groups, of heads 2t and 2t + 1 with one). Its scale and zero
+    // pair (one 32-bit load each; one half-word with one group) and the columns' query sums:
+    const int gp = NG >= 2 ? 2 * (t % (NG / 2)) : 0;
+    float q0 = 0.f, q1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < GQ; ++j) {
+        const uint2 x = *reinterpret_cast<const uint2*>(QROW(j) + 4 * lane);
+        float qsl = (lo2f(x.x) + hi2f(x.x)) + (lo2f(x.y) + hi2f(x.y));
 #pragma unroll
         for (int s = 1; s < 32 / NG; s <<= 1) qsl += __shfl_xor_sync(0xffffffffu, qsl, s);
+        const float s0 = __shfl_sync(0xffffffffu, qsl, gp * 32 / NG);
+        const float s1 = NG >= 2 ? __shfl_sync(0xffffffffu, qsl, ((gp + 1) * 32 / NG) & 31) : 0.f;
+        if (GQ == 1) { q0 = s0; q1 = s1; }
+        else if (NG == 2) { if (t == j) { q0 = s0; q1 = s1; } }
+        else { if (2 * t == j) q0 = s0; if (2 * t + 1 == j) q1 = s0; }  // NG == 1: one head a column
     }
-    // D columns 2t, 2t + 1 are groups 2t, 2t + 1: lane t (< NG / 2, or 0) finishes them. Its scale and
-    // zero pair (one 32-bit load each; one half-word with one group) and the groups' query sums:
-    const int gp = NG >= 2 ? 2 * (t % (NG / 2)) : 0;
-    const float q0 = __shfl_sync(0xffffffffu, qsl, gp * 32 / NG);
-    const float q1 = NG >= 2 ? __shfl_sync(0xffffffffu, qsl, ((gp + 1) * 32 / NG) & 31) : 0.f;
-    const long long sbase = (long long)b * ks_b + (long long)(h / gq) * ks_h + gp;
+    const long long sbase = (long long)b * ks_b + (long long)kvh * ks_h + gp;
     const unsigned short* ksb = ks + sbase;
     const unsigned short* kzb = kz + sbase;
     const uint2* kr = kw + (long long)krow * cap * 4 + t;  // token n: kr[4 n] = its words 2t, 2t + 1
-    float* sr = scr + (long long)row * cap;
+    float* sr = scr + qrow0 * cap;
     // U tiles' loads first (kept raw), then their arithmetic
     KTile cur;
     for (int k0 = start + 16 * U * warp; k0 < end; k0 += 16 * U * 4) {
@@ -202,9 +217,14 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
                     mma4(acc, plane(xa, 2 * hp), plane(xb, 2 * hp), plane(xa, 2 * hp + 1), plane(xb, 2 * hp + 1),
                             b0[2 * jb + hp], b1[2 * jb + hp]);
             }
-            // acc: (token g, groups 2t, 2t + 1), (token g + 8, same groups)
+            // acc: (token g, groups 2t, 2t + 1), (token g + 8, same groups); GQ > 1 with one group:
+            // (token g, heads 2t, 2t + 1), (token g + 8, same heads): ra, rb and ra2, rb2
             float ra = lo2f(sa[u]) * (acc[0] - lo2f(za[u]) * q0), rb = lo2f(sb[u]) * (acc[2] - lo2f(zb[u]) * q0);
-            if (NG >= 2) {
+            float ra2 = 0.f, rb2 = 0.f;
+            if (GQ > 1 && NG == 1) {
+                ra2 = lo2f(sa[u]) * (acc[1] - lo2f(za[u]) * q1);
+                rb2 = lo2f(sb[u]) * (acc[3] - lo2f(zb[u]) * q1);
+            } else if (NG >= 2) {
                 ra += hi2f(sa[u]) * (acc[1] - hi2f(za[u]) * q1);
                 rb += hi2f(sb[u]) * (acc[3] - hi2f(zb[u]) * q1);
             }
@@ -212,16 +232,35 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
             const int ta = k0 + 16 * u + g;
             ra *= sm_scale;
             rb *= sm_scale;
-            if (t == 0) {
-                if (ta < end) sr[ta] = ra;
-                if (ta + 8 < end) sr[ta + 8] = rb;
+            ra2 *= sm_scale;
+            rb2 *= sm_scale;
+            // lane t stores query head j's scores: j = 0 (GQ = 1, lane t = 0), t (two groups), 2t and
+            // 2t + 1 (one group)
+            const int j0 = GQ == 1 ? 0 : (NG == 2 ? t : 2 * t);
+            if (GQ == 1 ? t == 0 : j0 < GQ) {
+                float* s = sr + (long long)j0 * cap;
+                if (ta < end) s[ta] = ra;
+                if (ta + 8 < end) s[ta + 8] = rb;
+            }
+            if (GQ > 1 && NG == 1 && j0 + 1 < GQ) {
+                float* s = sr + (long long)(j0 + 1) * cap;
+                if (ta < end) s[ta] = ra2;
+                if (ta + 8 < end) s[ta + 8] = rb2;
             }
             // the tile's maximum (16 tokens), for the values pass: no scan of the scores there
             float mx = fmaxf(ta < end ? ra : -1e30f, ta + 8 < end ? rb : -1e30f);
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-            if (lane == 0 && k0 + 16 * u < end) tmax[(long long)row * tiles_cap + (k0 + 16 * u) / 16] = mx;
+            const long long tile = (k0 + 16 * u) / 16;
+            if (g == 0 && k0 + 16 * u < end && (GQ == 1 ? t == 0 : j0 < GQ)) tmax[(qrow0 + j0) * tiles_cap + tile] = mx;
+            if (GQ > 1 && NG == 1) {
+                float mx2 = fmaxf(ta < end ? ra2 : -1e30f, ta + 8 < end ? rb2 : -1e30f);
+                mx2 = fmaxf(mx2, __shfl_xor_sync(0xffffffffu, mx2, 4));
+                mx2 = fmaxf(mx2, __shfl_xor_sync(0xffffffffu, mx2, 8));
+                mx2 = fmaxf(mx2, __shfl_xor_sync(0xffffffffu, mx2, 16));
+                if (g == 0 && k0 + 16 * u < end && j0 + 1 < GQ) tmax[(qrow0 + j0 + 1) * tiles_cap + tile] = mx2;
+            }
         }
     }
 }
@@ -230,11 +269,24 @@ token_scores(const uint2* __restrict__ kw, const unsigned short* __restrict__ ks
 _KERNELS: dict = {}
 
 
-def source(num_groups: int, tiles: int = TILES, rotate_q: bool = False) -> str:
+def source(num_groups: int, tiles: int = TILES, rotate_q: bool = False, shared_heads: int = 1) -> str:
+    """`shared_heads` > 1: each program takes that many query heads over one KV row (`shares_kv_rows`)."""
     if num_groups not in (1, 2, 4) or tiles not in (1, 2, 4, 8):
         raise ValueError("token_scores_cuda.source: groups a row must be 1, 2 or 4 and tiles 1, 2, 4 or 8")
+    if shared_heads > 1 and not shares_kv_rows(shared_heads, num_groups):
+        raise ValueError("token_scores_cuda.source: shared heads need one or two groups a row and at most 8 columns")
     return PRELUDE + (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
-            .replace("__ROT__", str(int(rotate_q))))
+            .replace("__ROT__", str(int(rotate_q))).replace("__GQ__", str(int(shared_heads))))
+
+
+#: grouped queries share each KV row's codes in one program (the products' columns are (query head,
+#: group) pairs) where they fit in the 8 columns; else each query head is its own program.
+SHARE_KV_ROWS = True
+
+
+def shares_kv_rows(gq: int, num_groups: int) -> bool:
+    """Whether `gq` query heads a KV head take one program a KV row (GQ > 1 in the source)."""
+    return SHARE_KV_ROWS and gq > 1 and num_groups <= 2 and gq * num_groups <= 8
 
 
 def _pairs_aligned(k_scale, k_zero, ng):
@@ -268,10 +320,12 @@ def token_scores(q, k_codes, k_scale, k_zero, lengths, sm_scale, scores, *, grou
     elif tile_max.shape != (b, h, -(-cap // 16)) or not tile_max.is_contiguous():
         raise ValueError("token_scores_cuda: tile_max must be a contiguous [B, H, ceil(cap / 16)] tensor")
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
-    key = (ng, tiles, bool(rotate_q), str(q.device))
+    gq = h // hkv
+    shared = gq if shares_kv_rows(gq, ng) else 1
+    key = (ng, tiles, bool(rotate_q), shared, str(q.device))
     if key not in _KERNELS:
-        _KERNELS[key] = nvrtc.compile_source(source(ng, tiles, rotate_q), "token_scores", q.device)
-    _KERNELS[key](grid=(b * h, num_splits, 1), block=(32 * WARPS, 1, 1),
+        _KERNELS[key] = nvrtc.compile_source(source(ng, tiles, rotate_q, shared), "token_scores", q.device)
+    _KERNELS[key](grid=(b * h // shared, num_splits, 1), block=(32 * WARPS, 1, 1),
                   args=[k_codes, k_scale, k_zero, q, lengths, scores, tile_max, float(sm_scale), int(cap), int(h),
                         int(h // hkv), int(split_len), int(k_scale.stride(0)), int(k_scale.stride(1)),
                         int(k_scale.stride(2))])

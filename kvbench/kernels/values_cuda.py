@@ -60,11 +60,13 @@ _SOURCE = r"""
 #define INTZ __INTZ__  // 1: integer zero points, (c - z) s; 0: the group minimum, c s + z
 #define VEC __VEC__  // 1: a token's NG scales (and zeros) in one load (aligned rows); 0: one load each
 #define NW ((NG + 1) / 2)  // 32-bit words of a token's scales (one fp16 in the low half with NG = 1)
+#define GQS __GQS__  // query heads a program takes over one KV row (1: one query head a program)
+#define CW ((GQS * NG + 1) / 2)  // 32-bit words of a token's weights: column n = (head n / NG, group n % NG)
 
 // the loads of U tiles, kept raw (token indices clamped to the last valid one: a clamped token's
 // weight is zero; converting a loaded value right away would wait for it there)
 struct VTile {
-    float sc[U];
+    float sc[U][GQS];
     unsigned sv[U][NW], zv[U][NW];  // scales and zeros as loaded: group i in half i % 2 of word i / 2
     unsigned w[U][4];
 };
@@ -80,14 +82,17 @@ __device__ __forceinline__ void load_halves(unsigned* w, const unsigned short* p
         for (int i = 0; i < NW; ++i) w[i] = (unsigned)p[2 * i] | (2 * i + 1 < NG ? (unsigned)p[2 * i + 1] << 16 : 0u);
     }
 }
-__device__ __forceinline__ void load_scores(VTile& v, int k0, int end, int lane, const float* sr) {
+// the scores of the program's GQS query heads: rows sr + j cap
+__device__ __forceinline__ void load_scores(VTile& v, int k0, int end, int lane, const float* sr, int cap) {
 #pragma unroll
-    for (int u = 0; u < U; ++u) v.sc[u] = sr[min(k0 + 64 * u + (lane & 15), end - 1)];
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int j = 0; j < GQS; ++j) v.sc[u][j] = sr[(long long)j * cap + min(k0 + 64 * u + (lane & 15), end - 1)];
 }
-__device__ __forceinline__ void load_tiles(VTile& v, int k0, int end, int lane, int t, const float* sr,
+__device__ __forceinline__ void load_tiles(VTile& v, int k0, int end, int lane, int t, const float* sr, int cap,
                                            const unsigned short* vsb, const unsigned short* vzb, int vs_t,
                                            const unsigned* wl, bool scores = true) {
-    if (scores) load_scores(v, k0, end, lane, sr);
+    if (scores) load_scores(v, k0, end, lane, sr, cap);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         const int tl = min(k0 + 64 * u + (lane & 15), end - 1), so = tl * vs_t;
@@ -107,47 +112,60 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
                    const long long* __restrict__ len, const float* __restrict__ tmax, int has_tmax,
                    float* __restrict__ o, float* __restrict__ lse,
                    int cap, int H, int gq, int split_len, int ns, int vs_b, int vs_h, int vs_t) {
-    __shared__ float s_part[4][128 + 4];
-    __shared__ float s_max[4];
-    // row = query head b H + h; its values are KV row row / gq (gq query heads a KV head)
-    const int row = blockIdx.x, b = row / H, h = row % H, split = blockIdx.y, krow = row / gq;
+    __shared__ float s_part[4][GQS][128 + 4];
+    __shared__ float s_max[4][GQS];
+    // GQS == 1: row = query head b H + h, its values KV row row / gq (grouped queries: the gq programs
+    // of a KV head read the same bytes). GQS > 1: row = KV row, and its GQS query heads share every
+    // loaded code: the weights' columns are (query head, group) pairs.
+    const int row = blockIdx.x, split = blockIdx.y, hkv = H / gq;
+    const int b = GQS > 1 ? row / hkv : row / H;
+    const int kvh = GQS > 1 ? row % hkv : row % H / gq, krow = GQS > 1 ? row : row / gq;
+    const long long qrow0 = GQS > 1 ? (long long)b * H + (long long)kvh * GQS : row;  // the first query head's row
     const int start = split * split_len;
     const int end = min(start + split_len, (int)len[b]);
-    float* orow = o + ((long long)row * ns + split) * 128;
     if (start >= end) {  // an empty split: nothing to weigh
-        orow[threadIdx.x] = 0.f;
-        if (threadIdx.x == 0) lse[(long long)row * ns + split] = __int_as_float(0xff800000);
+#pragma unroll
+        for (int j = 0; j < GQS; ++j) {
+            o[((qrow0 + j) * ns + split) * 128 + threadIdx.x] = 0.f;
+            if (threadIdx.x == 0) lse[(qrow0 + j) * ns + split] = __int_as_float(0xff800000);
+        }
         return;
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const float* sr = scr + (long long)row * cap;
-    const unsigned short* vsb = vs + (long long)b * vs_b + (long long)(h / gq) * vs_h;
-    const unsigned short* vzb = vz + (long long)b * vs_b + (long long)(h / gq) * vs_h;
+    const float* sr = scr + qrow0 * cap;
+    const unsigned short* vsb = vs + (long long)b * vs_b + (long long)kvh * vs_h;
+    const unsigned short* vzb = vz + (long long)b * vs_b + (long long)kvh * vs_h;
     // this lane's word g of tokens k0 + 2t (+1, +8, +9): a base pointer and constant offsets
     const unsigned* wl = vw + (long long)krow * cap * 8 + g;
     // the first U tiles' codes and scales go out before the key pass's results are waited for
     // (programmatic launch: this grid may start while the key pass finishes) and before the
     // maximum's scan; then their scores
     VTile cur;
-    load_tiles(cur, start + 16 * warp, end, lane, t, sr, vsb, vzb, vs_t, wl, false);
+    load_tiles(cur, start + 16 * warp, end, lane, t, sr, cap, vsb, vzb, vs_t, wl, false);
     pdl_wait();
-    load_scores(cur, start + 16 * warp, end, lane, sr);
+    load_scores(cur, start + 16 * warp, end, lane, sr, cap);
     // the split's exact maximum: nothing is rescaled afterwards. From the key pass's 16-token tile
     // maxima where it wrote them (a split starts on a tile), else a scan of the scores (unrolled:
     // several loads in flight)
-    float m = -1e30f;
-    if (has_tmax) {
-        const float* mr = tmax + (long long)row * ((cap + 15) / 16);
-        for (int i = start / 16 + threadIdx.x; i < (end + 15) / 16; i += 128) m = fmaxf(m, mr[i]);
-    } else {
-#pragma unroll 8
-        for (int i = start + threadIdx.x; i < end; i += 128) m = fmaxf(m, sr[i]);
-    }
+    float m[GQS];  // each query head's
 #pragma unroll
-    for (int s = 16; s > 0; s >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, s));
-    if (lane == 0) s_max[warp] = m;
+    for (int j = 0; j < GQS; ++j) {
+        float mj = -1e30f;
+        if (has_tmax) {
+            const float* mr = tmax + (qrow0 + j) * ((cap + 15) / 16);
+            for (int i = start / 16 + threadIdx.x; i < (end + 15) / 16; i += 128) mj = fmaxf(mj, mr[i]);
+        } else {
+            const float* sj = sr + (long long)j * cap;
+#pragma unroll 8
+            for (int i = start + threadIdx.x; i < end; i += 128) mj = fmaxf(mj, sj[i]);
+        }
+#pragma unroll
+        for (int s = 16; s > 0; s >>= 1) mj = fmaxf(mj, __shfl_xor_sync(0xffffffffu, mj, s));
+        if (lane == 0) s_max[warp][j] = mj;
+    }
     __syncthreads();
-    m = fmaxf(fmaxf(s_max[0], s_max[1]), fmaxf(s_max[2], s_max[3]));
+#pragma unroll
+    for (int j = 0; j < GQS; ++j) m[j] = fmaxf(fmaxf(s_max[0][j], s_max[1][j]), fmaxf(s_max[2][j], s_max[3][j]));
 
     // lane L < 16 weighs token k0 + L: p = 2**(s - max), A = fp16(p s) of each group (packed), and
     // sums p and the zero-point term; the A fragments then come from these lanes by shuffles
@@ -158,42 +176,53 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
         for (int hp = 0; hp < 2; ++hp)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[jb][hp][r] = 0.f;
-    float l = 0.f, saz[NG];
+    float l[GQS], saz[GQS][NG];
 #pragma unroll
-    for (int i = 0; i < NG; ++i) saz[i] = 0.f;
+    for (int j = 0; j < GQS; ++j) {
+        l[j] = 0.f;
+#pragma unroll
+        for (int i = 0; i < NG; ++i) saz[j][i] = 0.f;
+    }
     // A warp takes U tiles of 16 tokens an iteration (tile u at k0 + 64 u): every load of the U
     // tiles is issued before any arithmetic, so U times the bytes are in flight (one tile at a
     // time left this pass waiting on memory at a third of the copy bandwidth). The next iteration's
     // loads go out after this one's arithmetic (loading them before it, double-buffered in registers,
     // measured no faster: fewer programs an SM; ninth session).
     for (int k0 = start + 16 * warp; k0 < end; k0 += 64 * U) {
-        const float* sc = cur.sc;
+        float (*sc)[GQS] = cur.sc;
         unsigned (*sv)[NW] = cur.sv;
         unsigned (*zv)[NW] = cur.zv;
         unsigned (*w)[4] = cur.w;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            unsigned aw[2] = {0u, 0u};  // fp16 weights of groups (0, 1) and (2, 3)
-            if (lane < 16 && k0 + 64 * u + lane < end) {
-                float pt = exp2f(sc[u] - m);
-                l += pt;
+            unsigned aw[CW];  // fp16 weights of columns (0, 1), (2, 3), ...: column n = (head n / NG, group n % NG)
 #pragma unroll
-                for (int i = 0; i < NG; ++i) {
-                    unsigned short ah = f2h(pt * half_at(sv[u], i));
-                    saz[i] += INTZ ? h2f(ah) * half_at(zv[u], i) : pt * half_at(zv[u], i);
-                    aw[i / 2] |= (unsigned)ah << (16 * (i % 2));
+            for (int w2 = 0; w2 < CW; ++w2) aw[w2] = 0u;
+            if (lane < 16 && k0 + 64 * u + lane < end) {
+#pragma unroll
+                for (int j = 0; j < GQS; ++j) {
+                    float pt = exp2f(sc[u][j] - m[j]);
+                    l[j] += pt;
+#pragma unroll
+                    for (int i = 0; i < NG; ++i) {
+                        unsigned short ah = f2h(pt * half_at(sv[u], i));
+                        saz[j][i] += INTZ ? h2f(ah) * half_at(zv[u], i) : pt * half_at(zv[u], i);
+                        aw[(j * NG + i) / 2] |= (unsigned)ah << (16 * ((j * NG + i) % 2));
+                    }
                 }
             }
             unsigned x0 = __shfl_sync(0xffffffffu, aw[0], 2 * t), x1 = __shfl_sync(0xffffffffu, aw[0], 2 * t + 1);
             unsigned x2 = __shfl_sync(0xffffffffu, aw[0], 2 * t + 8), x3 = __shfl_sync(0xffffffffu, aw[0], 2 * t + 9);
-            if (NG == 4) {  // columns 2, 3 take the second word
-                unsigned y0 = __shfl_sync(0xffffffffu, aw[1], 2 * t), y1 = __shfl_sync(0xffffffffu, aw[1], 2 * t + 1);
-                unsigned y2 = __shfl_sync(0xffffffffu, aw[1], 2 * t + 8), y3 = __shfl_sync(0xffffffffu, aw[1], 2 * t + 9);
-                if (g >= 2) { x0 = y0; x1 = y1; x2 = y2; x3 = y3; }
+#pragma unroll
+            for (int w2 = 1; w2 < CW; ++w2) {  // columns 2 w2, 2 w2 + 1 take word w2
+                unsigned y0 = __shfl_sync(0xffffffffu, aw[w2], 2 * t), y1 = __shfl_sync(0xffffffffu, aw[w2], 2 * t + 1);
+                unsigned y2 = __shfl_sync(0xffffffffu, aw[w2], 2 * t + 8), y3 = __shfl_sync(0xffffffffu, aw[w2], 2 * t + 9);
+                if (g / 2 == w2) { x0 = y0; x1 = y1; x2 = y2; x3 = y3; }
             }
-            // B (16 tokens x 8 columns): column n < NG holds group n's weights (lane g: column g)
+            // B (16 tokens x 8 columns): column n < GQS NG holds (head n / NG, group n % NG)'s weights
+            // (lane g: column g)
             unsigned wb0 = 0u, wb1 = 0u;
-            if (g < NG) {
+            if (g < GQS * NG) {
                 const unsigned selg = (g & 1) ? 0x7632u : 0x5410u;
                 wb0 = prmt(x0, x1, selg);  // tokens 2t, 2t + 1
                 wb1 = prmt(x2, x3, selg);  // tokens 2t + 8, 2t + 9
@@ -209,39 +238,53 @@ values_from_scores(const float* __restrict__ scr, const unsigned* __restrict__ v
                     mma4(acc[jb][hp], plane(lo, hp), plane(lo, hp + 2), plane(hi, hp), plane(hi, hp + 2), wb0, wb1);
             }
         }
-        if (k0 + 64 * U < end) load_tiles(cur, k0 + 64 * U, end, lane, t, sr, vsb, vzb, vs_t, wl);
+        if (k0 + 64 * U < end) load_tiles(cur, k0 + 64 * U, end, lane, t, sr, cap, vsb, vzb, vs_t, wl);
     }
     // sums over the token lanes (all 32: lanes up to 29 apply the zero terms)
 #pragma unroll
-    for (int s = 1; s < 32; s <<= 1) {
-        l += __shfl_xor_sync(0xffffffffu, l, s);
+    for (int s = 1; s < 32; s <<= 1)
 #pragma unroll
-        for (int i = 0; i < NG; ++i) saz[i] += __shfl_xor_sync(0xffffffffu, saz[i], s);
-    }
+        for (int j = 0; j < GQS; ++j) {
+            l[j] += __shfl_xor_sync(0xffffffffu, l[j], s);
+#pragma unroll
+            for (int i = 0; i < NG; ++i) saz[j][i] += __shfl_xor_sync(0xffffffffu, saz[j][i], s);
+        }
     // D row r of product (jb, hp) is channel 32 p + 4 g + jb (p = hp, or hp + 2 for r = g + 8); its
-    // group's column col = p NG / 4 sits in lane t = col / 2, entry 2 (r >= 8) + col % 2
+    // group i = p NG / 4, and head j's column col = j NG + i sits in lane t = col / 2, entry
+    // 2 (r >= 8) + col % 2
 #pragma unroll
     for (int jb = 0; jb < 4; ++jb)
 #pragma unroll
         for (int hp = 0; hp < 2; ++hp)
 #pragma unroll
-            for (int rh = 0; rh < 2; ++rh) {
-                const int p = hp + 2 * rh, col = p * NG / 4;
-                if (t == col / 2)
-                    s_part[warp][32 * p + 4 * g + jb] = acc[jb][hp][2 * rh + (col & 1)] + (INTZ ? -saz[col] : saz[col]);
-            }
-    if (lane == 0) s_part[warp][128] = l;
+            for (int rh = 0; rh < 2; ++rh)
+#pragma unroll
+                for (int j = 0; j < GQS; ++j) {
+                    const int p = hp + 2 * rh, i = p * NG / 4, col = j * NG + i;
+                    if (t == col / 2)
+                        s_part[warp][j][32 * p + 4 * g + jb] = acc[jb][hp][2 * rh + (col & 1)]
+                                                               + (INTZ ? -saz[j][i] : saz[j][i]);
+                }
+    if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < GQS; ++j) s_part[warp][j][128] = l[j];
+    }
     __syncthreads();
     const int c = threadIdx.x;
-    float num = (s_part[0][c] + s_part[1][c]) + (s_part[2][c] + s_part[3][c]);
-    float L = (s_part[0][128] + s_part[1][128]) + (s_part[2][128] + s_part[3][128]);
-    float oc = num / L;  // L >= 1: the maximum's own token weighs 1
-#if ROT  // values stored Hadamard-rotated (quarot): the partial output back to the model's space
+#if ROT
     __shared__ float s_w[128];
-    oc = wht128(s_w, oc) * 0.08838834764831845f;
 #endif
-    orow[c] = oc;
-    if (c == 0) lse[(long long)row * ns + split] = (m + log2f(L)) / 1.4426950408889634f;
+#pragma unroll
+    for (int j = 0; j < GQS; ++j) {
+        float num = (s_part[0][j][c] + s_part[1][j][c]) + (s_part[2][j][c] + s_part[3][j][c]);
+        float L = (s_part[0][j][128] + s_part[1][j][128]) + (s_part[2][j][128] + s_part[3][j][128]);
+        float oc = num / L;  // L >= 1: the maximum's own token weighs 1
+#if ROT  // values stored Hadamard-rotated (quarot): the partial output back to the model's space
+        oc = wht128(s_w, oc) * 0.08838834764831845f;
+#endif
+        o[((qrow0 + j) * ns + split) * 128 + c] = oc;
+        if (c == 0) lse[(qrow0 + j) * ns + split] = (m[j] + log2f(L)) / 1.4426950408889634f;
+    }
 }
 """
 
@@ -256,14 +299,25 @@ SPLITS_PER_SM = 4
 
 
 def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, rotate_out: bool = False,
-           vector_scales: bool = True) -> str:
+           vector_scales: bool = True, shared_heads: int = 1) -> str:
     """The kernel's source for these compile-time choices (128 registers: four programs an SM).
-    `vector_scales`: a token's scales (and zeros) read in one load, for rows aligned to their size."""
+    `vector_scales`: a token's scales (and zeros) read in one load, for rows aligned to their size.
+    `shared_heads` > 1: each program takes that many query heads over one KV row (`shares_kv_rows`)."""
     if tiles not in (1, 2, 4, 8) or num_groups not in (1, 2, 4):
         raise ValueError("values_cuda.source: tiles must be 1, 2, 4 or 8 and groups a row 1, 2 or 4")
+    if shared_heads > 1 and not shares_kv_rows(shared_heads, num_groups):
+        raise ValueError("values_cuda.source: shared heads need one or two groups a row and at most 8 columns")
     return PRELUDE + (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
                       .replace("__INTZ__", str(int(integer_zero))).replace("__ROT__", str(int(rotate_out)))
-                      .replace("__VEC__", str(int(vector_scales))))
+                      .replace("__VEC__", str(int(vector_scales))).replace("__GQS__", str(int(shared_heads))))
+
+
+def shares_kv_rows(gq: int, num_groups: int) -> bool:
+    """Whether `gq` query heads a KV head take one program a KV row: as the key pass decides
+    (`token_scores_cuda.shares_kv_rows`, whose SHARE_KV_ROWS switches both)."""
+    from kvbench.kernels import token_scores_cuda
+
+    return token_scores_cuda.shares_kv_rows(gq, num_groups)
 
 
 def _rows_aligned(v_scale, v_zero, ng) -> bool:
@@ -292,21 +346,23 @@ def values_from_scores(scores, v_codes, v_scale, v_zero, lengths, *, group_size,
         raise ValueError("values_cuda: needs contiguous 2-bit rows of 128 channels, fp16 scales and zeros laid "
                          "out alike, query heads a multiple of the KV heads")
     max_len = cap if max_len is None else max_len
+    gq = h // hkv
+    shared = gq if shares_kv_rows(gq, D // group_size) else 1  # query heads a program
     # splits in whole 64-token steps (a program's four warps cover any such range in tiles of 16)
-    ns, nit = split_plan(max_len, STEP, b * h, scores.device, per_sm=splits_per_sm, num_splits=num_splits)
+    ns, nit = split_plan(max_len, STEP, b * h // shared, scores.device, per_sm=splits_per_sm, num_splits=num_splits)
     o = torch.empty(b, h, ns, D, dtype=torch.float32, device=scores.device)
     lse = torch.empty(b, h, ns, dtype=torch.float32, device=scores.device)
     lengths = lengths if lengths.dtype == torch.int64 else lengths.long()
     if tile_max is not None and (tile_max.shape != (b, h, -(-cap // 16)) or not tile_max.is_contiguous()):
         raise ValueError("values_cuda: tile_max must be a contiguous [B, H, ceil(cap / 16)] tensor")
     vec = _rows_aligned(v_scale, v_zero, D // group_size)
-    key = (D // group_size, tiles, bool(integer_zero), bool(rotate_out), vec, str(scores.device))
+    key = (D // group_size, tiles, bool(integer_zero), bool(rotate_out), vec, shared, str(scores.device))
     if key not in _KERNELS:  # (keyed by the choices, not the source: every decode read asks)
-        _KERNELS[key] = nvrtc.compile_source(source(D // group_size, tiles, integer_zero, rotate_out, vec),
+        _KERNELS[key] = nvrtc.compile_source(source(D // group_size, tiles, integer_zero, rotate_out, vec, shared),
                                              "values_from_scores", scores.device)
     # a programmatic launch: its first loads overlap the key pass's last blocks (it waits for them
     # before reading the scores)
-    nvrtc.launch(_KERNELS[key], (b * h, ns, 1), (32 * WARPS, 1, 1),
+    nvrtc.launch(_KERNELS[key], (b * h // shared, ns, 1), (32 * WARPS, 1, 1),
                  [scores.contiguous(), v_codes, v_scale, v_zero, lengths, scores if tile_max is None else tile_max,
                   int(tile_max is not None), o, lse, int(cap), int(h), int(h // hkv), int(nit * STEP), int(ns),
                   int(v_scale.stride(0)), int(v_scale.stride(1)), int(v_scale.stride(2))], programmatic=programmatic)

@@ -28,12 +28,15 @@ for group, hadamard in ((64, True), (128, False), (32, False)):
             return decode_mha_cuda.decode_per_token_mha_cuda(q, *k, *v, n, D**-0.5, group_size=group, hadamard=hadamard)
         finally:
             token_scores_cuda.SHARE_KV_ROWS = True
+    def merged(share, n):  # the split partials merged by their log-sum-exp weights (split counts differ)
+        o, lse = run(share, n)
+        w = torch.softmax(torch.nan_to_num(lse, neginf=-1e30), -1)
+        return (o * w[..., None]).sum(2)
     case = {}
     for name, n in lengths.items():
-        a, b = run(False, n), run(True, n)
-        same = all(torch.equal(x, y) for x, y in zip(a, b))
-        case[f"{name}_bit_identical"] = same
-        case[f"{name}_max_abs_diff"] = max(float((torch.nan_to_num(x) - torch.nan_to_num(y)).abs().max()) for x, y in zip(a, b))
+        a, b = merged(False, n), merged(True, n)
+        case[f"{name}_max_abs_diff"] = float((a - b).abs().max())
+        case[f"{name}_max_abs"] = float(a.abs().max())
     times = {False: [], True: []}
     for _ in range(7):
         for share in (False, True):

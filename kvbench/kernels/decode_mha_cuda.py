@@ -1,5 +1,6 @@
-"""Decode attention over per-token packed K/V (rtn, quarot), one query head a row (with grouped
-queries each row reads its KV head's bytes), in two hand-laid CUDA passes on the tensor cores:
+"""Decode attention over per-token packed K/V (rtn, quarot), for MHA and grouped queries (a KV
+head's query heads share one program where they fit the products' columns), in two hand-laid CUDA
+passes on the tensor cores:
 `token_scores_cuda` writes the scores (4 bytes a token, L2-resident), `values_cuda` reads the
 values with each split's exact maximum.
 

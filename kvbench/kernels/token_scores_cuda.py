@@ -24,6 +24,12 @@ Here the keys' codes go to the tensor cores untouched by scales, and `values_cud
   first values pass lacked (docs/kernel-notes.md, eighth and ninth sessions; loading the next U
   tiles before this iteration's arithmetic, double-buffered in registers, measured no faster).
 
+* **Grouped queries**: where gq query heads x NG groups fit the 8 columns (`shares_kv_rows`), one
+  program takes a KV row and all its query heads, column n = (query head n / NG, group n % NG):
+  each code is decoded once for them all (2.3x faster than one program a query head on a
+  Llama-3-8B layer with the values pass shared too, seventeenth session). Else each query head is
+  its own program over its KV head's row.
+
 Contract: `token_scores(...)` writes scores [B, H, cap] fp32 in the log2 domain (softmax scale *
 log2 e folded in), valid below each row's length, for `values_cuda.values_from_scores` to read.
 Error: fp16 query operands (as every fp16 read here), fp32 accumulation, exact codes; the scale

@@ -31,6 +31,10 @@ instructions a pair of codes. Word w, byte jb, plane p is channel 32 p + 4 w + j
   maximum. With one tile (the first version) the pass ran at a third of the copy bandwidth,
   waiting on each tile's loads (docs/kernel-notes.md).
 
+* **Grouped queries**: as the key pass decides (`shares_kv_rows`), one program takes a KV row and
+  its query heads, the weights' column n = (query head n / NG, group n % NG), each query head with
+  its own maximum, sums and output row; else one program a query head over its KV head's row.
+
 The weights are fp16 (as flash attention's P is): 2**-11 relative a weight. `emulate_values` is
 the same arithmetic in torch (fp16-rounded weights), for the CPU tests; `kvbench.kernels.checks`
 compares the kernel with the float reference on the GPU.

@@ -25,7 +25,7 @@ DEFAULTS = [
 
 # the other choices each launcher can make: every group size and zero kind, tile counts, rotation
 VARIANTS = ([token_scores_cuda.source(ng, tiles, rot) for ng in (1, 2, 4) for tiles, rot in ((1, True), (4, False))]
-            + [token_scores_cuda.source(ng, 2, rot, gq) for ng, gq in ((1, 8), (2, 4), (2, 2)) for rot in (False, True)]
+            + [token_scores_cuda.source(ng, 2, rot, gq) for ng, gq in ((1, 4), (2, 4), (2, 2)) for rot in (False, True)]
             + [values_cuda.source(ng, 4, True, rot, True, gq) for ng, gq in ((1, 4), (2, 4), (2, 2)) for rot in (False, True)]
             + [values_cuda.source(ng, tiles, iz, rot, vec) for ng in (1, 2, 4) for iz in (True, False)
                for tiles, rot, vec in ((1, True, False), (8, False, True))]

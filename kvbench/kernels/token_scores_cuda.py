@@ -291,8 +291,10 @@ SHARE_KV_ROWS = True
 
 
 def shares_kv_rows(gq: int, num_groups: int) -> bool:
-    """Whether `gq` query heads a KV head take one program a KV row (GQ > 1 in the source)."""
-    return SHARE_KV_ROWS and gq > 1 and num_groups <= 2 and gq * num_groups <= 8
+    """Whether `gq` query heads a KV head take one program a KV row (GQ > 1 in the source). Up to 4
+    query heads: the GPU checks cover 2 and 4 (8 would fit one group's columns, but the values pass
+    then spills registers and has not been run)."""
+    return SHARE_KV_ROWS and 1 < gq <= 4 and num_groups <= 2 and gq * num_groups <= 8
 
 
 def _pairs_aligned(k_scale, k_zero, ng):

@@ -279,7 +279,7 @@ def source(num_groups: int, tiles: int = TILES, rotate_q: bool = False, shared_h
     """`shared_heads` > 1: each program takes that many query heads over one KV row (`shares_kv_rows`)."""
     if num_groups not in (1, 2, 4) or tiles not in (1, 2, 4, 8):
         raise ValueError("token_scores_cuda.source: groups a row must be 1, 2 or 4 and tiles 1, 2, 4 or 8")
-    if shared_heads > 1 and not shares_kv_rows(shared_heads, num_groups):
+    if shared_heads > 1 and not fits_columns(shared_heads, num_groups):
         raise ValueError("token_scores_cuda.source: shared heads need one or two groups a row and at most 8 columns")
     return PRELUDE + (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
             .replace("__ROT__", str(int(rotate_q))).replace("__GQ__", str(int(shared_heads))))
@@ -290,11 +290,18 @@ def source(num_groups: int, tiles: int = TILES, rotate_q: bool = False, shared_h
 SHARE_KV_ROWS = True
 
 
+def fits_columns(gq: int, num_groups: int) -> bool:
+    """Whether `gq` query heads with `num_groups` groups a row fit the products' 8 columns (the
+    kernels' shared build compiles for them)."""
+    return gq > 1 and num_groups <= 2 and gq * num_groups <= 8
+
+
 def shares_kv_rows(gq: int, num_groups: int) -> bool:
-    """Whether `gq` query heads a KV head take one program a KV row (GQ > 1 in the source). Up to 4
-    query heads: the GPU checks cover 2 and 4 (8 would fit one group's columns, but the values pass
-    then spills registers and has not been run)."""
-    return SHARE_KV_ROWS and 1 < gq <= 4 and num_groups <= 2 and gq * num_groups <= 8
+    """Whether `gq` query heads a KV head take one program a KV row (GQ > 1 in the source). Only at
+    4 query heads a KV head (Llama-3-8B's), with one or two groups a row: what the GPU checks have
+    run (`checks.check_gqa_cuda`). The kernels compile for 2 (and 8 with one group, where the
+    values pass spills registers); until those run on a GPU they take one program a query head."""
+    return SHARE_KV_ROWS and gq == 4 and fits_columns(gq, num_groups)
 
 
 def _pairs_aligned(k_scale, k_zero, ng):

@@ -309,11 +309,17 @@ def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, rotat
     `shared_heads` > 1: each program takes that many query heads over one KV row (`shares_kv_rows`)."""
     if tiles not in (1, 2, 4, 8) or num_groups not in (1, 2, 4):
         raise ValueError("values_cuda.source: tiles must be 1, 2, 4 or 8 and groups a row 1, 2 or 4")
-    if shared_heads > 1 and not shares_kv_rows(shared_heads, num_groups):
+    if shared_heads > 1 and not _fits_columns(shared_heads, num_groups):
         raise ValueError("values_cuda.source: shared heads need one or two groups a row and at most 8 columns")
     return PRELUDE + (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
                       .replace("__INTZ__", str(int(integer_zero))).replace("__ROT__", str(int(rotate_out)))
                       .replace("__VEC__", str(int(vector_scales))).replace("__GQS__", str(int(shared_heads))))
+
+
+def _fits_columns(gq: int, num_groups: int) -> bool:
+    from kvbench.kernels import token_scores_cuda
+
+    return token_scores_cuda.fits_columns(gq, num_groups)
 
 
 def shares_kv_rows(gq: int, num_groups: int) -> bool:

@@ -89,7 +89,7 @@ def check_gqa_cuda(device, results=None):
     gen = torch.Generator().manual_seed(11)
     b, hkv, d, cap = 3, 4, 128, 777
     lengths = torch.tensor([777, 700, 65], device=device)
-    for gq, group, hadamard in ((4, 64, False), (2, 32, False), (4, 128, False), (4, 64, True)):
+    for gq, group, hadamard in ((4, 64, False), (2, 32, False), (4, 128, False), (4, 64, True), (2, 64, False)):
         k = _store(gen, b, hkv, cap, d, 2, group, device)
         v = _store(gen, b, hkv, cap, d, 2, group, device)
         q = _query(gen, b, hkv * gq, d, device)

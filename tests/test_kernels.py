@@ -126,7 +126,7 @@ def test_grouped_queries_route_to_the_cuda_passes_where_they_fit(monkeypatch):
     monkeypatch.setattr(decode_mha_cuda, "use_cuda", lambda *a, **k: True)
     monkeypatch.setattr(decode_mha_cuda, "decode_per_token_mha_cuda",
                         lambda q, *a, **k: calls.append(("per_token", q.shape[1], k["hadamard"])) or "cuda")
-    monkeypatch.setattr(da, "_kivi_cuda_fits", lambda *a: True)
+    monkeypatch.setattr(decode_kivi_mha, "cuda_passes_fit", lambda *a: True)
     monkeypatch.setattr(decode_kivi_mha, "decode_kivi_mha", lambda q, *a, **k: calls.append(
         ("kivi", q.shape[1], k["scores_impl"], k["values_impl"])) or "cuda")
     b, hkv, gq, d, cap = 1, 2, 4, 128, 64

@@ -80,10 +80,11 @@ def check_per_token(device, small=True, results=None):
 
 
 def check_gqa_cuda(device, results=None):
-    """Grouped queries (2 and 4 query heads a KV head) through the one-query-a-row CUDA passes, as
-    `decode_per_token` and `decode_kivi` route them on a GPU: 2-bit per-token K/V in groups of 32,
-    64 and 128 (quarot's rotated storage too) and KIVI's, ragged lengths, against the float references."""
-    from kvbench.kernels import decode_mha_cuda
+    """Grouped queries (2 and 4 query heads a KV head) through the CUDA passes, as `decode_per_token`
+    and `decode_kivi` route them on a GPU (one program a KV row at 4 query heads with one or two
+    groups a row, else one a query head): 2-bit per-token K/V in groups of 32, 64 and 128 (quarot's
+    rotated storage too) and KIVI's, ragged lengths, against the float references."""
+    from kvbench.kernels import decode_kivi_mha, decode_mha_cuda
 
     results = [] if results is None else results
     gen = torch.Generator().manual_seed(11)
@@ -108,7 +109,7 @@ def check_gqa_cuda(device, results=None):
         kc, ks, kz, v = _kivi_store(gen, b, hkv, capg, d, 2, 32, device)
         q = _query(gen, b, hkv * gq, d, device)
         nq = torch.tensor([capg * 32, 11 * 32, 0], device=device)
-        if not da._kivi_cuda_fits(q, ks, v[0], v[1], d, 2, 32):
+        if not decode_kivi_mha.cuda_passes_fit(q, ks, v[0], v[1], 2, 32):
             continue
         o, lse = da.decode_kivi(q, kc, ks, kz, *v, nq, d**-0.5, bits=2, group_size=32)
         ro, rl = ref.ref_decode_kivi(q.float(), kc, ks, kz, *v, nq, d**-0.5, bits=2, group_size=32)

@@ -675,15 +675,6 @@ ROTATEKV_MHA_LAUNCH = dict(block_n=16, num_warps=4, splits_per_sm=4)
 KIVI_MHA_LAUNCH = dict(block_n=64, num_warps=2, splits_per_sm=8)
 
 
-def _kivi_cuda_fits(q, k_scale, v_codes, v_scale, d, bits, group_size) -> bool:
-    """Whether KIVI's two CUDA passes (`kivi_scores_cuda`, `values_cuda`) take this read here."""
-    from kvbench.kernels import kivi_scores_cuda, nvrtc, values_cuda
-
-    return (kivi_scores_cuda.supports(1, d, bits, group_size) and values_cuda.supports(d, bits, group_size)
-            and q.is_cuda and not interpreting() and k_scale.dtype == torch.float16
-            and v_scale.dtype == torch.float16 and v_codes.is_contiguous() and nvrtc.available())
-
-
 def decode_kivi(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling, *, bits, group_size,
                 max_len=None, num_splits=None, groups_per_tile=None, num_warps=4, num_stages=2, mha=None):
     """Partial attention over KIVI's quantized tokens [0, nq[b]) (nq multiple of group_size).
@@ -700,7 +691,7 @@ def decode_kivi(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scali
         return decode_kivi_mha.decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling,
                                                bits=bits, group_size=group_size, max_len=max_len,
                                                num_splits=num_splits, **KIVI_MHA_LAUNCH)
-    if mha is None and gq > 1 and _kivi_cuda_fits(q, k_scale, v_codes, v_scale, d, bits, group_size):
+    if mha is None and gq > 1 and decode_kivi_mha.cuda_passes_fit(q, k_scale, v_codes, v_scale, bits, group_size):
         # grouped queries through the CUDA passes, one row a query head over its KV head's bytes (the
         # tensor-core kernel below made kivi-2's step on a Llama-3-8B shape slower than fp16's)
         return decode_kivi_mha.decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling,

@@ -122,6 +122,25 @@ if triton is not None:
                     o_ptr, lse_ptr, split, NITV, D, BITS, G, False, BN, NS, ASM)
 
 
+def _values_cuda_fit(q, v_codes, v_scale, bits, group_size) -> bool:
+    """Whether the CUDA values pass (`values_cuda`) takes these values here (not whether NVRTC works)."""
+    from kvbench.kernels import values_cuda
+    from kvbench.kernels.decode_attention import interpreting
+
+    return (values_cuda.supports(q.shape[-1], bits, group_size) and q.is_cuda and not interpreting()
+            and v_scale.dtype == torch.float16 and v_codes.is_contiguous())
+
+
+def cuda_passes_fit(q, k_scale, v_codes, v_scale, bits, group_size) -> bool:
+    """Whether both CUDA passes (`kivi_scores_cuda`, `values_cuda`) take this read here, NVRTC
+    included: the only path for grouped queries (`decode_attention.decode_kivi` routes them here)."""
+    from kvbench.kernels import kivi_scores_cuda, nvrtc
+
+    return (_values_cuda_fit(q, v_codes, v_scale, bits, group_size)
+            and kivi_scores_cuda.supports(1, q.shape[-1], bits, group_size) and k_scale.dtype == torch.float16
+            and nvrtc.available())
+
+
 def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, scaling, *, bits, group_size,
                     max_len=None, num_splits=None, groups_per_tile=None, block_n=64, num_warps=4, splits_per_sm=4,
                     values_impl=None, scores_impl=None):
@@ -150,8 +169,7 @@ def decode_kivi_mha(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, nq, s
     ns, nit = split_plan(total_groups, gt, b * hkv, q.device, per_sm=splits_per_sm, num_splits=num_splits)
     if values_impl not in (None, "triton", "cuda"):
         raise ValueError(f"decode_kivi_mha: values_impl must be 'triton', 'cuda' or None, not {values_impl!r}")
-    cuda_fits = (values_cuda.supports(d, bits, g) and q.is_cuda and not interpreting()
-                 and v_scale.dtype == torch.float16 and v_codes.is_contiguous())
+    cuda_fits = _values_cuda_fit(q, v_codes, v_scale, bits, g)
     if values_impl == "cuda" and not cuda_fits:
         raise ValueError("decode_kivi_mha: the CUDA values pass needs 2-bit values of 128 channels in groups of 32, "
                          "64 or 128, fp16 scales and a CUDA device")

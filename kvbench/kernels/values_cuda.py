@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.kernels import nvrtc
+from kvbench.kernels import nvrtc, token_scores_cuda
 from kvbench.kernels.cuda_prelude import PRELUDE
 
 LOG2E = 1.4426950408889634
@@ -309,25 +309,16 @@ def source(num_groups: int, tiles: int = TILES, integer_zero: bool = True, rotat
     `shared_heads` > 1: each program takes that many query heads over one KV row (`shares_kv_rows`)."""
     if tiles not in (1, 2, 4, 8) or num_groups not in (1, 2, 4):
         raise ValueError("values_cuda.source: tiles must be 1, 2, 4 or 8 and groups a row 1, 2 or 4")
-    if shared_heads > 1 and not _fits_columns(shared_heads, num_groups):
+    if shared_heads > 1 and not token_scores_cuda.fits_columns(shared_heads, num_groups):
         raise ValueError("values_cuda.source: shared heads need one or two groups a row and at most 8 columns")
     return PRELUDE + (_SOURCE.replace("__NG__", str(num_groups)).replace("__U__", str(tiles))
                       .replace("__INTZ__", str(int(integer_zero))).replace("__ROT__", str(int(rotate_out)))
                       .replace("__VEC__", str(int(vector_scales))).replace("__GQS__", str(int(shared_heads))))
 
 
-def _fits_columns(gq: int, num_groups: int) -> bool:
-    from kvbench.kernels import token_scores_cuda
-
-    return token_scores_cuda.fits_columns(gq, num_groups)
-
-
-def shares_kv_rows(gq: int, num_groups: int) -> bool:
-    """Whether `gq` query heads a KV head take one program a KV row: as the key pass decides
-    (`token_scores_cuda.shares_kv_rows`, whose SHARE_KV_ROWS switches both)."""
-    from kvbench.kernels import token_scores_cuda
-
-    return token_scores_cuda.shares_kv_rows(gq, num_groups)
+# Whether grouped queries take one program a KV row: as the key pass decides (its SHARE_KV_ROWS
+# switches both passes).
+shares_kv_rows = token_scores_cuda.shares_kv_rows
 
 
 def _rows_aligned(v_scale, v_zero, ng) -> bool:
